@@ -1,0 +1,70 @@
+"""The `matvlm` command line: parse options, build the recipe, hand over to an engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .errors import MatvlmError
+
+app = typer.Typer(
+    help="Turn a vision-language model into a faster hybrid Mamba-2/Transformer (MaTVLM).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+
+@app.callback()
+def _group() -> None:
+    """Keeps `matvlm <subcommand>` a group even while it has one subcommand."""
+
+
+def _layer_list(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise MatvlmError(f"--layers: {text!r} is not a comma-separated list of integers") from None
+
+
+@app.command()
+def convert(
+    recipe: Optional[Path] = typer.Argument(None, help="YAML recipe; the options below override it."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher model directory (default: the embedded tiny teacher)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Where to write the hybrid."),
+    ratio: Optional[float] = typer.Option(None, help="Fraction of decoder layers to replace, in (0, 1]. [default: 0.25]"),
+    placement: Optional[str] = typer.Option(None, help="even | front | middle | back. [default: even]"),
+    layers: Optional[str] = typer.Option(None, help="Explicit layer indices, e.g. 0,4,8 (overrides --ratio)."),
+    keep_bias: Optional[bool] = typer.Option(None, "--keep-bias", help="Carry attention biases into the mixer."),
+    seed: Optional[int] = typer.Option(None, help="Seed for the Mamba-2 parameters not taken from attention."),
+    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing output directory."),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow the teacher's own modelling code."),
+):
+    """Replace a fraction of the teacher's attention layers with Mamba-2 layers initialised from them."""
+    from .convert import run_convert
+    from .recipes import ConvertRecipe, load_recipe
+
+    overrides = dict(
+        teacher=teacher, output=output, ratio=ratio, placement=placement, layers=_layer_list(layers),
+        keep_bias=keep_bias, seed=seed, dtype=dtype, overwrite=overwrite, trust_remote_code=trust_remote_code,
+    )
+    run_convert(load_recipe(ConvertRecipe, recipe, overrides), console)
+
+
+def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own status lines and progress bars say what is happening
+    try:
+        app()
+    except MatvlmError as err:
+        errors.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None

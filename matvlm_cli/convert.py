@@ -1,0 +1,87 @@
+"""The `convert` subcommand's engine: load a teacher, replace attention layers, save, report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from .errors import MatvlmError
+from .hybrid.cache import cache_bytes_per_token
+from .hybrid.conversion import PLACEMENTS, attention_geometry, choose_layers, convert_to_hybrid, find_decoder
+from .hybrid.io import HYBRID_KEY, hybrid_block, load_config, load_teacher, save_hybrid
+from .recipes import DTYPES, ConvertRecipe
+
+
+def default_output(recipe: ConvertRecipe, teacher: Path) -> Path:
+    tag = f"layers{'-'.join(map(str, recipe.layers))}" if recipe.layers else f"{recipe.ratio:g}-{recipe.placement}"
+    return Path(f"{teacher.name}-hybrid-{tag}")
+
+
+def check_recipe(recipe: ConvertRecipe) -> None:
+    if recipe.placement not in PLACEMENTS:
+        raise MatvlmError(f"placement: {recipe.placement!r} is not one of {', '.join(PLACEMENTS)}")
+    if recipe.layers is None and recipe.ratio is not None and not 0 < recipe.ratio <= 1:
+        raise MatvlmError(f"ratio: {recipe.ratio} is outside (0, 1]")
+    if recipe.dtype not in DTYPES:
+        raise MatvlmError(f"dtype: {recipe.dtype!r} is not one of {', '.join(DTYPES)}")
+    if recipe.chunk_size < 1:
+        raise MatvlmError(f"chunk_size: must be positive, got {recipe.chunk_size}")
+
+
+def run_convert(recipe: ConvertRecipe, console: Console | None = None) -> Path:
+    console = console or Console()
+    check_recipe(recipe)
+    if recipe.teacher is None:
+        from .tiny import default_teacher_dir
+
+        teacher_dir = default_teacher_dir()
+        console.print(f"No teacher given: using the embedded default at {teacher_dir}")
+    else:
+        teacher_dir = Path(recipe.teacher)
+    output = Path(recipe.output) if recipe.output else default_output(recipe, teacher_dir)
+    if output.exists() and not recipe.overwrite:
+        raise MatvlmError(f"{output}: already exists (pass --overwrite to replace it)")
+
+    # Everything that can be checked from the config is checked before the weights are read.
+    config = load_config(teacher_dir, recipe.trust_remote_code)
+    num_layers = config.get_text_config(decoder=True).num_hidden_layers
+    layers = choose_layers(num_layers, recipe.ratio, recipe.placement, recipe.layers)
+
+    dtype = recipe.dtype if recipe.dtype == "auto" else getattr(torch, recipe.dtype)
+    with console.status(f"Loading teacher {teacher_dir}"):
+        model = load_teacher(teacher_dir, dtype=dtype, trust_remote_code=recipe.trust_remote_code)
+    layout = find_decoder(model)
+    geometry = attention_geometry(layout.attention(layers[0]), config.get_text_config(decoder=True))
+    params_before = sum(p.numel() for p in model.parameters())
+
+    with console.status(f"Converting {len(layers)} of {num_layers} layers"):
+        mixer_config = convert_to_hybrid(
+            model, layers, keep_bias=recipe.keep_bias, seed=recipe.seed, chunk_size=recipe.chunk_size
+        )
+    setattr(model.config, HYBRID_KEY, hybrid_block(
+        layers, mixer_config, source=str(teacher_dir), ratio=len(layers) / num_layers,
+        placement=None if recipe.layers else recipe.placement, keep_bias=recipe.keep_bias, seed=recipe.seed,
+    ))
+    params_after = sum(p.numel() for p in model.parameters())
+
+    with console.status(f"Writing {output}"):
+        save_hybrid(model, output, source=teacher_dir, overwrite=recipe.overwrite)
+
+    dtype_bytes = next(model.parameters()).element_size()
+    kv_layer = cache_bytes_per_token(geometry.num_kv_heads, geometry.head_dim, dtype_bytes)
+    state = mixer_config.state_bytes(conv_bytes=dtype_bytes)
+    report = Table(title=f"matvlm convert: {teacher_dir.name} -> {output}")
+    report.add_column("")
+    report.add_column("teacher", justify="right")
+    report.add_column("hybrid", justify="right")
+    report.add_row("attention layers", str(num_layers), str(num_layers - len(layers)))
+    report.add_row("Mamba-2 layers", "0", f"{len(layers)}  {layers}")
+    report.add_row("parameters", f"{params_before:,}", f"{params_after:,}")
+    report.add_row("KV cache bytes / token", f"{num_layers * kv_layer:,}", f"{(num_layers - len(layers)) * kv_layer:,}")
+    report.add_row("fixed state bytes / sequence", "0", f"{len(layers) * state:,}")
+    console.print(report)
+    console.print(f"Saved hybrid to [bold]{output}[/bold]")
+    return output

@@ -1,0 +1,230 @@
+"""Turning a teacher into a hybrid: find its decoder layers, choose which to replace, and build
+each Mamba-2 mixer from the attention weights it replaces (method.md §4).
+
+Works on any Hugging Face decoder whose attention module has q/k/v projections and an output
+projection named `o_proj` (Llama, Mistral, Qwen2, ...) or `dense` (Phi), whether the decoder is a
+plain causal LM or the language model inside a VLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import MatvlmError
+from .cache import PaddingMaskTap
+from .mamba2 import Mamba2Mixer
+from .mixer_config import Mamba2Config
+
+PLACEMENTS = ("even", "front", "middle", "back")
+ATTENTION_NAMES = ("self_attn", "attention", "attn")
+OUTPUT_PROJ_NAMES = ("o_proj", "dense")
+SUPPORTED_LAYOUT = (
+    "decoder layers with an attention module (self_attn) holding q_proj, k_proj, v_proj and "
+    "o_proj or dense, as in Llama, Mistral, Qwen2 and Phi"
+)
+
+
+@dataclass
+class DecoderLayout:
+    """Where the replaceable attention modules of a model live."""
+
+    text_model: nn.Module  # the module that owns `layers`; its forward receives the 2-D mask
+    layers: nn.ModuleList
+    attention_name: str
+
+    def attention(self, idx: int) -> nn.Module:
+        return getattr(self.layers[idx], self.attention_name)
+
+
+def _attention_name(layer: nn.Module) -> str | None:
+    for name in ATTENTION_NAMES:
+        attn = getattr(layer, name, None)
+        if isinstance(attn, Mamba2Mixer):
+            return name
+        if attn is not None and all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj")) and any(
+            hasattr(attn, p) for p in OUTPUT_PROJ_NAMES
+        ):
+            return name
+    return None
+
+
+def find_decoder(model: nn.Module) -> DecoderLayout:
+    """Locate the text decoder's layer list; vision towers are never touched."""
+    roots = []
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            roots.append(get_decoder())
+        except Exception:
+            pass
+    roots.append(model)
+    for root in roots:
+        for module in root.modules():
+            layers = getattr(module, "layers", None)
+            if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+                names = {_attention_name(layer) for layer in layers}
+                if len(names) == 1 and None not in names:
+                    return DecoderLayout(module, layers, names.pop())
+    arch = ", ".join(getattr(model.config, "architectures", None) or [type(model).__name__])
+    raise MatvlmError(f"unsupported architecture {arch}: expected {SUPPORTED_LAYOUT}")
+
+
+def choose_layers(
+    num_layers: int, ratio: float | None = None, placement: str = "even", layers: list[int] | None = None
+) -> list[int]:
+    """Indices of the layers to replace: explicit `layers`, or k = round(ratio * N) placed by `placement`."""
+    if layers is not None:
+        if len(layers) == 0:
+            raise MatvlmError("layers: the list is empty")
+        bad = [i for i in layers if not 0 <= i < num_layers]
+        if bad:
+            raise MatvlmError(f"layers: {bad} out of range for a decoder of {num_layers} layers (0..{num_layers - 1})")
+        dupes = sorted({i for i in layers if layers.count(i) > 1})
+        if dupes:
+            raise MatvlmError(f"layers: duplicate indices {dupes}")
+        return sorted(layers)
+    if ratio is None:
+        raise MatvlmError("give either a ratio or a list of layers")
+    if not 0 < ratio <= 1:
+        raise MatvlmError(f"ratio: {ratio} is outside (0, 1]")
+    k = round(ratio * num_layers)
+    if k < 1:
+        raise MatvlmError(f"ratio: {ratio} of {num_layers} layers rounds to 0 layers; use at least {1 / num_layers:.3g}")
+    if placement == "even":
+        return [i * num_layers // k for i in range(k)]
+    if placement == "front":
+        return list(range(k))
+    if placement == "back":
+        return list(range(num_layers - k, num_layers))
+    if placement == "middle":
+        start = (num_layers - k) // 2
+        return list(range(start, start + k))
+    raise MatvlmError(f"placement: {placement!r} is not one of {', '.join(PLACEMENTS)}")
+
+
+@dataclass(frozen=True)
+class AttentionGeometry:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+
+
+def attention_geometry(attn: nn.Module, text_config) -> AttentionGeometry:
+    hidden = attn.q_proj.in_features
+    head_dim = getattr(attn, "head_dim", None) or getattr(text_config, "head_dim", None)
+    if not head_dim:
+        head_dim = hidden // text_config.num_attention_heads
+    q_out, kv_out = attn.q_proj.out_features, attn.k_proj.out_features
+    if q_out % head_dim or kv_out % head_dim or (q_out // head_dim) % (kv_out // head_dim):
+        raise MatvlmError(f"unsupported attention shapes: q {q_out}, k {kv_out}, head_dim {head_dim}")
+    return AttentionGeometry(q_out // head_dim, kv_out // head_dim, head_dim, hidden)
+
+
+def mixer_config_for(geometry: AttentionGeometry, keep_bias: bool = False, chunk_size: int = 128) -> Mamba2Config:
+    """nheads = attention heads, headdim = d_state = head_dim, ngroups = nheads (method.md §4)."""
+    return Mamba2Config(
+        d_model=geometry.hidden_size,
+        nheads=geometry.num_heads,
+        headdim=geometry.head_dim,
+        d_state=geometry.head_dim,
+        ngroups=geometry.num_heads,
+        bias=keep_bias,
+        chunk_size=chunk_size,
+    )
+
+
+def _output_projection(attn: nn.Module) -> nn.Linear:
+    for name in OUTPUT_PROJ_NAMES:
+        if hasattr(attn, name):
+            return getattr(attn, name)
+    raise MatvlmError(f"unsupported attention module {type(attn).__name__}: no o_proj or dense")
+
+
+@torch.no_grad()
+def mixer_from_attention(
+    attn: nn.Module, geometry: AttentionGeometry, config: Mamba2Config, layer_idx: int, seed: int = 0
+) -> Mamba2Mixer:
+    """A Mamba-2 mixer initialised from one attention module: x <- V, B <- K, C <- Q, out <- O.
+
+    GQA keys and values are repeated so every head has its own copy. The z and dt rows, dt_bias,
+    A_log, D, the conv and the norm get the standard Mamba-2 initialisation, from a generator
+    seeded by (seed, layer_idx) so a conversion is reproducible.
+    """
+    weight = attn.q_proj.weight
+    generator = torch.Generator().manual_seed(seed * 100_003 + layer_idx)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        mixer = Mamba2Mixer(config, layer_idx, dtype=torch.float32)
+        mixer.reset_ssm_parameters(generator)
+
+    repeat = geometry.num_heads // geometry.num_kv_heads
+
+    def per_head(t: torch.Tensor) -> torch.Tensor:
+        """Repeat each KV head's rows (or bias entries) for the query heads that share it."""
+        heads = t.unflatten(0, (geometry.num_kv_heads, geometry.head_dim))
+        return heads.repeat_interleave(repeat, dim=0).flatten(0, 1)
+
+    d_inner, bc = config.d_inner, config.ngroups * config.d_state
+    x_rows = slice(d_inner, 2 * d_inner)
+    b_rows = slice(2 * d_inner, 2 * d_inner + bc)
+    c_rows = slice(2 * d_inner + bc, 2 * d_inner + 2 * bc)
+    mixer.in_proj.weight[x_rows] = per_head(attn.v_proj.weight.float())
+    mixer.in_proj.weight[b_rows] = per_head(attn.k_proj.weight.float())
+    mixer.in_proj.weight[c_rows] = attn.q_proj.weight.float()
+    out_proj = _output_projection(attn)
+    mixer.out_proj.weight.copy_(out_proj.weight.float())
+    if config.bias:
+        mixer.in_proj.bias.zero_()
+        for rows, proj, repeat_rows in ((x_rows, attn.v_proj, True), (b_rows, attn.k_proj, True), (c_rows, attn.q_proj, False)):
+            if proj.bias is not None:
+                mixer.in_proj.bias[rows] = per_head(proj.bias.float()) if repeat_rows else proj.bias.float()
+        mixer.out_proj.bias.copy_(out_proj.bias.float() if out_proj.bias is not None else 0.0)
+    return mixer.to(device=weight.device, dtype=weight.dtype)
+
+
+def install_mixers(model: nn.Module, mixers: dict[int, Mamba2Mixer]) -> DecoderLayout:
+    """Put mixers in place of the attention modules at their indices and wire the padding mask."""
+    layout = find_decoder(model)
+    tap = PaddingMaskTap()
+    for idx, mixer in mixers.items():
+        mixer.padding_mask_tap = tap
+        setattr(layout.layers[idx], layout.attention_name, mixer)
+    tap.attach(layout.text_model)
+    return layout
+
+
+def hybrid_layers(model: nn.Module) -> list[int]:
+    layout = find_decoder(model)
+    return [i for i, layer in enumerate(layout.layers) if isinstance(getattr(layer, layout.attention_name), Mamba2Mixer)]
+
+
+def convert_to_hybrid(
+    model: nn.Module,
+    layers: list[int],
+    keep_bias: bool = False,
+    seed: int = 0,
+    chunk_size: int = 128,
+) -> Mamba2Config:
+    """Replace the attention of `layers` in `model` (in place). Returns the mixer config used."""
+    layout = find_decoder(model)
+    if hybrid_layers(model):
+        raise MatvlmError("this model is already a hybrid; convert the original teacher instead")
+    text_config = model.config.get_text_config(decoder=True)
+    geometry = attention_geometry(layout.attention(layers[0]), text_config)
+    config = mixer_config_for(geometry, keep_bias=keep_bias, chunk_size=chunk_size)
+    mixers = {
+        idx: mixer_from_attention(layout.attention(idx), geometry, config, idx, seed) for idx in layers
+    }
+    install_mixers(model, mixers)
+    return config
+
+
+def build_empty_mixers(model: nn.Module, layers: list[int], config: Mamba2Config) -> DecoderLayout:
+    """The hybrid's structure with uninitialised mixers, ready for `load_state_dict` (loading)."""
+    device = next(model.parameters()).device
+    mixers = {idx: Mamba2Mixer(config, idx, device=device) for idx in layers}
+    return install_mixers(model, mixers)

@@ -1,0 +1,179 @@
+"""Reading teachers and reading/writing hybrids: local directories, safetensors only.
+
+A hybrid directory is a normal `save_pretrained` directory of the teacher's architecture whose
+config carries a `matvlm` block (replaced layers, mixer dimensions, provenance) and whose
+safetensors hold Mamba-2 mixer weights where those layers had attention. `load_hybrid` rebuilds
+the teacher's class from the config, installs empty mixers and loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedModel
+
+from ..errors import MatvlmError
+from .conversion import build_empty_mixers
+from .mixer_config import Mamba2Config
+
+HYBRID_KEY = "matvlm"
+# Everything a processor or tokenizer may need, copied next to the hybrid's weights.
+PROCESSOR_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+    "processor_config.json", "preprocessor_config.json", "chat_template.json", "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+def check_model_dir(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise MatvlmError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise MatvlmError(f"{path}: not a directory (expected a Hugging Face model directory)")
+    if not (path / "config.json").is_file():
+        raise MatvlmError(f"{path}: not a model directory (no config.json)")
+    return path
+
+
+def load_config(path: str | os.PathLike, trust_remote_code: bool = False):
+    path = check_model_dir(path)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError, json.JSONDecodeError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MatvlmError(f"{path}/config.json: cannot be read as a transformers config: {first_line}") from err
+
+
+def model_class_for(config):
+    """Image-text-to-text for VLMs, causal LM for text-only decoders."""
+    for auto_class in (AutoModelForImageTextToText, AutoModelForCausalLM):
+        if type(config) in auto_class._model_mapping:
+            return auto_class
+    raise MatvlmError(
+        f"unsupported architecture {config.model_type!r}: not a transformers image-text-to-text or causal LM model"
+    )
+
+
+def load_teacher(path: str | os.PathLike, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False) -> PreTrainedModel:
+    config = load_config(path, trust_remote_code)
+    if getattr(config, HYBRID_KEY, None):
+        raise MatvlmError(f"{path}: is already a matvlm hybrid; give the original teacher")
+    auto_class = model_class_for(config)
+    return auto_class.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def is_hybrid_dir(path: str | os.PathLike) -> bool:
+    try:
+        return bool(getattr(load_config(path), HYBRID_KEY, None))
+    except MatvlmError:
+        return False
+
+
+def load_model(path: str | os.PathLike, **kwargs) -> PreTrainedModel:
+    """A teacher or a hybrid, whichever the directory holds."""
+    return load_hybrid(path, **kwargs) if is_hybrid_dir(path) else load_teacher(path, **kwargs)
+
+
+def load_hybrid(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load a hybrid written by `convert` (or `distill`). The result works with `generate()`."""
+    config = load_config(path, trust_remote_code)
+    block = getattr(config, HYBRID_KEY, None)
+    if not block:
+        raise MatvlmError(f"{path}: not a matvlm hybrid (config.json has no '{HYBRID_KEY}' block)")
+    mixer_config = Mamba2Config.from_dict(block["mixer"])
+    auto_class = model_class_for(config)
+    # Parameters on the meta device, buffers (rotary tables) real: loading assigns every parameter.
+    with init_empty_weights(include_buffers=False):
+        model = auto_class.from_config(config, trust_remote_code=trust_remote_code)
+        build_empty_mixers(model, block["layers"], mixer_config)
+    state = read_safetensors(Path(path))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    still_meta = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if unexpected or still_meta:
+        raise MatvlmError(
+            f"{path}: weights do not match the hybrid's structure "
+            f"(missing {still_meta[:3]}{'...' if len(still_meta) > 3 else ''}, unexpected {unexpected[:3]})"
+        )
+    if dtype is not None:
+        model = model.to(dtype)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise MatvlmError(f"{path}: no safetensors weights (model.safetensors or its index)")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(path / name))
+    return state
+
+
+def hybrid_block(layers: list[int], mixer: Mamba2Config, **provenance) -> dict:
+    return {"version": 1, "layers": list(layers), "mixer": mixer.to_dict(), **provenance}
+
+
+def save_hybrid(model: PreTrainedModel, output: str | os.PathLike, source: str | os.PathLike | None = None,
+                overwrite: bool = False) -> Path:
+    """Write the model (whose config already carries the matvlm block) atomically to `output`,
+    with the tokenizer/processor files copied from `source`."""
+    output = Path(output)
+    with atomic_directory(output, overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if source is not None:
+            for name in PROCESSOR_FILES:
+                src = Path(source) / name
+                if src.is_file() and not (tmp / name).exists():
+                    shutil.copy2(src, tmp / name)
+    return output
+
+
+class atomic_directory:
+    """Write into a temp directory beside `target`; rename it into place only if all went well."""
+
+    def __init__(self, target: Path, overwrite: bool = False):
+        self.target, self.overwrite = Path(target), overwrite
+
+    def __enter__(self) -> Path:
+        if self.target.exists() and not self.overwrite:
+            raise MatvlmError(f"{self.target}: already exists (pass --overwrite to replace it)")
+        if self.target.exists() and not self.target.is_dir():
+            raise MatvlmError(f"{self.target}: exists and is not a directory")
+        parent = self.target.parent
+        if not parent.is_dir():
+            raise MatvlmError(f"{parent}: output's parent directory does not exist")
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.target.exists():
+            trash = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            self.target.rename(trash)
+            self.tmp.rename(self.target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            self.tmp.rename(self.target)
+        return False
