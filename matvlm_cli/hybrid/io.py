@@ -2,8 +2,8 @@
 
 A hybrid directory is a normal `save_pretrained` directory of the teacher's architecture whose
 config carries a `matvlm` block (replaced layers, mixer dimensions, provenance) and whose
-safetensors hold Mamba-2 mixer weights where those layers had attention. `load_hybrid` rebuilds
-the teacher's class from the config, installs empty mixers and loads the weights strictly.
+safetensors hold Mamba-2 mixer weights where those layers had attention. `load_hybrid` loads it
+with the teacher's class extended to build the mixers, and refuses any missing or extra weight.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
-from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedModel
 
 from ..errors import MatvlmError
@@ -83,50 +81,40 @@ def load_model(path: str | os.PathLike, **kwargs) -> PreTrainedModel:
     return load_hybrid(path, **kwargs) if is_hybrid_dir(path) else load_teacher(path, **kwargs)
 
 
+def hybrid_class(base: type[PreTrainedModel], layers: list[int], mixer_config: Mamba2Config) -> type[PreTrainedModel]:
+    """The teacher's class, with mixers installed at construction time.
+
+    Loading through this class lets `from_pretrained` do everything it does for the teacher
+    (checkpoint key renaming, sharding, tied weights, dtype, device maps) for the hybrid too.
+    It keeps the base's name, so a re-saved config still names the teacher's architecture.
+    """
+
+    def __init__(self, config, *args, **kwargs):
+        base.__init__(self, config, *args, **kwargs)
+        build_empty_mixers(self, layers, mixer_config)
+
+    return type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__})
+
+
 def load_hybrid(
-    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-    trust_remote_code: bool = False,
+    path: str | os.PathLike, dtype: str | torch.dtype = "auto", device_map=None, trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """Load a hybrid written by `convert` (or `distill`). The result works with `generate()`."""
     config = load_config(path, trust_remote_code)
     block = getattr(config, HYBRID_KEY, None)
     if not block:
         raise MatvlmError(f"{path}: not a matvlm hybrid (config.json has no '{HYBRID_KEY}' block)")
-    mixer_config = Mamba2Config.from_dict(block["mixer"])
-    auto_class = model_class_for(config)
-    # Parameters on the meta device, buffers (rotary tables) real: loading assigns every parameter.
-    with init_empty_weights(include_buffers=False):
-        model = auto_class.from_config(config, trust_remote_code=trust_remote_code)
-        build_empty_mixers(model, block["layers"], mixer_config)
-    state = read_safetensors(Path(path))
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    still_meta = [name for name, p in model.named_parameters() if p.device.type == "meta"]
-    if unexpected or still_meta:
-        raise MatvlmError(
-            f"{path}: weights do not match the hybrid's structure "
-            f"(missing {still_meta[:3]}{'...' if len(still_meta) > 3 else ''}, unexpected {unexpected[:3]})"
-        )
-    if dtype is not None:
-        model = model.to(dtype)
-    if device is not None:
-        model = model.to(device)
-    model.eval()
-    return model
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise MatvlmError(f"{path}: no safetensors weights (model.safetensors or its index)")
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(load_file(path / name))
-    return state
+    base = model_class_for(config)._model_mapping[type(config)]
+    cls = hybrid_class(base, block["layers"], Mamba2Config.from_dict(block["mixer"]))
+    model, info = cls.from_pretrained(
+        path, config=config, dtype=dtype, device_map=device_map, output_loading_info=True,
+        trust_remote_code=trust_remote_code,
+    )
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        detail = "; ".join(f"{k.replace('_', ' ')}: {sorted(v)[:3]}" for k, v in problems.items())
+        raise MatvlmError(f"{path}: weights do not match the hybrid's structure ({detail})")
+    return model.eval()
 
 
 def hybrid_block(layers: list[int], mixer: Mamba2Config, **provenance) -> dict:

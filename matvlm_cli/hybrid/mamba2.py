@@ -81,13 +81,15 @@ class Mamba2Mixer(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        past_key_values=None,
+        cache=None,
         padding_mask: torch.Tensor | None = None,
+        past_key_values=None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         cfg = self.config
         batch, length, _ = hidden_states.shape
-        cache = past_key_values if past_key_values is not None else kwargs.get("past_key_value")
+        # transformers >= 5.2x names the cache `cache`; 5.17 names it `past_key_values`.
+        cache = cache if cache is not None else past_key_values
         slot = mamba_cache_slot(cache, self.layer_idx) if cache is not None else None
         has_state = slot is not None and slot.has_previous_state[0] and slot.is_recurrent_states_initialized[0]
         if padding_mask is None and self.padding_mask_tap is not None and length > 1:
