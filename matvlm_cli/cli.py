@@ -63,6 +63,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own status lines and progress bars say what is happening
+    hf_logging.set_verbosity_error()
     try:
         app()
     except MatvlmError as err:

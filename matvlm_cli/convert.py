@@ -11,7 +11,7 @@ from rich.table import Table
 from .errors import MatvlmError
 from .hybrid.cache import cache_bytes_per_token
 from .hybrid.conversion import PLACEMENTS, attention_geometry, choose_layers, convert_to_hybrid, find_decoder
-from .hybrid.io import HYBRID_KEY, hybrid_block, load_config, load_teacher, save_hybrid
+from .hybrid.io import HYBRID_KEY, hybrid_block, load_config, load_teacher, model_class_for, save_hybrid
 from .recipes import DTYPES, ConvertRecipe
 
 
@@ -47,6 +47,8 @@ def run_convert(recipe: ConvertRecipe, console: Console | None = None) -> Path:
 
     # Everything that can be checked from the config is checked before the weights are read.
     config = load_config(teacher_dir, recipe.trust_remote_code)
+    with torch.device("meta"):  # the architecture's layout, without reading or allocating weights
+        find_decoder(model_class_for(config).from_config(config, trust_remote_code=recipe.trust_remote_code))
     num_layers = config.get_text_config(decoder=True).num_hidden_layers
     layers = choose_layers(num_layers, recipe.ratio, recipe.placement, recipe.layers)
 

@@ -1,0 +1,125 @@
+"""`matvlm convert` end to end, and its handling of bad input: one line, non-zero exit, nothing written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from matvlm_cli.hybrid import load_hybrid, load_teacher
+from conftest import FAMILIES
+
+
+def matvlm(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "matvlm_cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi"])
+def test_convert_writes_a_loadable_hybrid(tiny_teachers, tmp_path, family):
+    out = tmp_path / "hybrid"
+    result = matvlm("convert", "--teacher", tiny_teachers[family], "--ratio", 0.25, "--placement", "even", "--output", out)
+    assert result.returncode == 0, result.stderr
+    assert "KV cache bytes / token" in result.stdout
+    block = json.loads((out / "config.json").read_text())["matvlm"]
+    assert block["layers"] == [0] and block["placement"] == "even" and block["source"] == str(tiny_teachers[family])
+    assert block["mixer"]["nheads"] == 4 and block["mixer"]["d_state"] == block["mixer"]["headdim"]
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert not any(p.suffix in (".bin", ".pt", ".pth") for p in out.iterdir())
+    hybrid, teacher = load_hybrid(out), load_teacher(tiny_teachers[family])
+    ids = torch.tensor([[2, 30, 31, 32, 33]])
+    with torch.no_grad():
+        h, t = hybrid(input_ids=ids).logits, teacher(input_ids=ids).logits
+    assert h.shape == t.shape and not torch.allclose(h, t)  # layer 0 really changed
+
+
+def test_recipe_file_with_cli_override(tiny_teachers, tmp_path):
+    recipe = tmp_path / "convert.yaml"
+    recipe.write_text(yaml.safe_dump({"teacher": str(tiny_teachers["mistral"]), "ratio": 0.5, "placement": "back",
+                                      "output": str(tmp_path / "from-recipe")}))
+    result = matvlm("convert", recipe, "--placement", "front")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "from-recipe" / "config.json").read_text())["matvlm"]["layers"] == [0, 1]
+
+
+def test_shipped_recipes_validate():
+    from pathlib import Path
+
+    from matvlm_cli.recipes import ConvertRecipe, load_recipe
+
+    recipes = sorted(Path(__file__).parents[1].glob("recipes/convert-*.yaml"))
+    assert recipes
+    for path in recipes:
+        load_recipe(ConvertRecipe, path)
+
+
+def bad_recipe(tmp_path, content):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make_args,message",
+    [
+        (lambda t, p: ["--teacher", p / "missing"], "no such file or directory"),
+        (lambda t, p: ["--teacher", p], "not a model directory"),
+        (lambda t, p: ["--teacher", t, "--ratio", 1.5], "ratio: 1.5 is outside (0, 1]"),
+        (lambda t, p: ["--teacher", t, "--ratio", 0], "ratio: 0.0 is outside (0, 1]"),
+        (lambda t, p: ["--teacher", t, "--layers", "1,1"], "duplicate"),
+        (lambda t, p: ["--teacher", t, "--layers", "0,7"], "out of range"),
+        (lambda t, p: ["--teacher", t, "--layers", "a"], "--layers"),
+        (lambda t, p: ["--teacher", t, "--placement", "sideways"], "placement"),
+        (lambda t, p: [bad_recipe(p, "ratio: 0.5\nratoi: 2\n"), "--teacher", t], "unknown key 'ratoi'"),
+        (lambda t, p: [bad_recipe(p, "ratio: half\n"), "--teacher", t], "'ratio' must be"),
+        (lambda t, p: [bad_recipe(p, "ratio: [0.5\n"), "--teacher", t], "not valid YAML"),
+        (lambda t, p: [p / "nope.yaml"], "recipe file not found"),
+    ],
+)
+def test_user_errors_are_one_line_and_write_nothing(tiny_teachers, tmp_path, make_args, message):
+    out = tmp_path / "out"
+    result = matvlm("convert", *make_args(tiny_teachers["llama"], tmp_path), "--output", out)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_unsupported_architecture_is_a_user_error(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
+    result = matvlm("convert", "--teacher", tmp_path / "gpt2", "--output", tmp_path / "out")
+    assert result.returncode != 0 and "unsupported architecture GPT2LMHeadModel" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_refused_unless_overwrite(tiny_teachers, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = matvlm("convert", "--teacher", tiny_teachers["llama"], "--output", out)
+    assert result.returncode != 0 and "already exists" in result.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    result = matvlm("convert", "--teacher", tiny_teachers["llama"], "--output", out, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_converting_a_hybrid_again_is_refused(tiny_teachers, tmp_path):
+    assert matvlm("convert", "--teacher", tiny_teachers["llama"], "--output", tmp_path / "h").returncode == 0
+    result = matvlm("convert", "--teacher", tmp_path / "h", "--output", tmp_path / "hh")
+    assert result.returncode != 0 and "already a matvlm hybrid" in result.stderr
+
+
+def test_default_teacher_is_used_without_a_teacher_argument(tmp_path, monkeypatch):
+    env_cache = tmp_path / "cache"
+    result = subprocess.run(
+        [sys.executable, "-m", "matvlm_cli", "convert", "--ratio", "0.25", "--placement", "even"],
+        capture_output=True, text=True, cwd=tmp_path, env={**__import__("os").environ, "MATVLM_CACHE": str(env_cache)},
+    )
+    assert result.returncode == 0, result.stderr
+    produced = [p for p in tmp_path.iterdir() if p.name.endswith("-hybrid-0.25-even")]
+    assert len(produced) == 1 and load_hybrid(produced[0]) is not None
