@@ -164,13 +164,15 @@ def ssd_step(
     """
     ops = kernels.kernels_for(x)
     if ops is not None:
-        headdim, d_state = x.shape[-1], state.shape[-1]
+        heads, headdim, d_state = x.shape[1], x.shape[-1], state.shape[-1]
+        # Stride-0 views tell the kernel that dt, A and D are shared across headdim.
         return ops.state_update(
             state, x,
             dt.unsqueeze(-1).expand(-1, -1, headdim),
             A[:, None, None].expand(-1, headdim, d_state).float(),
             B, C,
             D=None if D is None else D[:, None].expand(-1, headdim),
+            dt_bias=dt.new_zeros(1, 1).expand(heads, headdim),
         )
     rep = x.shape[1] // B.shape[1]
     work = state.dtype

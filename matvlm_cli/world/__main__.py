@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
+    if args.output.exists() and not args.overwrite:
+        parser.error(f"{args.output} exists; pass --overwrite to replace it")
+    if args.pope_per_category % 2:
+        parser.error("--pope-per-category must be even (each image gets one yes and one no question)")
 
     console = Console()
     start = time.perf_counter()
@@ -40,9 +44,7 @@ def main(argv: list[str] | None = None) -> None:
             mmmu_size=args.mmmu_size, textvqa_size=args.textvqa_size, image_size=args.image_size,
             overwrite=args.overwrite, on_progress=report,
         )
-    console.print(f"wrote {paths.root} in {time.perf_counter() - start:.1f}s")
-    for name in ("train_json", "train_images", "pope", "mmmu", "textvqa"):
-        console.print(f"  {name:12} {getattr(paths, name)}")
+    console.print(f"wrote {paths.root} in {time.perf_counter() - start:.1f}s: train/, pope/, mmmu/, textvqa/")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,8 @@
-"""Questions about scenes, in the three benchmark families the world mirrors, plus captions.
+"""Questions about scenes in the three benchmark families the world mirrors (POPE existence with
+`random` / `popular` / `adversarial` negatives; MMMU-style subjects as 4-option or open questions; TextVQA
+reading with 10 human-like answers), plus captions for instruction-style training turns.
 
-- POPE-style existence ("Is there a red circle in the image?"), negatives drawn `random`, `popular` or
-  `adversarial` the way POPE draws them.
-- MMMU-style questions per subject (Color, Counting, Shape, Spatial_Reasoning, Text_Reading), asked as
-  4-option multiple choice or as open questions with a short answer.
-- TextVQA-style reading questions with 10 human-like reference answers.
-- Captions, for instruction-style training turns.
-
-The prompt formatters reproduce the benchmark prompts exactly (see eval-protocols.md), and the training
+The prompt formatters reproduce the benchmark prompts exactly (see eval-protocols.md) and the training
 conversations use them, so a model trained on the world answers benchmark prompts in the right format.
 """
 
@@ -33,17 +28,13 @@ SUBFIELDS = {
     "Color": "Color Naming", "Counting": "Object Counting", "Shape": "Shape Recognition",
     "Spatial_Reasoning": "Spatial Relations", "Text_Reading": "Text Recognition",
 }
-PLACES = {
-    "top left": "at the top left", "top": "at the top", "top right": "at the top right", "left": "on the left",
-    "center": "at the center", "right": "on the right", "bottom left": "at the bottom left",
-    "bottom": "at the bottom", "bottom right": "at the bottom right",
-}
+PLACES = {position: f"{'on' if position in ('left', 'right') else 'at'} the {position}" for position in POSITIONS}
 COUNT_VALUES = tuple(str(n) for n in range(6))
 NUMBER_VALUES = tuple(str(n) for n in range(100))
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 CAPTION_PROMPTS = ("Describe the image.", "Describe the image briefly.", "What is in the image?")
-TEXTVQA_WORD_QUESTIONS = ("what word is written in the image?", "what does the text say?", "what is written in the image?")
-TEXTVQA_NUMBER_QUESTIONS = ("what number is shown?", "what number is written in the image?", "what is the number in the image?")
+TEXTVQA_WORD_QUESTIONS = ("what word is written in the image?", "what does the text say?", "what is written here?")
+TEXTVQA_NUMBER_QUESTIONS = ("what number is shown?", "what number is written in the image?", "what is the number?")
 TRAINING_FAMILY_WEIGHTS = {"caption": 1, "existence": 3, "choice": 3, "open": 2, "reading": 2}
 
 
@@ -52,10 +43,10 @@ def pope_prompt(question: str) -> str:
 
 
 def mmmu_prompt(question: str, options: list[str]) -> str:
-    """Multiple choice when options are given, open otherwise."""
+    """Multiple choice (A, B, ... for any number of options) when options are given, open otherwise."""
     if not options:
         return f"{question}\n{SHORT_ANSWER}"
-    lettered = "\n".join(f"{letter}. {option}" for letter, option in zip(LETTERS, options))
+    lettered = "\n".join(f"{chr(ord('A') + i)}. {option}" for i, option in enumerate(options))
     return f"{question}\n{lettered}{CHOICE_ANSWER}"
 
 
@@ -98,7 +89,6 @@ def sample_negative(scene: Scene, strategy: str, rng: random.Random) -> tuple[st
 class Question:
     """A question with its correct value and the values its multiple-choice distractors come from."""
 
-    subject: str
     text: str
     answer: str
     domain: tuple[str, ...]
@@ -131,22 +121,21 @@ def _reference(scene: Scene, obj: SceneObject, by: str) -> str:
 def _color_question(scene: Scene, rng: random.Random, image: str) -> Question:
     obj = rng.choice(scene.objects)
     ref = _reference(scene, obj, "shape")
-    return Question("Color", f"What color is {ref} in {image}?", obj.color, tuple(COLORS), f"{ref.capitalize()} is {obj.color}.")
+    explanation = f"{ref.capitalize()} is {obj.color}."
+    return Question(f"What color is {ref} in {image}?", obj.color, tuple(COLORS), explanation)
 
 
 def _shape_question(scene: Scene, rng: random.Random, image: str) -> Question:
     obj = rng.choice(scene.objects)
     ref = _reference(scene, obj, "color")
-    return Question("Shape", f"What shape is {ref} in {image}?", obj.shape, SHAPES, f"{ref.capitalize()} is a {obj.shape}.")
+    explanation = f"{ref.capitalize()} is a {obj.shape}."
+    return Question(f"What shape is {ref} in {image}?", obj.shape, SHAPES, explanation)
 
 
 def _position_question(scene: Scene, rng: random.Random, image: str) -> Question:
     obj = rng.choice(scene.objects)
-    name = object_name(obj.kind)
-    return Question(
-        "Spatial_Reasoning", f"Where is the {name} in {image}?", obj.position, POSITIONS,
-        f"The {name} is {PLACES[obj.position]}.",
-    )
+    name, place = object_name(obj.kind), PLACES[obj.position]
+    return Question(f"Where is the {name} in {image}?", obj.position, POSITIONS, f"The {name} is {place}.")
 
 
 def _count_question(scene: Scene, rng: random.Random, image: str) -> Question:
@@ -159,15 +148,13 @@ def _count_question(scene: Scene, rng: random.Random, image: str) -> Question:
     else:
         color = rng.choice(scene.objects).color if rng.random() < 0.7 else rng.choice(tuple(COLORS))
         what, count = f"{color} objects", sum(obj.color == color for obj in scene.objects)
-    return Question("Counting", f"How many {what} are there in {image}?", str(count), COUNT_VALUES, caption(scene))
+    return Question(f"How many {what} are there in {image}?", str(count), COUNT_VALUES, caption(scene))
 
 
 def _reading_question(scene: Scene, rng: random.Random, image: str) -> Question:
-    if scene.text is None:
-        raise ValueError("a reading question needs a scene with text")
     if scene.text.isdigit():
-        return Question("Text_Reading", f"What number is shown in {image}?", scene.text, NUMBER_VALUES, caption(scene))
-    return Question("Text_Reading", f"What word is written in {image}?", scene.text.lower(), WORDS, caption(scene))
+        return Question(f"What number is shown in {image}?", scene.text, NUMBER_VALUES, caption(scene))
+    return Question(f"What word is written in {image}?", scene.text.lower(), WORDS, caption(scene))
 
 
 _SUBJECT_BUILDERS = {
@@ -220,7 +207,7 @@ def training_conversation(scene: Scene, rng: random.Random) -> list[dict[str, st
     turns: dict[str, tuple[str, str]] = {}  # keyed so that no prompt, and no caption, comes twice
     for _ in range(rng.randint(1, 3)):
         family = rng.choices(families, weights=weights)[0]
-        prompt, answer = _TRAINING_TURNS[family](scene, rng)
+        prompt, answer = _training_turn(family, scene, rng)
         turns.setdefault(family if family == "caption" else prompt, (prompt, answer))
     messages = []
     for index, (prompt, answer) in enumerate(turns.values()):
@@ -229,36 +216,22 @@ def training_conversation(scene: Scene, rng: random.Random) -> list[dict[str, st
     return messages
 
 
-def _caption_turn(scene: Scene, rng: random.Random) -> tuple[str, str]:
-    return rng.choice(CAPTION_PROMPTS), caption(scene)
-
-
-def _existence_turn(scene: Scene, rng: random.Random) -> tuple[str, str]:
-    if rng.random() < 0.5:
-        return pope_prompt(existence_question(rng.choice(scene.kinds))), "yes"
-    return pope_prompt(existence_question(sample_negative(scene, rng.choice(NEGATIVE_STRATEGIES), rng))), "no"
-
-
-def _choice_turn(scene: Scene, rng: random.Random) -> tuple[str, str]:
+def _training_turn(family: str, scene: Scene, rng: random.Random) -> tuple[str, str]:
+    """One (prompt, answer) pair of a family, in the prompt format of the benchmark it mirrors."""
+    if family == "caption":
+        return rng.choice(CAPTION_PROMPTS), caption(scene)
+    if family == "existence":
+        present = rng.random() < 0.5
+        kind = rng.choice(scene.kinds) if present else sample_negative(scene, rng.choice(NEGATIVE_STRATEGIES), rng)
+        return pope_prompt(existence_question(kind)), "yes" if present else "no"
+    if family == "reading":
+        ocr_tokens = [scene.text] if rng.random() < 0.5 else None
+        return textvqa_prompt(textvqa_question(scene, rng), ocr_tokens), scene.text.lower()
     question = subject_question(rng.choice(subjects_for(scene)), scene, rng, rng.choice((MMMU_IMAGE, "the image")))
+    if family == "open":
+        return mmmu_prompt(question.text, []), question.answer
     options, letter = choice_options(question, rng)
     return mmmu_prompt(question.text, options), letter
-
-
-def _open_turn(scene: Scene, rng: random.Random) -> tuple[str, str]:
-    question = subject_question(rng.choice(subjects_for(scene)), scene, rng, rng.choice((MMMU_IMAGE, "the image")))
-    return mmmu_prompt(question.text, []), question.answer
-
-
-def _reading_turn(scene: Scene, rng: random.Random) -> tuple[str, str]:
-    ocr_tokens = [scene.text] if rng.random() < 0.5 else None
-    return textvqa_prompt(textvqa_question(scene, rng), ocr_tokens), scene.text.lower()
-
-
-_TRAINING_TURNS = {
-    "caption": _caption_turn, "existence": _existence_turn, "choice": _choice_turn,
-    "open": _open_turn, "reading": _reading_turn,
-}
 
 
 TOKEN_PATTERN = re.compile(r"\w+|[^\w\s]")

@@ -92,7 +92,7 @@ def sample_scene(rng: random.Random, text: bool | None = None) -> Scene:
     cells = rng.sample(range(6 if text else 9), rng.randint(1, MAX_OBJECTS))
     objects = [
         SceneObject(color, shape, rng.choice(SIZES), cell, (rng.randint(-1, 1), rng.randint(-1, 1)))
-        for (color, shape), cell in zip(_sample_kinds(rng, len(cells)), cells)
+        for (color, shape), cell in zip(_sample_kinds(rng, len(cells)), cells, strict=True)
     ]
     background = rng.choice(list(BACKGROUNDS))
     return Scene(tuple(sorted(objects, key=lambda obj: obj.cell)), background, _sample_text(rng) if text else None)

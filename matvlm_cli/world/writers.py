@@ -1,5 +1,5 @@
 """Write the synthetic world to disk: LLaVA-format training data and POPE / MMMU / TextVQA benchmark sets
-in the Hugging Face parquet schemas that `lmms-lab/POPE`, `lmms-lab/MMMU` and `lmms-lab/textvqa` use.
+in the Hugging Face parquet schemas of `lmms-lab/POPE`, `lmms-lab/MMMU` and `lmms-lab/textvqa`.
 
 Layout written by `generate_world(output_dir)`:
 
@@ -7,15 +7,9 @@ Layout written by `generate_world(output_dir)`:
       world.json                                       the arguments that produced this folder
       train/conversations.json                         LLaVA list; each "image" is relative to train/
       train/images/000000.png ...
-      pope/data/test-00000-of-00001.parquet            split "test": id, question_id, question, answer,
-                                                       image_source, image, category
-      mmmu/data/validation-00000-of-00001.parquet      split "validation": id, question, options,
-                                                       explanation, image_1..image_7, img_type, answer,
-                                                       topic_difficulty, question_type, subfield
-      textvqa/data/validation-00000-of-00001.parquet   split "validation": image_id, question_id, question,
-                                                       question_tokens, image, image_width, image_height,
-                                                       flickr_original_url, flickr_300k_url, answers,
-                                                       image_classes, set_name, ocr_tokens
+      pope/data/test-00000-of-00001.parquet            split "test", columns of POPE_SCHEMA
+      mmmu/data/validation-00000-of-00001.parquet      split "validation", columns of MMMU_SCHEMA
+      textvqa/data/validation-00000-of-00001.parquet   split "validation", columns of TEXTVQA_SCHEMA
 
 The files follow the hub's `data/{split}-{shard:05d}-of-{shards:05d}.parquet` naming, so
 `datasets.load_dataset("output_dir/pope")` finds the split, and each carries the `huggingface` schema
@@ -41,8 +35,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .questions import (
-    NEGATIVE_STRATEGIES, SUBFIELDS, SUBJECTS, choice_options, existence_question, reference_answers,
-    sample_negative, subject_question, textvqa_question, training_conversation,
+    NEGATIVE_STRATEGIES, SUBFIELDS, SUBJECTS, choice_options, existence_question, reference_answers, sample_negative,
+    subject_question, textvqa_question, training_conversation,
 )
 from .scenes import Scene, png_bytes, render, sample_scene
 
@@ -106,7 +100,7 @@ def pope_rows(seed: int, per_category: int, image_size: int = 64) -> Rows:
     images = [_image(scene, image_size, f"world_pope_{i:05d}.png") for i, scene in enumerate(scenes)]
     rows: Rows = []
     for category in NEGATIVE_STRATEGIES:
-        for i, (scene, positive) in enumerate(zip(scenes, positives)):
+        for i, (scene, positive) in enumerate(zip(scenes, positives, strict=True)):
             for kind, answer in ((positive, "yes"), (sample_negative(scene, category, rng), "no")):
                 row = {
                     "id": str(len(rows)), "question_id": str(len(rows) + 1), "question": existence_question(kind),

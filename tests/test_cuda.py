@@ -1,0 +1,99 @@
+"""GPU checks: the mamba_ssm / causal_conv1d kernels agree with the PyTorch reference, and a hybrid
+generates the same tokens with and without its cache on CUDA. Skipped without a GPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from matvlm_cli.hybrid import Mamba2Config, Mamba2Mixer, kernels
+from matvlm_cli.hybrid.ssd import causal_conv1d, causal_conv1d_step, ssd_chunk_scan, ssd_step
+
+pytestmark = pytest.mark.cuda
+needs_kernels = pytest.mark.skipif(kernels.mamba_ssm_ops() is None, reason="mamba_ssm/causal_conv1d not installed")
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.fixture
+def torch_backend():
+    yield lambda: kernels.set_backend("torch")
+    kernels.set_backend("auto")
+
+
+def inputs(batch=2, length=1000, heads=8, headdim=32, groups=8, d_state=32, dtype=torch.bfloat16):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(batch, length, heads, headdim, device="cuda", generator=g)
+    dt = F.softplus(torch.randn(batch, length, heads, device="cuda", generator=g) - 2)
+    A = -torch.rand(heads, device="cuda", generator=g) * 4 - 0.5
+    B = torch.randn(batch, length, groups, d_state, device="cuda", generator=g) / d_state**0.5
+    C = torch.randn(batch, length, groups, d_state, device="cuda", generator=g) / d_state**0.5
+    D = torch.randn(heads, device="cuda", generator=g)
+    return [t.to(dtype) for t in (x, B, C)], dt, A, D
+
+
+@needs_kernels
+def test_chunk_scan_kernel_matches_fp32_reference(torch_backend):
+    (x, B, C), dt, A, D = inputs()
+    y, final = ssd_chunk_scan(x, dt, A, B, C, 256, D=D)
+    torch_backend()
+    y_ref, final_ref = ssd_chunk_scan(x.float(), dt, A, B.float(), C.float(), 256, D=D)
+    assert rel_err(y, y_ref) < 1e-2 and rel_err(final, final_ref) < 1e-2
+
+
+@needs_kernels
+def test_chunk_scan_kernel_backward_matches_reference(torch_backend):
+    (x, B, C), dt, A, D = inputs(length=300)
+    leaves = [t.float().requires_grad_() for t in (x, dt, B, C)]
+    y, _ = ssd_chunk_scan(leaves[0].bfloat16(), leaves[1], A, leaves[2].bfloat16(), leaves[3].bfloat16(), 64, D=D)
+    y.float().square().sum().backward()
+    grads = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    torch_backend()
+    y_ref, _ = ssd_chunk_scan(leaves[0], leaves[1], A, leaves[2], leaves[3], 64, D=D)
+    y_ref.square().sum().backward()
+    for got, leaf in zip(grads, leaves):
+        assert rel_err(got, leaf.grad) < 1e-2
+
+
+@needs_kernels
+def test_step_and_conv_kernels_match_reference(torch_backend):
+    (x, B, C), dt, A, D = inputs(length=1)
+    state = torch.randn(2, 8, 32, 32, device="cuda")
+    ref_state = state.clone()
+    y = ssd_step(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D)
+    conv_in = torch.randn(2, 64, 50, device="cuda", dtype=torch.bfloat16)
+    weight, bias = torch.randn(64, 4, device="cuda", dtype=torch.bfloat16), torch.randn(64, device="cuda", dtype=torch.bfloat16)
+    conv = causal_conv1d(conv_in, weight, bias)
+    conv_state = conv_in[:, :, :4].clone()
+    step = causal_conv1d_step(conv_in[:, :, 4], conv_state, weight, bias)
+    torch_backend()
+    y_ref = ssd_step(ref_state, x[:, 0].float(), dt[:, 0], A, B[:, 0].float(), C[:, 0].float(), D)
+    conv_ref = causal_conv1d(conv_in.float(), weight.float(), bias.float())
+    ref_conv_state = conv_in[:, :, :4].float().clone()
+    step_ref = causal_conv1d_step(conv_in[:, :, 4].float(), ref_conv_state, weight.float(), bias.float())
+    assert rel_err(y, y_ref) < 1e-2 and rel_err(state, ref_state) < 1e-2
+    assert rel_err(conv, conv_ref) < 1e-2 and rel_err(step, step_ref) < 1e-2
+
+
+def test_mixer_prefill_and_decode_on_cuda():
+    torch.manual_seed(0)
+    mixer = Mamba2Mixer(Mamba2Config(d_model=128, nheads=8, headdim=16, d_state=16, ngroups=8), 0, device="cuda")
+    hidden = torch.randn(2, 77, 128, device="cuda")
+    full, _ = mixer(hidden)
+    cache = DynamicCache()
+    pieces = [mixer(hidden[:, :60], cache=cache)[0]]
+    pieces += [mixer(hidden[:, t : t + 1], cache=cache)[0] for t in range(60, 77)]
+    assert rel_err(torch.cat(pieces, 1), full) < 1e-3
+
+
+def test_hybrid_generation_on_cuda(tiny_teachers):
+    from test_generation import QUESTIONS, greedy, hybrid_of, inputs_for
+
+    model = hybrid_of(tiny_teachers["llama"]).cuda()
+    batch = inputs_for(tiny_teachers["llama"], QUESTIONS).to("cuda")
+    cached, full = greedy(model, batch), greedy(model, batch, use_cache=False)
+    assert torch.equal(cached.sequences, full.sequences)
