@@ -59,6 +59,21 @@ def convert(
     run_convert(load_recipe(ConvertRecipe, recipe, overrides), console)
 
 
+@app.command()
+def generate(
+    image: Path = typer.Option(..., help="An image file."),
+    prompt: str = typer.Option(..., help="The question or instruction."),
+    model: Optional[Path] = typer.Option(None, help="A teacher or hybrid directory (default: the embedded teacher)."),
+    max_new_tokens: int = typer.Option(64, help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, help="0 for greedy decoding; above 0 samples."),
+):
+    """Answer one question about one image with a teacher or a hybrid, streaming the answer."""
+    from .generate import run_generate
+    from .tiny import default_teacher_dir
+
+    run_generate(model or default_teacher_dir(), image, prompt, max_new_tokens, temperature, console)
+
+
 def main() -> None:
     from transformers.utils import logging as hf_logging
 

@@ -1,6 +1,6 @@
-"""Tiny random LLaVA models built from configs: the offline default teacher (until a trained one
-ships) and the models the tests convert. Nothing is downloaded: the tokenizer is a word-level
-vocabulary built here, the image processor a SigLIP-style config.
+"""Tiny random LLaVA models built from configs, one per text family, for tests and examples, and
+the location of the trained embedded default teacher. Nothing is downloaded: the tokenizer is a
+word-level vocabulary built here, the image processor a SigLIP-style config.
 """
 
 from __future__ import annotations
@@ -104,13 +104,5 @@ def build_tiny_llava(output: str | os.PathLike, family: str = "llama", seed: int
 
 
 def default_teacher_dir() -> Path:
-    """The embedded default teacher, materialised once into the user's cache directory."""
-    cache = Path(os.environ.get("MATVLM_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "matvlm"))
-    target = cache / "tiny-random-llava"
-    if not (target / "config.json").is_file():
-        from .hybrid.io import atomic_directory
-
-        cache.mkdir(parents=True, exist_ok=True)
-        with atomic_directory(target, overwrite=True) as tmp:
-            build_tiny_llava(tmp)
-    return target
+    """The embedded default teacher shipped inside the package (see `matvlm_cli.world.teacher`)."""
+    return Path(__file__).parent / "presets" / "tiny-teacher"

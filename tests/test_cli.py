@@ -114,12 +114,9 @@ def test_converting_a_hybrid_again_is_refused(tiny_teachers, tmp_path):
     assert result.returncode != 0 and "already a matvlm hybrid" in result.stderr
 
 
-def test_default_teacher_is_used_without_a_teacher_argument(tmp_path, monkeypatch):
-    env_cache = tmp_path / "cache"
-    result = subprocess.run(
-        [sys.executable, "-m", "matvlm_cli", "convert", "--ratio", "0.25", "--placement", "even"],
-        capture_output=True, text=True, cwd=tmp_path, env={**__import__("os").environ, "MATVLM_CACHE": str(env_cache)},
-    )
+def test_default_teacher_is_used_without_a_teacher_argument(tmp_path):
+    result = matvlm("convert", "--ratio", "0.25", "--placement", "even", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    produced = [p for p in tmp_path.iterdir() if p.name.endswith("-hybrid-0.25-even")]
-    assert len(produced) == 1 and load_hybrid(produced[0]) is not None
+    produced = tmp_path / "tiny-teacher-hybrid-0.25-even"
+    assert json.loads((produced / "config.json").read_text())["matvlm"]["layers"] == [0, 4]  # 8 layers
+    assert load_hybrid(produced) is not None

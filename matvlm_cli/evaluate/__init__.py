@@ -1,0 +1,1 @@
+"""Benchmark evaluation for matvlm: pure scoring rules (`metrics`) for POPE, MMMU (val) and TextVQA (val)."""

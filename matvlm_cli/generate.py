@@ -1,0 +1,48 @@
+"""The `generate` subcommand's engine: answer one question about one image, streaming the tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from threading import Thread
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from rich.console import Console
+from transformers import AutoProcessor, TextIteratorStreamer
+
+from .errors import MatvlmError
+from .hybrid.io import check_model_dir, load_model
+
+
+def run_generate(model_dir: Path, image_path: Path, prompt: str, max_new_tokens: int = 64,
+                 temperature: float = 0.0, console: Console | None = None) -> str:
+    console = console or Console()
+    check_model_dir(model_dir)
+    if not image_path.is_file():
+        raise MatvlmError(f"{image_path}: no such image file")
+    try:
+        image = Image.open(image_path).convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise MatvlmError(f"{image_path}: cannot be read as an image ({err})") from None
+    if max_new_tokens < 1:
+        raise MatvlmError(f"--max-new-tokens: must be at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise MatvlmError(f"--temperature: must be >= 0, got {temperature}")
+
+    model = load_model(model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[image], text=[text], return_tensors="pt").to(next(model.parameters()).device)
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    worker = Thread(target=lambda: model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **sampling))
+    with torch.no_grad():
+        worker.start()
+        answer = ""
+        for piece in streamer:
+            answer += piece
+            console.print(piece, end="", highlight=False, soft_wrap=True)
+        worker.join()
+    console.print()
+    return answer
