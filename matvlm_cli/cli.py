@@ -60,6 +60,36 @@ def convert(
 
 
 @app.command()
+def distill(
+    recipe: Path = typer.Argument(..., help="YAML recipe (see recipes/tiny-default.yaml)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe key: --set optimizer.lr=1e-4 (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output.dir."),
+    num_gpus: int = typer.Option(0, "--num-gpus", help="Launch this many processes with accelerate (DDP)."),
+):
+    """Distil a hybrid from its teacher (KL + layer + CE losses), on a CPU, a GPU or several GPUs."""
+    from .recipes import DistillRecipe, check_distill_recipe, parse_override, read_yaml, build_recipe, set_dotted
+
+    values = read_yaml(recipe)
+    for text in set_:
+        set_dotted(values, *parse_override(text))
+    if resume:
+        set_dotted(values, "output.resume", "auto")
+    parsed = build_recipe(DistillRecipe, values, source=str(recipe))
+    check_distill_recipe(parsed, source=str(recipe))
+    if num_gpus > 1:
+        import subprocess
+        import sys
+
+        forwarded = [a for a in sys.argv[2:] if not a.startswith("--num-gpus")]
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_gpus),
+                   "-m", "matvlm_cli", "distill", *[a for a in forwarded if a != str(num_gpus)]]
+        raise SystemExit(subprocess.call(command))
+    from .distill.trainer import run_distill
+
+    run_distill(parsed, console)
+
+
+@app.command()
 def generate(
     image: Path = typer.Option(..., help="An image file."),
     prompt: str = typer.Option(..., help="The question or instruction."),
@@ -72,6 +102,33 @@ def generate(
     from .tiny import default_teacher_dir
 
     run_generate(model or default_teacher_dir(), image, prompt, max_new_tokens, temperature, console)
+
+
+def _task_list(text: str | None) -> list[str] | None:
+    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
+
+
+@app.command()
+def evaluate(
+    recipe: Optional[Path] = typer.Argument(None, help="YAML recipe; the options below override it."),
+    model: Optional[list[str]] = typer.Option(None, "--model", "-m", help="Teacher or hybrid directory; repeat to compare side by side (default: the embedded teacher)."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated: pope, mmmu, textvqa, or any lm-eval task name or task YAML. (default: pope,mmmu,textvqa)"),
+    data_dir: Optional[str] = typer.Option(None, help="Folder with pope/, mmmu/, textvqa/ (hub parquet or save_to_disk) (default: the embedded synthetic sets)."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N documents of each task."),
+    batch_size: Optional[int] = typer.Option(None, help="Prompts per forward pass (default: 16)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Results folder (default: runs/evaluate)."),
+    ocr: Optional[bool] = typer.Option(None, "--ocr", help="TextVQA: add the reference OCR tokens to the prompt (LLaVA-1.5 protocol)."),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda | auto (default: auto)."),
+):
+    """Score teachers and hybrids on POPE, MMMU and TextVQA (lmms-eval's rules) with the lm-eval harness."""
+    from .evaluate.run import run_evaluate
+    from .recipes import EvaluateRecipe, load_recipe
+
+    overrides = dict(
+        models=model or None, tasks=_task_list(tasks), data_dir=data_dir, limit=limit, batch_size=batch_size,
+        output=output, ocr=ocr, device=device,
+    )
+    run_evaluate(load_recipe(EvaluateRecipe, recipe, overrides), console)
 
 
 def main() -> None:

@@ -40,6 +40,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
+    if dataclasses.is_dataclass(annotation):
+        return isinstance(value, dict)
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, arm) for arm in typing.get_args(annotation))
@@ -61,17 +63,62 @@ def _type_name(annotation: Any) -> str:
     return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
-def build_recipe(cls, values: dict[str, Any], source: str = "recipe"):
-    """Validate `values` against dataclass `cls`; raise one MatvlmError listing every problem."""
+def _nested_class(annotation: Any):
+    """The dataclass inside `X`, `X | None` or `list[X]`, and whether it is a list."""
+    if dataclasses.is_dataclass(annotation):
+        return annotation, False
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is list and args and dataclasses.is_dataclass(args[0]):
+        return args[0], True
+    if len(args) == 1:
+        return _nested_class(args[0])
+    return None, False
+
+
+def _collect(cls, values: dict[str, Any], prefix: str, problems: list[str]):
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    problems = [f"unknown key '{key}'" for key in values if key not in known]
+    problems += [f"unknown key '{prefix}{key}'" for key in values if key not in known]
+    built = {}
     for key, value in values.items():
-        if key in known and not _type_ok(value, hints[key]):
-            problems.append(f"'{key}' must be {_type_name(hints[key])}, got {value!r}")
+        if key not in known:
+            continue
+        nested, is_list = _nested_class(hints[key])
+        if nested is not None and value is not None:
+            if is_list and isinstance(value, list) and all(isinstance(v, dict) for v in value):
+                built[key] = [_collect(nested, v, f"{prefix}{key}[{i}].", problems) for i, v in enumerate(value)]
+                continue
+            if not is_list and isinstance(value, dict):
+                built[key] = _collect(nested, value, f"{prefix}{key}.", problems)
+                continue
+        if not _type_ok(value, hints[key]):
+            problems.append(f"'{prefix}{key}' must be {_type_name(hints[key])}, got {value!r}")
+            continue
+        built[key] = float(value) if hints[key] in (float, float | None) and isinstance(value, int) else value
+    try:
+        return cls(**built)
+    except TypeError as err:  # a required field without a value
+        problems.append(f"{prefix.rstrip('.') or 'recipe'}: {err}")
+        return None
+
+
+def build_recipe(cls, values: dict[str, Any], source: str = "recipe"):
+    """Validate `values` against dataclass `cls`; raise one MatvlmError listing every problem."""
+    problems: list[str] = []
+    recipe = _collect(cls, values, "", problems)
     if problems:
         raise MatvlmError(f"{source}: " + "; ".join(problems))
-    return cls(**{k: (float(v) if hints[k] in (float, float | None) and isinstance(v, int) else v) for k, v in values.items()})
+    return recipe
+
+
+def set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
+    """`optimizer.lr=1e-4` style overrides into a nested mapping."""
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        values = values.setdefault(part, {})
+        if not isinstance(values, dict):
+            raise MatvlmError(f"override {dotted}: '{part}' is not a section")
+    values[leaf] = value
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -105,3 +152,137 @@ def load_recipe(cls, path: str | Path | None = None, overrides: dict[str, Any] |
 
 def save_recipe(recipe, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
+
+
+@dataclass
+class StudentSpec:
+    """A converted hybrid directory, or how to convert the teacher on the fly."""
+
+    path: str | None = None
+    ratio: float | None = 0.25
+    placement: str = "even"
+    layers: list[int] | None = None
+    seed: int = 0
+
+
+@dataclass
+class DataSource:
+    json: str  # a LLaVA-format JSON list
+    image_root: str  # the folder `image` paths are relative to
+    weight: float = 1.0  # 1.0 = one pass over this source per epoch
+
+
+@dataclass
+class LossWeights:
+    kl_weight: float = 1.0
+    kl_temperature: float = 1.0
+    kl_positions: str = "all"  # all | response
+    layer_weight: float = 1.0
+    layer_loss: str = "l2"  # l2 | mse | cosine
+    ce_weight: float = 0.0
+
+
+@dataclass
+class OptimizerSettings:
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.01  # never on 1-D parameters (A_log, D, dt_bias, norms, biases)
+    schedule: str = "wsd"  # wsd (warmup-stable-decay) | cosine | constant
+    warmup_steps: int = 0
+    decay_steps: int = 0  # wsd: length of the final linear decay
+    max_grad_norm: float = 0.1
+
+
+@dataclass
+class TrainingSettings:
+    epochs: int = 1
+    max_steps: int | None = None  # overrides epochs
+    batch_size: int = 8  # per device
+    gradient_accumulation: int = 1
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    gradient_checkpointing: bool = False
+    distributed: str = "ddp"  # ddp | fsdp
+    seed: int = 0
+    num_workers: int = 0
+
+
+@dataclass
+class OutputSettings:
+    dir: str = "runs/distill"
+    save_every: int = 0  # steps; 0 = only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    resume: str | None = None  # null | auto | a checkpoint directory
+    overwrite: bool = False
+
+
+@dataclass
+class DistillRecipe:
+    """`matvlm distill`: teacher -> hybrid distillation (method.md §5)."""
+
+    teacher: str | None = None  # a local model directory; None = the embedded default
+    student: StudentSpec = field(default_factory=StudentSpec)
+    data: list[DataSource] = field(default_factory=list)  # empty = the embedded world's training set
+    model_max_length: int = 2048
+    losses: LossWeights = field(default_factory=LossWeights)
+    trainable: str = "mamba"  # mamba | mamba+connector | all
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    output: OutputSettings = field(default_factory=OutputSettings)
+    trust_remote_code: bool = False
+
+
+def check_distill_recipe(recipe: DistillRecipe, source: str = "recipe") -> None:
+    """Impossible combinations and missing files, before any model is loaded."""
+    problems = []
+    choices = {
+        "losses.kl_positions": (recipe.losses.kl_positions, ("all", "response")),
+        "losses.layer_loss": (recipe.losses.layer_loss, ("l2", "mse", "cosine")),
+        "trainable": (recipe.trainable, ("mamba", "mamba+connector", "all")),
+        "optimizer.schedule": (recipe.optimizer.schedule, ("wsd", "cosine", "constant")),
+        "training.precision": (recipe.training.precision, ("fp32", "bf16", "fp16")),
+        "training.distributed": (recipe.training.distributed, ("ddp", "fsdp")),
+        "student.placement": (recipe.student.placement, ("even", "front", "middle", "back")),
+    }
+    problems += [f"'{key}' must be one of {', '.join(allowed)}, got {value!r}" for key, (value, allowed) in choices.items() if value not in allowed]
+    if recipe.losses.kl_weight == recipe.losses.layer_weight == recipe.losses.ce_weight == 0:
+        problems.append("'losses': every weight is 0, nothing to learn")
+    if recipe.losses.kl_temperature <= 0:
+        problems.append("'losses.kl_temperature' must be > 0")
+    if recipe.optimizer.lr <= 0 or len(recipe.optimizer.betas) != 2:
+        problems.append("'optimizer': lr must be > 0 and betas two numbers")
+    if recipe.training.batch_size < 1 or recipe.training.gradient_accumulation < 1 or recipe.training.epochs < 1:
+        problems.append("'training': batch_size, gradient_accumulation and epochs must be >= 1")
+    if recipe.training.max_steps is not None and recipe.training.max_steps < 1:
+        problems.append("'training.max_steps' must be >= 1")
+    if recipe.student.ratio is not None and not 0 < recipe.student.ratio <= 1:
+        problems.append(f"'student.ratio': {recipe.student.ratio} is outside (0, 1]")
+    for key, path in (("teacher", recipe.teacher), ("student.path", recipe.student.path)):
+        if path is not None and not (Path(path) / "config.json").is_file():
+            problems.append(f"'{key}': {path} is not a model directory")
+    for i, source in enumerate(recipe.data):
+        if not Path(source.json).is_file():
+            problems.append(f"'data[{i}].json': {source.json} not found")
+        if not Path(source.image_root).is_dir():
+            problems.append(f"'data[{i}].image_root': {source.image_root} is not a directory")
+        if source.weight <= 0:
+            problems.append(f"'data[{i}].weight' must be > 0")
+    resume = recipe.output.resume
+    if resume not in (None, "auto") and not Path(resume).is_dir():
+        problems.append(f"'output.resume': {resume} is not a checkpoint directory")
+    if problems:
+        raise MatvlmError(f"{source}: " + "; ".join(problems))
+
+
+@dataclass
+class EvaluateRecipe:
+    """`matvlm evaluate`: which models, which benchmarks on which data, where the results go."""
+
+    models: list[str] | None = None  # teacher / hybrid directories; None = the embedded teacher
+    tasks: list[str] = field(default_factory=lambda: ["pope", "mmmu", "textvqa"])  # aliases or lm-eval task names
+    data_dir: str | None = None  # DIR/pope, DIR/mmmu, DIR/textvqa; None = the embedded synthetic sets
+    limit: int | None = None  # first N documents of each task (for quick checks)
+    batch_size: int = 16
+    output: str = "runs/evaluate"
+    ocr: bool = False  # TextVQA prompt with the reference OCR tokens (LLaVA-1.5 / TinyLLaVA protocol)
+    device: str = "auto"  # cpu | cuda | auto

@@ -1,0 +1,385 @@
+"""The distillation run: setup, train, checkpoint, resume, final hybrid.
+
+One recipe runs unchanged on one CPU, one GPU or several GPUs: accelerate owns devices, mixed
+precision, gradient accumulation and data sharding (`accelerate launch -m matvlm_cli distill ...`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Sampler
+
+from ..errors import MatvlmError
+from ..hybrid.conversion import choose_layers, convert_to_hybrid, find_decoder, hybrid_layers
+from ..hybrid.io import HYBRID_KEY, atomic_directory, hybrid_block, load_hybrid, load_teacher, save_hybrid
+from ..hybrid.mamba2 import Mamba2Mixer
+from ..recipes import DistillRecipe
+from .data import ConversationDataset, collate
+from .losses import ce_loss, kl_loss, layer_loss
+from .shared import SharedTeacherStudent
+
+PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+class EpochShuffle(Sampler):
+    """A fresh permutation per epoch from (seed, epoch): reproducible, and resumable mid-epoch."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: int, decay: int) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    decay_start = total - decay  # warmup-stable-decay
+    return 1.0 if step < decay_start else max(0.0, (total - step) / max(1, decay))
+
+
+def build_models(recipe: DistillRecipe, teacher_dir: Path) -> tuple[SharedTeacherStudent, dict]:
+    """The student with the teacher's attention beside each Mamba-2 mixer; one copy of the rest."""
+    kwargs = {"trust_remote_code": recipe.trust_remote_code}
+    if recipe.student.path:
+        student = load_hybrid(recipe.student.path, **kwargs)
+        layers = hybrid_layers(student)
+        teacher = load_teacher(teacher_dir, **kwargs)
+        block = dict(getattr(student.config, HYBRID_KEY))
+    else:
+        student = load_teacher(teacher_dir, **kwargs)
+        num_layers = student.config.get_text_config(decoder=True).num_hidden_layers
+        layers = choose_layers(num_layers, recipe.student.ratio, recipe.student.placement, recipe.student.layers)
+        teacher = student
+    teacher_layout = find_decoder(teacher)
+    attentions = {i: teacher_layout.attention(i) for i in layers}
+    if not recipe.student.path:
+        mixer = convert_to_hybrid(student, layers, seed=recipe.student.seed)
+        block = hybrid_block(layers, mixer, source=str(teacher_dir), ratio=len(layers) / len(teacher_layout.layers),
+                             placement=None if recipe.student.layers else recipe.student.placement)
+    elif len(find_decoder(student).layers) != len(teacher_layout.layers):
+        raise MatvlmError("student.path: its decoder does not have the teacher's number of layers")
+    block["distilled_from"] = str(teacher_dir)
+    separate = load_teacher(teacher_dir, **kwargs) if recipe.trainable == "all" else None
+    return SharedTeacherStudent(student, attentions, recipe.trainable, separate), block
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on 1-D parameters (A_log, D, dt_bias, norms, biases)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class LayerCapture:
+    """Records, in one teacher pass, each replaced layer's call arguments and output."""
+
+    def __init__(self, layers: dict[int, torch.nn.Module]):
+        self.active, self.calls, self.outputs = False, {}, {}
+        self.handles = []
+        for idx, layer in layers.items():
+            self.handles.append(layer.register_forward_pre_hook(self._pre(idx), with_kwargs=True))
+            self.handles.append(layer.register_forward_hook(self._post(idx)))
+
+    def _pre(self, idx):
+        def hook(module, args, kwargs):
+            if self.active:
+                self.calls[idx] = (args, kwargs)
+        return hook
+
+    def _post(self, idx):
+        def hook(module, args, output):
+            if self.active:
+                self.outputs[idx] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+class DistillRun:
+    def __init__(self, recipe: DistillRecipe, console: Console | None = None):
+        self.recipe = recipe
+        self.console = console or Console()
+        self.out = Path(recipe.output.dir)
+
+    # -- setup ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        r = self.recipe
+        plugin = {}
+        if r.training.distributed == "fsdp":
+            from accelerate import FullyShardedDataParallelPlugin
+
+            plugin["fsdp_plugin"] = FullyShardedDataParallelPlugin(use_orig_params=True)
+        self.accelerator = Accelerator(
+            mixed_precision=PRECISION[r.training.precision], gradient_accumulation_steps=r.training.gradient_accumulation,
+            step_scheduler_with_optimizer=False,  # we step it once per optimizer step; accelerate would step it once per process
+            **plugin,
+        )
+        set_seed(r.training.seed)
+        resume = self._resume_dir()
+        if self.out.exists() and resume is None and not r.output.overwrite and self.accelerator.is_main_process:
+            if any(self.out.iterdir()):
+                raise MatvlmError(f"output.dir: {self.out} already exists (set output.resume: auto to continue, or output.overwrite: true)")
+        from ..tiny import default_teacher_dir
+
+        self.teacher_dir = Path(r.teacher) if r.teacher else default_teacher_dir()
+        with self.console.status("Loading teacher and building the student"):
+            self.shared, self.block = build_models(r, self.teacher_dir)
+        from transformers import AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(r.student.path or self.teacher_dir)
+        with self.accelerator.main_process_first():  # one process generates the embedded world
+            sources = r.data or self._embedded_world()
+        with self.console.status("Reading and tokenising the data"):
+            self.dataset = ConversationDataset(sources, self.processor, r.model_max_length, seed=r.training.seed)
+        for line in self.dataset.skipped.lines():
+            self.console.print(f"[yellow]data:[/yellow] {line}")
+        model = self.shared.model
+        if r.training.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        self.sampler = EpochShuffle(len(self.dataset), r.training.seed)
+        pad = self.processor.tokenizer.pad_token_id
+        loader = DataLoader(self.dataset, batch_size=r.training.batch_size, sampler=self.sampler,
+                            collate_fn=lambda b: collate(b, pad), num_workers=r.training.num_workers)
+        optimizer = torch.optim.AdamW(param_groups(model, r.optimizer.weight_decay), lr=r.optimizer.lr, betas=tuple(r.optimizer.betas))
+        self.steps_per_epoch = math.ceil(len(loader) / r.training.gradient_accumulation)
+        self.total_steps = r.training.max_steps or self.steps_per_epoch * r.training.epochs
+        o = r.optimizer
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(o.schedule, s, self.total_steps, o.warmup_steps, o.decay_steps)
+        )
+        self.model, self.optimizer, self.loader, self.scheduler = self.accelerator.prepare(model, optimizer, loader, scheduler)
+        if self.shared.teacher_connector is not None:
+            self.shared.teacher_connector.to(self.accelerator.device)
+        if self.shared.separate_teacher is not None:
+            self.shared.separate_teacher.to(self.accelerator.device)
+        layers = {idx: self.shared.decoder_layer(idx) for idx in self.shared.layers}
+        self.capture = LayerCapture(layers)
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        if resume is not None:
+            self._load_checkpoint(resume)
+        if self.accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "recipe.yaml").write_text(yaml.safe_dump(asdict(r), sort_keys=False))
+
+    def _embedded_world(self):
+        """The embedded world's training conversations, generated once into the cache."""
+        import os
+
+        from ..recipes import DataSource
+        from ..world import generate_world
+
+        cache = Path(os.environ.get("MATVLM_CACHE", Path.home() / ".cache" / "matvlm"))
+        root = cache / "world-seed0-distill"
+        if not (root / "train" / "conversations.json").is_file():
+            cache.mkdir(parents=True, exist_ok=True)
+            with self.console.status(f"Generating the embedded world into {root}"):
+                generate_world(root, seed=0, train_size=20_000, overwrite=True)
+        return [DataSource(json=str(root / "train" / "conversations.json"), image_root=str(root / "train"))]
+
+    # -- training ------------------------------------------------------------------------------
+    def train(self, on_step=None) -> Path:
+        r, acc = self.recipe, self.accelerator
+        progress = Progress(
+            TextColumn("[bold]distill[/bold] step {task.completed}/{task.total}"), BarColumn(),
+            TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=self.console,
+            disable=not acc.is_main_process,
+        )
+        log = (self.out / "log.jsonl").open("a") if acc.is_main_process else None
+        started, tokens = time.time(), 0
+        with progress:
+            task = progress.add_task("distill", total=self.total_steps, completed=self.step, stats="")
+            while self.step < self.total_steps:
+                self.sampler.set_epoch(self.epoch)
+                loader = acc.skip_first_batches(self.loader, self.batch_in_epoch) if self.batch_in_epoch else self.loader
+                for batch in loader:
+                    self.batch_in_epoch += 1
+                    with acc.accumulate(self.model):
+                        parts = self._losses(batch)
+                        total = sum(w * parts[k] for k, w in self._weights().items() if w)
+                        if not torch.isfinite(total):
+                            raise MatvlmError(
+                                f"loss became {total.item()} at step {self.step + 1}; stopped. "
+                                f"Last good checkpoint: {self._latest_checkpoint() or 'none'}. Lower optimizer.lr or use fp32."
+                            )
+                        acc.backward(total)
+                        if acc.sync_gradients:
+                            acc.clip_grad_norm_(self.model.parameters(), r.optimizer.max_grad_norm)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    tokens += int(batch["attention_mask"].sum()) * acc.num_processes
+                    if not acc.sync_gradients:
+                        continue
+                    self.scheduler.step()
+                    self.step += 1
+                    # Mean over processes, so a multi-GPU log reads like a single-process one.
+                    logged = {k: acc.reduce(v.detach(), "mean") for k, v in (parts | {"loss": total}).items()}
+                    stats = {k: round(v.item(), 5) for k, v in logged.items()}
+                    stats |= {"lr": self.scheduler.get_last_lr()[0], "tokens_per_s": round(tokens / (time.time() - started))}
+                    progress.update(task, completed=self.step, stats="  ".join(
+                        [f"{k} {v:.4f}" for k, v in stats.items() if k in ("loss", "kl", "layer", "ce")]
+                        + [f"lr {stats['lr']:.2e}", f"{stats['tokens_per_s']} tok/s"]))
+                    if log and (self.step % r.output.log_every == 0 or self.step == self.total_steps):
+                        log.write(json.dumps({"step": self.step, "epoch": self.epoch} | stats) + "\n")
+                        log.flush()
+                    if r.output.save_every and self.step % r.output.save_every == 0 and self.step < self.total_steps:
+                        self.save_checkpoint()
+                    if on_step:
+                        on_step(self.step)
+                    if self.step >= self.total_steps:
+                        break
+                else:
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    continue
+                break
+        if log:
+            log.close()
+        return self.save_final(time.time() - started)
+
+    def _weights(self) -> dict[str, float]:
+        l = self.recipe.losses
+        return {"kl": l.kl_weight, "layer": l.layer_weight, "ce": l.ce_weight}
+
+    def _losses(self, batch) -> dict[str, torch.Tensor]:
+        l = self.recipe.losses
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+        with torch.no_grad(), self.shared.teacher_path(self.model) as teacher:
+            self.capture.active = True
+            teacher_logits = teacher(**inputs).logits
+            self.capture.active = False
+        student_logits = self.model(**inputs).logits
+        mask = batch["attention_mask"].bool()
+        parts = {}
+        if l.kl_weight:
+            positions = mask if l.kl_positions == "all" else (batch["labels"] != -100)
+            parts["kl"] = kl_loss(student_logits, teacher_logits, positions, l.kl_temperature)
+        if l.layer_weight:
+            distances = []
+            for idx in self.shared.layers:
+                args, kwargs = self.capture.calls[idx]
+                layer = self.shared.decoder_layer(idx)
+                with self.accelerator.autocast():  # the prepared model's forward autocasts; this call is outside it
+                    student_out = _first(layer(*args, **kwargs))
+                distances.append(layer_loss(student_out, self.capture.outputs[idx], mask, l.layer_loss))
+            parts["layer"] = torch.stack(distances).mean()
+        if l.ce_weight:
+            parts["ce"] = ce_loss(student_logits, batch["labels"])
+        return parts
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _checkpoints(self) -> list[Path]:
+        return sorted((self.out / "checkpoints").glob("step-*"))
+
+    def _latest_checkpoint(self) -> Path | None:
+        done = [c for c in self._checkpoints() if (c / "state.json").is_file()]
+        return done[-1] if done else None
+
+    def _resume_dir(self) -> Path | None:
+        resume = self.recipe.output.resume
+        if resume is None:
+            return None
+        if resume == "auto":
+            return self._latest_checkpoint()
+        return Path(resume)
+
+    def save_checkpoint(self) -> Path:
+        """Trainable weights (safetensors), optimizer, scheduler, RNG and data position, atomically."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        target = self.out / "checkpoints" / f"step-{self.step:07d}"
+        if acc.is_main_process:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            model = acc.unwrap_model(self.model)
+            with atomic_directory(target, overwrite=True) as tmp:
+                save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}, tmp / "trainable.safetensors")
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+                torch.save({"torch": torch.get_rng_state(), "python": random.getstate()[1]}, tmp / "rng.pt")
+                (tmp / "state.json").write_text(json.dumps({"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}))
+            for old in self._checkpoints()[: -self.recipe.output.keep_checkpoints or None]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return target
+
+    def _load_checkpoint(self, path: Path) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        weights = load_file(path / "trainable.safetensors", device=str(self.accelerator.device))
+        params = dict(model.named_parameters())
+        unknown = sorted(set(weights) - set(params))
+        if unknown:
+            raise MatvlmError(f"{path}: checkpoint does not match this recipe's model (e.g. {unknown[0]})")
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        rng = torch.load(path / "rng.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        random.setstate((3, tuple(rng["python"]), None))
+        state = json.loads((path / "state.json").read_text())
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.console.print(f"Resumed from {path} (step {self.step})")
+
+    def save_final(self, seconds: float) -> Path:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        final = self.out / "final"
+        if torch.cuda.is_available():
+            peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU"
+        else:
+            peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.model)
+            with self.shared.student_only():
+                setattr(model.config, HYBRID_KEY, self.block | {"distill_steps": self.step})
+                save_hybrid(model, final, source=self.teacher_dir, overwrite=True)
+            summary = {"steps": self.step, "seconds": round(seconds, 1), "peak_memory": peak,
+                       "skipped_records": dict(self.dataset.skipped.counts)}
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            self.console.print(f"Distilled {self.step} steps in {seconds:.0f}s, peak memory {peak}. Hybrid saved to [bold]{final}[/bold]")
+        acc.wait_for_everyone()
+        return final
+
+
+def run_distill(recipe: DistillRecipe, console: Console | None = None, on_step=None) -> Path:
+    run = DistillRun(recipe, console)
+    run.setup()
+    try:
+        return run.train(on_step=on_step)
+    except torch.cuda.OutOfMemoryError:
+        t = recipe.training
+        raise MatvlmError(
+            f"CUDA out of memory at step {run.step + 1}: lower training.batch_size (now {t.batch_size}) and raise "
+            f"training.gradient_accumulation to keep the global batch, set training.gradient_checkpointing: true, "
+            f"use training.precision: bf16, or lower model_max_length (now {recipe.model_max_length})"
+        ) from None

@@ -1,0 +1,162 @@
+"""The `evaluate` subcommand's engine: check everything, then run each model through lm-eval, then report.
+
+Order matters for the user: task names, model directories and every dataset are checked before the
+first model is loaded, so a typo or a bad parquet file is a one-line error in seconds, not after a
+7B model has been read.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..errors import MatvlmError
+from ..hybrid.io import check_model_dir
+from ..recipes import EvaluateRecipe
+from . import report
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+TASK_ALIASES = {"pope": "pope", "mmmu": "mmmu_val", "textvqa": "textvqa_val"}
+OCR_VARIANTS = {"textvqa_val": "textvqa_val_ocr"}
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def check_recipe(recipe: EvaluateRecipe) -> None:
+    if not recipe.tasks:
+        raise MatvlmError("tasks: give at least one task, e.g. --tasks pope,mmmu,textvqa")
+    if recipe.limit is not None and recipe.limit < 1:
+        raise MatvlmError(f"limit: must be at least 1, got {recipe.limit}")
+    if recipe.batch_size < 1:
+        raise MatvlmError(f"batch_size: must be at least 1, got {recipe.batch_size}")
+    if recipe.device not in DEVICES:
+        raise MatvlmError(f"device: {recipe.device!r} is not one of {', '.join(DEVICES)}")
+    if recipe.data_dir is not None and not Path(recipe.data_dir).is_dir():
+        raise MatvlmError(f"{recipe.data_dir}: --data-dir is not a directory")
+    if Path(recipe.output).exists() and not Path(recipe.output).is_dir():
+        raise MatvlmError(f"{recipe.output}: --output exists and is not a directory")
+
+
+def task_names(recipe: EvaluateRecipe) -> list[str]:
+    """Aliases resolved (pope, mmmu, textvqa), --ocr applied, duplicates dropped, order kept."""
+    names = [TASK_ALIASES.get(name, name) for name in recipe.tasks]
+    if recipe.ocr:
+        if not any(name in OCR_VARIANTS for name in names):
+            raise MatvlmError("--ocr adds OCR tokens to textvqa's prompt, but textvqa is not among the tasks")
+        names = [OCR_VARIANTS.get(name, name) for name in names]
+    return list(dict.fromkeys(names))
+
+
+def model_labels(models: list[Path]) -> list[str]:
+    """Directory names, made unique (they name the output folders and the table's columns)."""
+    labels: list[str] = []
+    for path in models:
+        label, n = path.name, 1
+        while label in labels:
+            n += 1
+            label = f"{path.name}-{n}"
+        labels.append(label)
+    return labels
+
+
+def _is_task_file(name: str) -> bool:
+    return name.endswith((".yaml", ".yml")) and Path(name).is_file()
+
+
+def task_manager(names: list[str], metadata: dict, console: Console):
+    """matvlm's tasks, plus lm-eval's own only when another name is asked for (indexing those takes
+    about ten seconds); a name that is neither is an error with suggestions."""
+    from lm_eval.tasks import TaskManager
+
+    ours = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata)
+    if all(name in ours.all_tasks or _is_task_file(name) for name in names):
+        return ours
+    with console.status("Indexing lm-eval's tasks"):
+        full = TaskManager(include_path=str(TASKS_DIR), include_defaults=True, metadata=metadata)
+    for name in names:
+        if name not in full.all_tasks and not _is_task_file(name):
+            close = difflib.get_close_matches(name, list(dict.fromkeys([*TASK_ALIASES, *full.all_tasks])), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise MatvlmError(
+                f"unknown task {name!r}: not one of matvlm's ({', '.join(TASK_ALIASES)}, or "
+                f"{', '.join(ours.all_tasks)}), an lm-eval task, group or tag, or a task YAML file{hint}"
+            )
+    return full
+
+
+def load_tasks(manager, names: list[str]) -> None:
+    """Build every task once, which reads and checks its data, so data problems surface before any
+    model is loaded. matvlm's loaders raise MatvlmError themselves; other tasks' data must already be on
+    disk (lm-eval reads it with `datasets`), and a failure to find it becomes a one-line error too."""
+    for name in names:
+        try:
+            manager.load([name])
+        except MatvlmError:
+            raise
+        except (OSError, ValueError) as err:  # datasets' not-found and offline errors are among these
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise MatvlmError(f"task {name}: cannot be loaded: {first}") from None
+
+
+def run_evaluate(recipe: EvaluateRecipe, console: Console | None = None) -> list[dict]:
+    """Evaluate every model on every task; returns the comparison rows (also in summary.json)."""
+    console = console or Console()
+    check_recipe(recipe)
+    names = task_names(recipe)
+    if recipe.models:
+        models = [check_model_dir(path) for path in recipe.models]
+    else:
+        from ..tiny import default_teacher_dir
+
+        models = [default_teacher_dir()]
+        console.print(f"No --model given: evaluating the embedded teacher at {models[0]}")
+    labels = model_labels(models)
+
+    # lm-eval reports through logging and tqdm; the progress bars and the table below say what matters.
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    import datasets
+
+    from .data import synthetic_data_dir
+
+    datasets.disable_progress_bars()
+    data_dir = Path(recipe.data_dir) if recipe.data_dir else None
+    if data_dir is None and any((TASKS_DIR / f"{name}.yaml").is_file() for name in names):  # one of ours
+        with console.status("Writing the embedded synthetic benchmark sets"):
+            data_dir = synthetic_data_dir()
+    metadata = {"matvlm_data_dir": str(data_dir.resolve())} if data_dir else {}
+    manager = task_manager(names, metadata, console)
+    load_tasks(manager, names)
+
+    from lm_eval import simple_evaluate  # only now: torch, transformers and the model code
+
+    from .model import MatvlmLM
+
+    output = Path(recipe.output)
+    all_values, counts = [], {}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    for path, label in zip(models, labels):
+        start = time.perf_counter()
+        with Progress(*columns, console=console) as progress:
+            with console.status(f"Loading {path}"):
+                model = MatvlmLM(path, label, batch_size=recipe.batch_size, device=recipe.device, progress=progress)
+            results = simple_evaluate(
+                model=model, tasks=names, task_manager=manager, limit=recipe.limit,
+                batch_size=recipe.batch_size, device=str(model.device),  # recorded in results.json's config
+            )
+        del model
+        results["config"]["matvlm"] = {"tasks": names, "data_dir": str(data_dir) if data_dir else None, "ocr": recipe.ocr}
+        report.write_run(output / label, results)
+        console.print(f"{label}: {time.perf_counter() - start:.0f} s, results in {output / label}")
+        all_values.append(report.metric_values(results, names))
+        counts = counts or {task: n["effective"] for task, n in results["n-samples"].items()}
+
+    rows = report.comparison(labels, all_values)
+    summary = {"models": [{"label": label, "path": str(path)} for label, path in zip(labels, models)], "rows": rows}
+    report.write_atomic(output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    console.print(report.render(rows, labels, counts))
+    return rows

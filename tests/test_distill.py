@@ -1,0 +1,163 @@
+"""`matvlm distill`: shared teacher/student weights, losses, data handling, checkpoints and resume."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from matvlm_cli.distill.shared import SharedTeacherStudent
+from matvlm_cli.distill.trainer import run_distill
+from matvlm_cli.errors import MatvlmError
+from matvlm_cli.hybrid import convert_to_hybrid, find_decoder, load_hybrid, load_teacher
+from matvlm_cli.recipes import DistillRecipe, build_recipe, check_distill_recipe
+from matvlm_cli.tiny import default_teacher_dir
+from matvlm_cli.world import generate_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return generate_world(tmp_path_factory.mktemp("w") / "world", seed=3, train_size=48).root
+
+
+def recipe_values(world, out, **sections):
+    values = {
+        "data": [{"json": str(world / "train" / "conversations.json"), "image_root": str(world / "train")}],
+        "model_max_length": 400,
+        "optimizer": {"lr": 1e-3, "warmup_steps": 1, "decay_steps": 2},
+        "training": {"batch_size": 4, "max_steps": 4},
+        "output": {"dir": str(out), "save_every": 2},
+    }
+    for key, value in sections.items():
+        values[key] = values.get(key, {}) | value if isinstance(value, dict) else value
+    return values
+
+
+def make(values):
+    recipe = build_recipe(DistillRecipe, values)
+    check_distill_recipe(recipe)
+    return recipe
+
+
+def test_one_copy_of_the_shared_weights_and_exact_teacher_path():
+    teacher = load_teacher(default_teacher_dir())
+    reference = load_teacher(default_teacher_dir())
+    attentions = {i: find_decoder(teacher).attention(i) for i in (0, 4)}
+    convert_to_hybrid(teacher, [0, 4])
+    shared = SharedTeacherStudent(teacher, attentions)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad(), shared.teacher_path(shared.model) as as_teacher:
+        assert torch.equal(as_teacher(input_ids=ids).logits, reference(input_ids=ids).logits)
+    distinct = {p.data_ptr() for p in shared.model.parameters()}
+    teacher_params = sum(p.numel() for p in reference.parameters())
+    held = sum(p.numel() for p in shared.model.parameters())
+    assert len(distinct) == len(list(shared.model.parameters()))
+    assert held < 1.2 * teacher_params  # two full models would be 2x
+    trainable = {n for n, p in shared.model.named_parameters() if p.requires_grad}
+    assert trainable and all(".mamba." in n for n in trainable)
+
+
+def test_interrupted_run_resumed_gives_the_same_weights(world, tmp_path):
+    straight = run_distill(make(recipe_values(world, tmp_path / "a")))
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_two(step):
+        if step == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_distill(make(recipe_values(world, tmp_path / "b")), on_step=stop_at_two)
+    assert (tmp_path / "b" / "checkpoints" / "step-0000002" / "state.json").is_file()
+    resumed = run_distill(make(recipe_values(world, tmp_path / "b", output={"resume": "auto"})))
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    teacher = load_file(default_teacher_dir() / "model.safetensors")
+    mixer_key = next(k for k in a if "self_attn.in_proj.weight" in k)
+    assert mixer_key not in teacher  # the final output is the hybrid
+    log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert {"kl", "layer", "loss", "lr", "tokens_per_s"} <= log[-1].keys()
+
+
+def test_final_output_is_a_loadable_hybrid_that_generates(world, tmp_path):
+    final = run_distill(make(recipe_values(world, tmp_path / "run", training={"max_steps": 2}, losses={"ce_weight": 1.0})))
+    model = load_hybrid(final)
+    assert json.loads((final / "config.json").read_text())["matvlm"]["layers"] == [0, 4]
+    out = model.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 6)
+
+
+def test_broken_records_are_skipped_and_reported(world, tmp_path):
+    records = json.loads((world / "train" / "conversations.json").read_text())[:6]
+    records[0]["image"] = "images/missing.png"
+    records[1]["conversations"][0]["value"] = records[1]["conversations"][0]["value"].replace("<image>\n", "")
+    records[2]["conversations"] += [{"from": "human", "value": "Describe the image briefly."},
+                                    {"from": "gpt", "value": "A large red circle at the top. " * 10}] * 10  # too long
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(records))
+    values = recipe_values(world, tmp_path / "run", training={"max_steps": 1})
+    values["data"] = [{"json": str(broken), "image_root": str(world / "train")}]
+    from matvlm_cli.distill.trainer import DistillRun
+
+    run = DistillRun(make(values))
+    run.setup()
+    skipped = run.dataset.skipped
+    reasons = sorted(skipped.counts)
+    assert skipped.total == 3 and len(reasons) == 3
+    assert reasons[0].startswith("longer than model_max_length") and reasons[1:] == ["missing image file", "no <image> in the first human turn"]
+    assert len(run.dataset) == 3
+    assert any(records[0]["id"] in line for line in skipped.lines())
+
+
+def test_all_bad_data_is_an_error(world, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": "x", "image": "nope.png", "conversations": []}]))
+    values = recipe_values(world, tmp_path / "run")
+    values["data"] = [{"json": str(bad), "image_root": str(world / "train")}]
+    with pytest.raises(MatvlmError, match="no usable record"):
+        run_distill(make(values))
+
+
+def test_nan_loss_stops_with_a_clear_message(world, tmp_path):
+    values = recipe_values(world, tmp_path / "run", optimizer={"lr": 1e30, "warmup_steps": 0, "schedule": "constant"},
+                           training={"max_steps": 4})
+    with pytest.raises(MatvlmError, match="loss became .* Last good checkpoint"):
+        run_distill(make(values))
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"losses": {"klweight": 1}}, "unknown key 'losses.klweight'"),
+        ({"training": {"batch_size": "8"}}, "'training.batch_size' must be int"),
+        ({"trainable": "everything"}, "'trainable' must be one of"),
+        ({"losses": {"kl_weight": 0, "layer_weight": 0, "ce_weight": 0}}, "every weight is 0"),
+        ({"data": [{"json": "/nope.json", "image_root": "/"}]}, "'data[0].json': /nope.json not found"),
+        ({"teacher": "/nowhere"}, "'teacher': /nowhere is not a model directory"),
+    ],
+)
+def test_recipe_errors_are_one_line_before_any_model_loads(world, tmp_path, change, message):
+    values = recipe_values(world, tmp_path / "run")
+    for key, value in change.items():
+        values[key] = values.get(key, {}) | value if isinstance(value, dict) else value
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(values))
+    result = subprocess.run([sys.executable, "-m", "matvlm_cli", "distill", str(path)], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_shipped_distill_recipes_validate():
+    from pathlib import Path
+
+    from matvlm_cli.recipes import read_yaml
+
+    for path in sorted(Path(__file__).parents[1].glob("recipes/*.yaml")):
+        if not path.name.startswith(("convert-", "evaluate-")):
+            build_recipe(DistillRecipe, read_yaml(path))
