@@ -20,11 +20,6 @@ console = Console()
 errors = Console(stderr=True)
 
 
-@app.callback()
-def _group() -> None:
-    """Keeps `matvlm <subcommand>` a group even while it has one subcommand."""
-
-
 def _layer_list(text: str | None) -> list[int] | None:
     if text is None:
         return None
@@ -76,16 +71,10 @@ def distill(
         set_dotted(values, "output.resume", "auto")
     parsed = build_recipe(DistillRecipe, values, source=str(recipe))
     check_distill_recipe(parsed, source=str(recipe))
+    from .distill.trainer import launch_processes, run_distill
+
     if num_gpus > 1:
-        import subprocess
-        import sys
-
-        forwarded = [a for a in sys.argv[2:] if not a.startswith("--num-gpus")]
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_gpus),
-                   "-m", "matvlm_cli", "distill", *[a for a in forwarded if a != str(num_gpus)]]
-        raise SystemExit(subprocess.call(command))
-    from .distill.trainer import run_distill
-
+        raise SystemExit(launch_processes(num_gpus, recipe, set_, resume))
     run_distill(parsed, console)
 
 

@@ -146,8 +146,10 @@ class DistillRun:
         )
         set_seed(r.training.seed)
         resume = self._resume_dir()
-        if self.out.exists() and resume is None and not r.output.overwrite and self.accelerator.is_main_process:
-            if any(self.out.iterdir()):
+        if self.out.exists() and resume is None and r.output.resume != "auto" and self.accelerator.is_main_process:
+            if r.output.overwrite:
+                shutil.rmtree(self.out)
+            elif any(self.out.iterdir()):
                 raise MatvlmError(f"output.dir: {self.out} already exists (set output.resume: auto to continue, or output.overwrite: true)")
         from ..tiny import default_teacher_dir
 
@@ -369,6 +371,17 @@ class DistillRun:
             self.console.print(f"Distilled {self.step} steps in {seconds:.0f}s, peak memory {peak}. Hybrid saved to [bold]{final}[/bold]")
         acc.wait_for_everyone()
         return final
+
+
+def launch_processes(num_gpus: int, recipe_path: Path, overrides: list[str], resume: bool) -> int:
+    """`--num-gpus N`: the same command under `accelerate launch` with N processes (DDP)."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_gpus),
+               "-m", "matvlm_cli", "distill", str(recipe_path)]
+    command += [arg for text in overrides for arg in ("--set", text)] + (["--resume"] if resume else [])
+    return subprocess.call(command)
 
 
 def run_distill(recipe: DistillRecipe, console: Console | None = None, on_step=None) -> Path:
