@@ -148,8 +148,9 @@ class atomic_directory:
         if self.target.exists() and not self.target.is_dir():
             raise MatvlmError(f"{self.target}: exists and is not a directory")
         parent = self.target.parent
-        if not parent.is_dir():
-            raise MatvlmError(f"{parent}: output's parent directory does not exist")
+        if parent.exists() and not parent.is_dir():
+            raise MatvlmError(f"{parent}: not a directory")
+        parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=parent))
         return self.tmp
 
