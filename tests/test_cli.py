@@ -9,7 +9,6 @@ import torch
 import yaml
 
 from matvlm_cli.hybrid import load_hybrid, load_teacher
-from conftest import FAMILIES
 
 
 def matvlm(*args, cwd=None):

@@ -27,7 +27,6 @@ from torch.utils.data import DataLoader, Sampler
 from ..errors import MatvlmError
 from ..hybrid.conversion import choose_layers, convert_to_hybrid, find_decoder, hybrid_layers
 from ..hybrid.io import HYBRID_KEY, atomic_directory, hybrid_block, load_hybrid, load_teacher, save_hybrid
-from ..hybrid.mamba2 import Mamba2Mixer
 from ..recipes import DistillRecipe
 from .data import ConversationDataset, collate
 from .losses import ce_loss, kl_loss, layer_loss
