@@ -14,7 +14,6 @@ import torch
 from transformers import AutoProcessor
 
 from matvlm_cli import choose_layers, convert_to_hybrid, load_hybrid, load_teacher, save_hybrid
-from matvlm_cli.hybrid.io import HYBRID_KEY, hybrid_block
 from matvlm_cli.tiny import default_teacher_dir
 from matvlm_cli.world import generate_world
 from matvlm_cli.world.quality import benchmark_scores
@@ -32,8 +31,7 @@ def main():
     model = load_teacher(teacher_dir)
     num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     layers = choose_layers(num_layers, ratio=0.25, placement="even")
-    mixer_config = convert_to_hybrid(model, layers)
-    setattr(model.config, HYBRID_KEY, hybrid_block(layers, mixer_config, source=str(teacher_dir)))
+    convert_to_hybrid(model, layers, source=str(teacher_dir))  # also records the conversion in model.config
     save_hybrid(model, args.output, source=teacher_dir, overwrite=True)
     print(f"replaced layers {layers} of {num_layers}; saved to {args.output}")
 

@@ -11,7 +11,7 @@ from rich.table import Table
 from .errors import MatvlmError
 from .hybrid.cache import cache_bytes_per_token
 from .hybrid.conversion import PLACEMENTS, attention_geometry, choose_layers, convert_to_hybrid, find_decoder
-from .hybrid.io import HYBRID_KEY, hybrid_block, load_config, load_teacher, model_class_for, save_hybrid
+from .hybrid.io import load_config, load_teacher, model_class_for, save_hybrid
 from .recipes import DTYPES, ConvertRecipe
 
 
@@ -61,12 +61,9 @@ def run_convert(recipe: ConvertRecipe, console: Console | None = None) -> Path:
 
     with console.status(f"Converting {len(layers)} of {num_layers} layers"):
         mixer_config = convert_to_hybrid(
-            model, layers, keep_bias=recipe.keep_bias, seed=recipe.seed, chunk_size=recipe.chunk_size
+            model, layers, keep_bias=recipe.keep_bias, seed=recipe.seed, chunk_size=recipe.chunk_size,
+            source=str(teacher_dir), ratio=len(layers) / num_layers, placement=None if recipe.layers else recipe.placement,
         )
-    setattr(model.config, HYBRID_KEY, hybrid_block(
-        layers, mixer_config, source=str(teacher_dir), ratio=len(layers) / num_layers,
-        placement=None if recipe.layers else recipe.placement, keep_bias=recipe.keep_bias, seed=recipe.seed,
-    ))
     params_after = sum(p.numel() for p in model.parameters())
 
     with console.status(f"Writing {output}"):

@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
-    LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, MistralConfig, PhiConfig,
-    PreTrainedTokenizerFast, Qwen2Config, SiglipImageProcessorPil, SiglipVisionConfig,
+    LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, MistralConfig, PhiConfig,
+    PreTrainedTokenizerFast, Qwen2Config, SiglipVisionConfig,
 )
-from transformers import LlamaConfig
+
+from .world.teacher import CHAT_TEMPLATE, build_processor
 
 IMAGE_SIZE, PATCH_SIZE = 32, 8
 IMAGE_TOKEN = "<image>"
@@ -26,17 +27,6 @@ WORDS = (
     "using single or phrase with option letter from given choices directly A B C D . , ? : USER "
     "ASSISTANT chat between curious user and artificial intelligence assistant"
 ).split()
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% if message['role'] == 'user' %} {% else %}</s>{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
 
 TEXT_FAMILIES = {
     "llama": (LlamaConfig, {"num_key_value_heads": 2}),
@@ -60,14 +50,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_processor() -> LlavaProcessor:
-    image_processor = SiglipImageProcessorPil(
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3
-    )
-    return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tiny_tokenizer(), patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="full", num_additional_image_tokens=0,
-        image_token=IMAGE_TOKEN, chat_template=CHAT_TEMPLATE,
-    )
+    return build_processor(tiny_tokenizer(), image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
 
 
 def tiny_llava_config(family: str = "llama", num_layers: int = 4) -> LlavaConfig:

@@ -6,7 +6,6 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from matvlm_cli.hybrid import choose_layers, convert_to_hybrid, load_hybrid, load_teacher, save_hybrid
-from matvlm_cli.hybrid.io import HYBRID_KEY, hybrid_block
 from conftest import FAMILIES
 
 QUESTIONS = ["is there a red circle in the image ?", "what number is shown ?"]
@@ -15,8 +14,7 @@ QUESTIONS = ["is there a red circle in the image ?", "what number is shown ?"]
 def hybrid_of(teacher_dir, ratio=0.5):
     model = load_teacher(teacher_dir)
     layers = choose_layers(model.config.text_config.num_hidden_layers, ratio)
-    config = convert_to_hybrid(model, layers)
-    setattr(model.config, HYBRID_KEY, hybrid_block(layers, config, source=str(teacher_dir)))
+    convert_to_hybrid(model, layers, source=str(teacher_dir))
     return model.eval()
 
 

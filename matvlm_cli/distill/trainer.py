@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..errors import MatvlmError
 from ..hybrid.conversion import choose_layers, convert_to_hybrid, find_decoder, hybrid_layers
-from ..hybrid.io import HYBRID_KEY, atomic_directory, hybrid_block, load_hybrid, load_teacher, save_hybrid
+from ..hybrid.io import HYBRID_KEY, atomic_directory, load_hybrid, load_teacher, save_hybrid
 from ..recipes import DistillRecipe
 from .data import ConversationDataset, collate
 from .losses import ce_loss, kl_loss, layer_loss
@@ -67,23 +67,21 @@ def build_models(recipe: DistillRecipe, teacher_dir: Path) -> tuple[SharedTeache
     kwargs = {"trust_remote_code": recipe.trust_remote_code}
     if recipe.student.path:
         student = load_hybrid(recipe.student.path, **kwargs)
-        layers = hybrid_layers(student)
         teacher = load_teacher(teacher_dir, **kwargs)
-        block = dict(getattr(student.config, HYBRID_KEY))
+        if len(find_decoder(student).layers) != len(find_decoder(teacher).layers):
+            raise MatvlmError("student.path: its decoder does not have the teacher's number of layers")
+        layers = hybrid_layers(student)
+        attentions = {i: find_decoder(teacher).attention(i) for i in layers}
     else:
+        # The teacher's attention modules are kept aside before conversion replaces them: no copy.
         student = load_teacher(teacher_dir, **kwargs)
-        num_layers = student.config.get_text_config(decoder=True).num_hidden_layers
-        layers = choose_layers(num_layers, recipe.student.ratio, recipe.student.placement, recipe.student.layers)
-        teacher = student
-    teacher_layout = find_decoder(teacher)
-    attentions = {i: teacher_layout.attention(i) for i in layers}
-    if not recipe.student.path:
-        mixer = convert_to_hybrid(student, layers, seed=recipe.student.seed)
-        block = hybrid_block(layers, mixer, source=str(teacher_dir), ratio=len(layers) / len(teacher_layout.layers),
-                             placement=None if recipe.student.layers else recipe.student.placement)
-    elif len(find_decoder(student).layers) != len(teacher_layout.layers):
-        raise MatvlmError("student.path: its decoder does not have the teacher's number of layers")
-    block["distilled_from"] = str(teacher_dir)
+        layout = find_decoder(student)
+        layers = choose_layers(len(layout.layers), recipe.student.ratio, recipe.student.placement, recipe.student.layers)
+        attentions = {i: layout.attention(i) for i in layers}
+        convert_to_hybrid(student, layers, seed=recipe.student.seed, source=str(teacher_dir),
+                          ratio=len(layers) / len(layout.layers),
+                          placement=None if recipe.student.layers else recipe.student.placement)
+    block = dict(getattr(student.config, HYBRID_KEY)) | {"distilled_from": str(teacher_dir)}
     separate = load_teacher(teacher_dir, **kwargs) if recipe.trainable == "all" else None
     return SharedTeacherStudent(student, attentions, recipe.trainable, separate), block
 
@@ -116,7 +114,7 @@ class LayerCapture:
     def _post(self, idx):
         def hook(module, args, output):
             if self.active:
-                self.outputs[idx] = output[0] if isinstance(output, tuple) else output
+                self.outputs[idx] = _first(output)
         return hook
 
 

@@ -18,6 +18,7 @@ from .cache import PaddingMaskTap
 from .mamba2 import Mamba2Mixer
 from .mixer_config import Mamba2Config
 
+HYBRID_KEY = "matvlm"  # the config block that marks a hybrid and records how it was made
 PLACEMENTS = ("even", "front", "middle", "back")
 ATTENTION_NAMES = ("self_attn", "attention", "attn")
 OUTPUT_PROJ_NAMES = ("o_proj", "dense")
@@ -186,9 +187,9 @@ def mixer_from_attention(
     return mixer.to(device=weight.device, dtype=weight.dtype)
 
 
-def install_mixers(model: nn.Module, mixers: dict[int, Mamba2Mixer]) -> DecoderLayout:
+def install_mixers(model: nn.Module, mixers: dict[int, Mamba2Mixer], layout: DecoderLayout | None = None) -> DecoderLayout:
     """Put mixers in place of the attention modules at their indices and wire the padding mask."""
-    layout = find_decoder(model)
+    layout = layout or find_decoder(model)
     tap = PaddingMaskTap()
     for idx, mixer in mixers.items():
         mixer.padding_mask_tap = tap
@@ -202,24 +203,31 @@ def hybrid_layers(model: nn.Module) -> list[int]:
     return [i for i, layer in enumerate(layout.layers) if isinstance(getattr(layer, layout.attention_name), Mamba2Mixer)]
 
 
+def hybrid_block(layers: list[int], mixer: Mamba2Config, **provenance) -> dict:
+    return {"version": 1, "layers": list(layers), "mixer": mixer.to_dict(), **provenance}
+
+
 def convert_to_hybrid(
     model: nn.Module,
     layers: list[int],
     keep_bias: bool = False,
     seed: int = 0,
     chunk_size: int = 128,
+    **provenance,
 ) -> Mamba2Config:
-    """Replace the attention of `layers` in `model` (in place). Returns the mixer config used."""
-    layout = find_decoder(model)
-    if hybrid_layers(model):
+    """Replace the attention of `layers` in `model` (in place) and record the conversion in
+    `model.config.matvlm` (with `provenance`, e.g. source=...). Returns the mixer config used."""
+    if getattr(model.config, HYBRID_KEY, None) or hybrid_layers(model):
         raise MatvlmError("this model is already a hybrid; convert the original teacher instead")
+    layout = find_decoder(model)
     text_config = model.config.get_text_config(decoder=True)
     geometry = attention_geometry(layout.attention(layers[0]), text_config)
     config = mixer_config_for(geometry, keep_bias=keep_bias, chunk_size=chunk_size)
     mixers = {
         idx: mixer_from_attention(layout.attention(idx), geometry, config, idx, seed) for idx in layers
     }
-    install_mixers(model, mixers)
+    install_mixers(model, mixers, layout)
+    setattr(model.config, HYBRID_KEY, hybrid_block(layers, config, keep_bias=keep_bias, seed=seed, **provenance))
     return config
 
 

@@ -18,10 +18,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedModel
 
 from ..errors import MatvlmError
-from .conversion import build_empty_mixers
+from .conversion import HYBRID_KEY, build_empty_mixers
 from .mixer_config import Mamba2Config
 
-HYBRID_KEY = "matvlm"
 # Everything a processor or tokenizer may need, copied next to the hybrid's weights.
 PROCESSOR_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -115,10 +114,6 @@ def load_hybrid(
         detail = "; ".join(f"{k.replace('_', ' ')}: {sorted(v)[:3]}" for k, v in problems.items())
         raise MatvlmError(f"{path}: weights do not match the hybrid's structure ({detail})")
     return model.eval()
-
-
-def hybrid_block(layers: list[int], mixer: Mamba2Config, **provenance) -> dict:
-    return {"version": 1, "layers": list(layers), "mixer": mixer.to_dict(), **provenance}
 
 
 def save_hybrid(model: PreTrainedModel, output: str | os.PathLike, source: str | os.PathLike | None = None,

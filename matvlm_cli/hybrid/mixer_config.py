@@ -6,7 +6,7 @@ Stored in a hybrid's `config.json` (under `matvlm.mixer`), so it must round-trip
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,6 @@ class Mamba2Config:
     bias: bool = False
     conv_bias: bool = True
     norm_eps: float = 1e-5
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.nheads % self.ngroups:

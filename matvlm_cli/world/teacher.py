@@ -75,12 +75,13 @@ def train_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
+def build_processor(tokenizer: PreTrainedTokenizerFast, image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> LlavaProcessor:
+    """SigLIP-style images (square, mean = std = 0.5), every patch an image token, our chat template."""
     image_processor = SiglipImageProcessorPil(
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
     )
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
         vision_feature_select_strategy="full", num_additional_image_tokens=0, image_token=IMAGE_TOKEN,
         chat_template=CHAT_TEMPLATE,
     )
