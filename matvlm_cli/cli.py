@@ -120,6 +120,37 @@ def evaluate(
     run_evaluate(load_recipe(EvaluateRecipe, recipe, overrides), console)
 
 
+@app.command()
+def bench(
+    recipe: Optional[Path] = typer.Argument(None, help="YAML recipe; the options below override it."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher directory or preset: tinyllava-phi2-siglip-3b, llava-1.5-7b (random weights). (default: tinyllava-phi2-siglip-3b on a GPU, the embedded teacher on CPU)"),
+    student: Optional[list[str]] = typer.Option(None, help="A hybrid directory; repeatable."),
+    ratio: Optional[list[float]] = typer.Option(None, help="Convert the teacher in memory at this ratio; repeatable. (default: 0.25 and 0.5 when no --student)"),
+    placement: Optional[str] = typer.Option(None, help="even | front | middle | back, for --ratio. [default: even]"),
+    seq_len: Optional[list[int]] = typer.Option(None, "--seq-len", help="Context length in tokens, image included; repeatable. [default: 8192]"),
+    batch: Optional[list[int]] = typer.Option(None, "--batch", help="Batch size; repeatable. [default: 1]"),
+    gen_len: Optional[int] = typer.Option(None, help="Tokens to decode per run. [default: 128]"),
+    engine: Optional[list[str]] = typer.Option(None, "--engine", help="graphs (static cache + CUDA graphs) | hf (plain generate); repeatable. [default: graphs, hf]"),
+    backend: Optional[str] = typer.Option(None, help="Mixer kernels: auto | torch | mamba-ssm | fla. [default: auto]"),
+    dtype: Optional[str] = typer.Option(None, help="auto | bfloat16 | float16 | float32. (default: bfloat16 on GPU, float32 on CPU)"),
+    throughput: Optional[int] = typer.Option(None, "--throughput", help="Also find each model's largest batch at this context and its tokens/s (GPU)."),
+    kernels: bool = typer.Option(False, "--kernels", help="Kernel micro-benchmark: every installed mixer backend side by side."),
+    repeats: Optional[int] = typer.Option(None, help="Timed repeats (after one warm-up); medians are reported. [default: 3]"),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Folder for bench.json and bench.png. [default: runs/bench]"),
+    device: Optional[str] = typer.Option(None, help="auto | cuda | cpu. [default: auto]"),
+):
+    """Time prefill and decoding of the teacher and its hybrids with the same engine, against the bandwidth floor."""
+    from .bench.run import run_bench
+    from .recipes import BenchRecipe, load_recipe
+
+    overrides = dict(
+        teacher=teacher, students=student or None, ratios=ratio or None, placement=placement, seq_lens=seq_len or None,
+        batches=batch or None, gen_len=gen_len, engines=engine or None, backend=backend, dtype=dtype,
+        throughput_seq_len=throughput, kernels=kernels or None, repeats=repeats, output=output, device=device,
+    )
+    run_bench(load_recipe(BenchRecipe, recipe, overrides), console)
+
+
 def main() -> None:
     from transformers.utils import logging as hf_logging
 

@@ -286,3 +286,53 @@ class EvaluateRecipe:
     output: str = "runs/evaluate"
     ocr: bool = False  # TextVQA prompt with the reference OCR tokens (LLaVA-1.5 / TinyLLaVA protocol)
     device: str = "auto"  # cpu | cuda | auto
+
+
+@dataclass
+class BenchRecipe:
+    """`matvlm bench`: teacher vs hybrids, same engine, decode speed / memory against the bandwidth floor."""
+
+    teacher: str | None = None  # directory or preset; None = tinyllava-phi2-siglip-3b on GPU, the embedded teacher on CPU
+    students: list[str] = field(default_factory=list)  # hybrid directories
+    ratios: list[float] | None = None  # convert the teacher in memory; None = [0.25, 0.5] unless students are given
+    placement: str = "even"
+    seq_lens: list[int] = field(default_factory=lambda: [8192])
+    batches: list[int] = field(default_factory=lambda: [1])
+    gen_len: int = 128
+    engines: list[str] = field(default_factory=lambda: ["graphs", "hf"])  # first one is the fair comparison
+    backend: str = "auto"  # mixer kernels: auto | torch | mamba-ssm | fla
+    dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
+    throughput_seq_len: int | None = None  # also find each model's largest batch at this length (GPU)
+    kernels: bool = False  # kernel micro-benchmark of every installed backend instead of models
+    repeats: int = 3
+    output: str = "runs/bench"
+    device: str = "auto"  # auto | cuda | cpu
+    seed: int = 0
+    trust_remote_code: bool = False
+
+
+def check_bench_recipe(recipe: BenchRecipe, source: str = "recipe") -> None:
+    from .hybrid.kernels import BACKENDS
+
+    problems = []
+    if recipe.placement not in ("even", "front", "middle", "back"):
+        problems.append(f"'placement' must be one of even, front, middle, back, got {recipe.placement!r}")
+    problems += [f"'ratios': {r} is outside (0, 1]" for r in recipe.ratios or [] if not 0 < r <= 1]
+    problems += [f"'engines': unknown engine {e!r} (graphs | hf)" for e in recipe.engines if e not in ("graphs", "hf")]
+    if not recipe.engines:
+        problems.append("'engines' is empty")
+    if recipe.backend not in BACKENDS:
+        problems.append(f"'backend' must be one of {', '.join(BACKENDS)}, got {recipe.backend!r}")
+    if recipe.dtype not in DTYPES:
+        problems.append(f"'dtype' must be one of {', '.join(DTYPES)}, got {recipe.dtype!r}")
+    if recipe.device not in ("auto", "cuda", "cpu"):
+        problems.append(f"'device' must be auto, cuda or cpu, got {recipe.device!r}")
+    problems += [f"'seq_lens': {n} must be >= 2" for n in recipe.seq_lens if n < 2]
+    problems += [f"'batches': {n} must be >= 1" for n in recipe.batches if n < 1]
+    if recipe.gen_len < 2 or recipe.repeats < 1:
+        problems.append("'gen_len' must be >= 2 and 'repeats' >= 1")
+    if recipe.throughput_seq_len is not None and recipe.throughput_seq_len < 2:
+        problems.append("'throughput_seq_len' must be >= 2")
+    problems += [f"'students': {p} is not a model directory" for p in recipe.students if not (Path(p) / "config.json").is_file()]
+    if problems:
+        raise MatvlmError(f"{source}: " + "; ".join(problems))

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import MatvlmError
-from ..hybrid.io import check_model_dir
+from ..hybrid.io import check_model_dir, write_atomic
 from ..recipes import EvaluateRecipe
 from . import report
 
@@ -157,6 +157,6 @@ def run_evaluate(recipe: EvaluateRecipe, console: Console | None = None) -> list
 
     rows = report.comparison(labels, all_values)
     summary = {"models": [{"label": label, "path": str(path)} for label, path in zip(labels, models)], "rows": rows}
-    report.write_atomic(output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(output / "summary.json", json.dumps(summary, indent=2) + "\n")
     console.print(report.render(rows, labels, counts))
     return rows

@@ -1,8 +1,18 @@
 """Optional CUDA kernels for the Mamba-2 mixer, imported lazily and only on demand.
 
-mamba-ssm and causal-conv1d ship as sdists that compile CUDA code; a CPU machine can never import
-them. Nothing here imports them at module load: `available()` tries once, and every caller has a
-pure-PyTorch path beside it (see `ssd.py`).
+Three backends compute the same four operations (chunked scan, one-token state update, causal conv,
+one-token conv update):
+
+- `torch`: the PyTorch reference in `ssd.py`; runs anywhere.
+- `mamba-ssm`: mamba_ssm's Triton SSD kernels and causal_conv1d's CUDA conv. Both ship as sdists that
+  compile CUDA code, so a CPU machine can never import them.
+- `fla`: fla-core's Triton kernels (`chunk_simple_gla` with q=C, k=B, v=x*dt, g=A*dt, and its
+  causal conv). Pure Python plus Triton: it installs in seconds and compiles nothing ahead of time.
+  It has no fused one-token update, so decoding steps use the PyTorch step (a handful of tiny ops).
+  On Hopper with Triton 3.4 - 3.7.0 fla refuses its gated backward; training then passes it over.
+
+Nothing is imported at module load. `auto` takes, op by op, the fastest backend that imports,
+in the order measured on an H100/H200 (docs/bench.md, `matvlm bench --kernels`).
 """
 
 from __future__ import annotations
@@ -10,20 +20,30 @@ from __future__ import annotations
 import functools
 import importlib
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
 
-BACKENDS = ("auto", "torch", "mamba-ssm")
+BACKENDS = ("auto", "torch", "mamba-ssm", "fla")
+OPS = ("chunk_scan", "state_update", "conv1d", "conv1d_update")
+# Fastest first, per op (gpu.md: fla's chunk scan 0.40 ms vs mamba_ssm's 0.57 ms; causal_conv1d's CUDA
+# conv 0.10 ms; the fused state update beats the few PyTorch ops of a step).
+AUTO_ORDER = {
+    "chunk_scan": ("fla", "mamba-ssm"),
+    "state_update": ("mamba-ssm",),
+    "conv1d": ("mamba-ssm", "fla"),
+    "conv1d_update": ("mamba-ssm",),
+}
 _selected = "auto"
 
 
 def set_backend(name: str) -> None:
-    """Choose the kernels for the mixer: `auto` (fastest available), `torch` or `mamba-ssm`."""
+    """Choose the mixer's kernels: `auto` (fastest available per op), `torch`, `mamba-ssm` or `fla`."""
     global _selected
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name == "mamba-ssm" and mamba_ssm_ops() is None:
-        raise ValueError("backend 'mamba-ssm' requested but mamba_ssm/causal_conv1d do not import")
+    if name != "auto" and name != "torch" and backend_ops(name) is None:
+        raise ValueError(f"backend {name!r} requested but it does not import here ({INSTALL_HINT[name]})")
     _selected = name
 
 
@@ -31,25 +51,110 @@ def get_backend() -> str:
     return _selected
 
 
+INSTALL_HINT = {
+    "mamba-ssm": "pip install 'matvlm[cuda]' on a CUDA machine with nvcc",
+    "fla": "pip install fla-core",
+}
+
+
 @functools.cache
-def mamba_ssm_ops() -> SimpleNamespace | None:
-    """The mamba_ssm / causal_conv1d entry points, or None when they are not importable."""
+def backend_ops(name: str) -> SimpleNamespace | None:
+    """The ops a kernel backend provides (None for those it lacks), or None when it does not import."""
     try:
-        ssd = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
-        state = importlib.import_module("mamba_ssm.ops.triton.selective_state_update")
-        conv = importlib.import_module("causal_conv1d")
+        return _LOADERS[name]()
     except Exception:  # ImportError, or a compiled extension built for another torch
         return None
+
+
+def _load_mamba_ssm() -> SimpleNamespace:
+    ssd = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
+    state = importlib.import_module("mamba_ssm.ops.triton.selective_state_update")
+    conv = importlib.import_module("causal_conv1d")
     return SimpleNamespace(
         chunk_scan=ssd.mamba_chunk_scan_combined,
         state_update=state.selective_state_update,
         conv1d=conv.causal_conv1d_fn,
         conv1d_update=conv.causal_conv1d_update,
+        chunk_scan_trains=True,
     )
 
 
-def kernels_for(tensor: torch.Tensor) -> SimpleNamespace | None:
-    """Kernels to use for this tensor, or None for the PyTorch reference path."""
+def _load_fla() -> SimpleNamespace:
+    gla = importlib.import_module("fla.ops.simple_gla")
+    conv = importlib.import_module("fla.modules.causal_conv1d")
+    env = importlib.import_module("fla.utils")
+    # fla refuses the gated backward on Hopper with Triton 3.4 - 3.7.0 (wrong results upstream, fla #640).
+    broken_backward = (
+        getattr(env, "IS_NVIDIA_HOPPER", False) and getattr(env, "TRITON_ABOVE_3_4_0", False)
+        and not getattr(env, "TRITON_ABOVE_3_7_1", True)
+    )
+
+    def chunk_scan(x, dt, A, B, C, chunk_size, D=None, initial_states=None, return_final_states=True):
+        # Mamba-2's SSD is simple GLA with q=C, k=B, v=x*dt and per-step log decay g=A*dt; the state
+        # layout (heads, headdim, d_state) is fla's "V first".
+        heads = x.shape[2]
+        k = B.repeat_interleave(heads // B.shape[2], dim=2)
+        q = C.repeat_interleave(heads // C.shape[2], dim=2)
+        v = (x.float() * dt.unsqueeze(-1)).to(x.dtype)
+        y, final = gla.chunk_simple_gla(
+            q, k, v, g=(dt * A).float(), scale=1.0, initial_state=initial_states,
+            output_final_state=True, state_v_first=True,
+        )
+        if D is not None:
+            y = y + x * D[:, None].to(x.dtype)
+        return y.to(x.dtype), final
+
+    def conv1d(x, weight, bias, activation="silu"):
+        y, _ = conv.causal_conv1d(x.transpose(1, 2), weight, bias, activation=activation)
+        return y.transpose(1, 2)
+
+    return SimpleNamespace(
+        chunk_scan=chunk_scan, state_update=None, conv1d=conv1d, conv1d_update=None,
+        chunk_scan_trains=not broken_backward,
+    )
+
+
+_LOADERS = {"mamba-ssm": _load_mamba_ssm, "fla": _load_fla}
+
+
+def kernel(op: str, tensor: torch.Tensor, needs_grad: bool = False) -> Callable | None:
+    """The kernel for `op` on this tensor under the selected backend, or None for the PyTorch path.
+    With `needs_grad`, a chunk scan whose backward cannot run here is passed over."""
     if _selected == "torch" or not tensor.is_cuda:
         return None
-    return mamba_ssm_ops()
+    candidates = AUTO_ORDER[op] if _selected == "auto" else (_selected,)
+    for name in candidates:
+        ops = backend_ops(name)
+        if ops is None or getattr(ops, op) is None:
+            continue
+        if needs_grad and op == "chunk_scan" and not ops.chunk_scan_trains:
+            continue
+        return getattr(ops, op)
+    return None
+
+
+def trains(name: str) -> bool:
+    """Whether a backend's chunk scan can run backward on this machine."""
+    ops = backend_ops(name)
+    return name == "torch" or (ops is not None and ops.chunk_scan_trains)
+
+
+def resolved() -> dict[str, str]:
+    """Which backend each op runs on for CUDA tensors right now, e.g. {'chunk_scan': 'fla', ...}."""
+    if _selected == "torch" or not torch.cuda.is_available():
+        return dict.fromkeys(OPS, "torch")
+    candidates = {op: AUTO_ORDER[op] if _selected == "auto" else (_selected,) for op in OPS}
+    return {
+        op: next((n for n in names if (ops := backend_ops(n)) is not None and getattr(ops, op) is not None), "torch")
+        for op, names in candidates.items()
+    }
+
+
+def available() -> list[str]:
+    """Backends usable on this machine (torch always; the others need CUDA and an import)."""
+    gpu = torch.cuda.is_available()
+    return ["torch"] + [name for name in _LOADERS if gpu and backend_ops(name) is not None]
+
+
+def mamba_ssm_ops() -> SimpleNamespace | None:
+    return backend_ops("mamba-ssm")

@@ -1,7 +1,7 @@
 """The Mamba-2 maths in plain PyTorch: causal conv, chunked SSD scan and the one-token step.
 
 Each public function has the signature of its mamba_ssm / causal_conv1d counterpart and hands over
-to it on CUDA when the kernels import (`kernels.py`). The PyTorch bodies are the reference: they
+to a CUDA kernel of the selected backend when one imports (`kernels.py`). The PyTorch bodies are the reference: they
 run anywhere, in any float dtype, and are what the tests check against a naive recurrence.
 
 Shapes: b batch, l length, h heads, p headdim, g groups, n d_state, d channels, w conv width.
@@ -20,9 +20,9 @@ from . import kernels
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Depthwise causal conv + SiLU. x (b, d, l), weight (d, w) -> (b, d, l)."""
-    ops = kernels.kernels_for(x)
-    if ops is not None:
-        return ops.conv1d(x.contiguous(), weight, bias, activation="silu")
+    conv1d = kernels.kernel("conv1d", x)
+    if conv1d is not None:
+        return conv1d(x.contiguous(), weight, bias, activation="silu")
     width = weight.shape[-1]
     out = F.conv1d(F.pad(x, (width - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[1])
     return F.silu(out)
@@ -33,9 +33,9 @@ def causal_conv1d_step(
 ) -> torch.Tensor:
     """One token of the causal conv. x (b, d); conv_state (b, d, w) holds the last w inputs and is
     updated in place (so a static buffer keeps its address for CUDA graphs)."""
-    ops = kernels.kernels_for(x)
-    if ops is not None:
-        return ops.conv1d_update(x, conv_state, weight, bias, activation="silu")
+    conv1d_update = kernels.kernel("conv1d_update", x)
+    if conv1d_update is not None:
+        return conv1d_update(x, conv_state, weight, bias, activation="silu")
     conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
     conv_state[:, :, -1] = x.to(conv_state.dtype)
     out = (conv_state * weight.unsqueeze(0)).sum(-1)
@@ -73,9 +73,10 @@ def ssd_chunk_scan(
     A (h,); B, C (b, l, g, n); D (h,); initial_states (b, h, p, n).
     Returns y (b, l, h, p) in x's dtype and the final state (b, h, p, n) in float32.
     """
-    ops = kernels.kernels_for(x)
-    if ops is not None:
-        y, final = ops.chunk_scan(
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C) + ((D,) if D is not None else ()))
+    chunk_scan = kernels.kernel("chunk_scan", x, needs_grad)
+    if chunk_scan is not None:
+        y, final = chunk_scan(
             x, dt, A, B, C, chunk_size, D=D,
             initial_states=None if initial_states is None else initial_states.float(),
             return_final_states=True,
@@ -162,11 +163,11 @@ def ssd_step(
 
     x (b, h, p); dt (b, h), already positive; A, D (h,); B, C (b, g, n). Returns y (b, h, p).
     """
-    ops = kernels.kernels_for(x)
-    if ops is not None:
+    state_update = kernels.kernel("state_update", x)
+    if state_update is not None:
         heads, headdim, d_state = x.shape[1], x.shape[-1], state.shape[-1]
         # Stride-0 views tell the kernel that dt, A and D are shared across headdim.
-        return ops.state_update(
+        return state_update(
             state, x,
             dt.unsqueeze(-1).expand(-1, -1, headdim),
             A[:, None, None].expand(-1, headdim, d_state).float(),

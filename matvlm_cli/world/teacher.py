@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast,
@@ -87,7 +88,7 @@ def build_processor(tokenizer: PreTrainedTokenizerFast, image_size: int = IMAGE_
     )
 
 
-def teacher_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
+def teacher_config(tokenizer: PreTrainedTokenizerFast, vision_hidden: int = 128, vision_layers: int = 3) -> LlavaConfig:
     """8 Llama layers (hidden 256, 8 heads, 2 KV heads): ratio 0.25 and 0.5 are whole layers."""
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=256, intermediate_size=384, num_hidden_layers=8,
@@ -96,7 +97,8 @@ def teacher_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
     )
     vision = SiglipVisionConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+        hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
+        num_attention_heads=4,
         image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
     )
     return LlavaConfig(
@@ -160,7 +162,8 @@ def pad_all(encoded: list[tuple[list[int], list[int]]], pad_id: int):
 
 
 def train_teacher(
-    world: Path, output: Path, seed: int = 0, epochs: int = 10, batch_size: int = 128, lr: float = 1.5e-3
+    world: Path, output: Path, seed: int = 0, epochs: int = 10, batch_size: int = 128, lr: float = 1.5e-3,
+    vision_hidden: int = 128, vision_layers: int = 3,
 ) -> dict:
     started = time.time()
     random.seed(seed)
@@ -168,7 +171,7 @@ def train_teacher(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = train_tokenizer()
     processor = build_processor(tokenizer)
-    model = LlavaForConditionalGeneration(teacher_config(tokenizer)).to(device)
+    model = LlavaForConditionalGeneration(teacher_config(tokenizer, vision_hidden, vision_layers)).to(device)
     pixels, encoded = load_training_set(world, tokenizer, processor)
     all_ids, all_labels, lengths = pad_all(encoded, tokenizer.pad_token_id)
     pixels, all_ids, all_labels, lengths = (t.to(device) for t in (pixels, all_ids, all_labels, lengths))
@@ -176,7 +179,7 @@ def train_teacher(
     order_rng = torch.Generator().manual_seed(seed)
     steps_per_epoch = len(encoded) // batch_size
     total = steps_per_epoch * epochs
-    warmup = min(500, total // 10)
+    warmup = max(1, min(500, total // 10))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
@@ -206,12 +209,17 @@ def train_teacher(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model = model.to("cpu", torch.float32)
+    # Shipped as bf16 tensors (half the package size) under a float32 config, so CPUs compute in
+    # float32; the held-out scores below are those of these rounded weights.
+    model = model.to("cpu", torch.bfloat16).to(torch.float32)
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
+    weights = output / "model.safetensors"
+    save_file({name: t.to(torch.bfloat16).contiguous() for name, t in load_file(weights).items()}, weights, metadata={"format": "pt"})
     processor.save_pretrained(output)
     info = {
         "seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr, "steps": total,
+        "vision_hidden": vision_hidden, "vision_layers": vision_layers,
         "train_conversations": len(encoded), "final_loss": loss.item(), "seconds": round(time.time() - started, 1),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -231,8 +239,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--vision-hidden", type=int, default=128)
+    parser.add_argument("--vision-layers", type=int, default=3)
     args = parser.parse_args(argv)
-    print(json.dumps(train_teacher(args.world, args.output, args.seed, args.epochs, args.batch_size, args.lr), indent=2))
+    info = train_teacher(
+        args.world, args.output, args.seed, args.epochs, args.batch_size, args.lr, args.vision_hidden, args.vision_layers
+    )
+    print(json.dumps(info, indent=2))
 
 
 if __name__ == "__main__":

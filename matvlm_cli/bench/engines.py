@@ -1,0 +1,289 @@
+"""Decoding engines: one code path for the teacher and every hybrid, so comparisons are fair.
+
+- `graphs`: a static cache (KV buffers for attention layers, conv window and SSM state buffers for
+  Mamba layers, all allocated by the prefill and updated in place afterwards) and a decode step
+  captured once as a CUDA graph, then replayed token after token with no Python or launch overhead.
+  Greedy sampling, the attention mask and the positions advance inside the graph. On a CPU the same
+  static-cache step runs eagerly.
+- `hf`: plain `model.generate()` with its default dynamic cache, as users (and the paper's teacher
+  baseline) run it.
+
+Decoding attention over a static cache reads every slot of the buffer and masks the unused ones. With
+a mask, PyTorch's SDPA cannot use its flash kernel and its memory-efficient kernel gives one query
+one thread block per head, which leaves most of an H100 idle; a plain (grouped) GEMV + softmax + GEMV
+spreads the cache read over the whole GPU. `split_decode_attention` is that, registered with
+transformers' attention interface and used for one-token queries only (prefill stays on SDPA).
+"""
+
+from __future__ import annotations
+
+import inspect
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface, StaticCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+DECODE_ATTENTION = "matvlm_decode"
+
+
+def split_decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention for one query token over a static KV cache; anything longer goes to SDPA.
+
+    query (b, h, 1, d); key/value (b, kv_heads, slots, d); attention_mask (b, 1, 1, slots) bool or
+    additive float. Returns (b, 1, h, d) like every transformers attention function.
+    """
+    if query.shape[2] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    scaling = dim**-0.5 if scaling is None else scaling
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # query heads sharing a KV head
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scaling  # (b, kv, rep, slots)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        else:
+            scores = scores + attention_mask
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    out = torch.matmul(probs, value)  # (b, kv, rep, d)
+    return out.reshape(batch, 1, heads, dim), None
+
+
+AttentionInterface.register(DECODE_ATTENTION, split_decode_attention)
+
+
+@dataclass
+class BenchInputs:
+    """A batch of prompts of exactly `seq_len` tokens, the image's tokens first."""
+
+    input_ids: torch.Tensor  # (batch, seq_len)
+    pixel_values: torch.Tensor | None  # (batch, 3, H, W), None for text-only models
+
+
+@dataclass
+class Timing:
+    prefill_ms: float  # median time to first token
+    decode_ms_per_token: float  # median per decode step (all sequences of the batch advance one token)
+    peak_bytes: int | None  # torch.cuda.max_memory_allocated over prefill + decode; None on CPU
+    kv_bytes: int  # attention KV buffers
+    state_bytes: int  # Mamba conv windows + SSM states
+    tokens: torch.Tensor  # the last run's generated tokens (batch, gen_len), for correctness checks
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+def _accepts(model, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+def mamba_states(layer) -> list[torch.Tensor]:
+    """A cache layer's conv windows and SSM states (dicts in newer transformers, lists in older)."""
+    tensors = []
+    for name in ("conv_states", "recurrent_states"):
+        held = getattr(layer, name, None) or {}
+        tensors += [t for t in (held.values() if isinstance(held, dict) else held) if isinstance(t, torch.Tensor)]
+    return tensors
+
+
+def cache_sizes(cache) -> tuple[int, int]:
+    """(KV bytes, Mamba state bytes) actually allocated in a cache's layers."""
+    kv = state = 0
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            kv += tensor.numel() * tensor.element_size() if isinstance(tensor, torch.Tensor) else 0
+        state += sum(t.numel() * t.element_size() for t in mamba_states(layer))
+    return kv, state
+
+
+class GraphEngine:
+    """Static cache + CUDA-graph decoding (eager static decoding on CPU)."""
+
+    name = "graphs"
+
+    def __init__(self, model):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.use_graphs = self.device.type == "cuda"
+        text_config = model.config.get_text_config(decoder=True)
+        text_config._attn_implementation = DECODE_ATTENTION
+        self.takes_cache_position = _accepts(model, "cache_position")
+        self.cache_keyword = "cache" if _accepts(model, "cache") else "past_key_values"  # renamed in 5.2x
+        # Like generate(min_new_tokens=...): every run decodes exactly gen_len tokens.
+        eos = model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        self.eos = torch.tensor(eos, dtype=torch.long, device=self.device)
+
+    def _greedy(self, logits: torch.Tensor) -> torch.Tensor:
+        """(batch, vocab) -> (batch, 1) greedy tokens, end-of-sequence excluded."""
+        return logits.index_fill(-1, self.eos, float("-inf")).argmax(-1, keepdim=True)
+
+    def _forward(self, cache, **inputs):
+        # transformers < 5.2x positions static caches with cache_position; later versions track it inside
+        if not self.takes_cache_position:
+            inputs.pop("cache_position")
+        return self.model(**{self.cache_keyword: cache}, use_cache=True, **inputs)
+
+    @torch.no_grad()
+    def prefill(self, inputs: BenchInputs, max_len: int, chunk: int | None = None):
+        """Fill a fresh static cache with the prompt (in `chunk`-token pieces if given); returns
+        (cache, first generated token)."""
+        ids = inputs.input_ids
+        batch, length = ids.shape
+        cache = StaticCache(config=self.model.config, max_cache_len=max_len)
+        chunk = chunk or length
+        for start in range(0, length, chunk):
+            end = min(start + chunk, length)
+            positions = torch.arange(start, end, device=self.device)
+            out = self._forward(
+                cache, input_ids=ids[:, start:end], pixel_values=inputs.pixel_values if start == 0 else None,
+                position_ids=positions.unsqueeze(0).expand(batch, -1), cache_position=positions, logits_to_keep=1,
+            )
+        return cache, self._greedy(out.logits[:, -1])[:, 0]
+
+    @torch.no_grad()
+    def decoder(self, cache, first_token: torch.Tensor, position: int, max_len: int, gen_len: int):
+        """(advance, tokens): each `advance()` moves every sequence one greedy token on (a replayed
+        CUDA graph on GPU) and writes it into `tokens` (batch, gen_len), whose column 0 is `first_token`."""
+        batch = first_token.shape[0]
+        tokens = torch.zeros(batch, gen_len, dtype=torch.long, device=self.device)
+        tokens[:, 0] = first_token
+        count = torch.ones(1, dtype=torch.long, device=self.device)
+        cache_position = torch.tensor([position], device=self.device)
+        mask = torch.zeros(batch, 1, 1, max_len, dtype=torch.bool, device=self.device)
+        mask[..., :position] = True
+
+        def step():
+            mask.index_fill_(-1, cache_position, True)
+            out = self._forward(
+                cache, input_ids=tokens.index_select(1, count - 1), attention_mask=mask,
+                position_ids=cache_position.expand(batch, 1), cache_position=cache_position,
+            )
+            tokens.index_copy_(1, count, self._greedy(out.logits[:, -1]))
+            cache_position.add_(1)
+            count.add_(1)
+
+        def rewind():
+            cache_position.fill_(position)
+            count.fill_(1)
+            mask[..., position:] = False
+
+        if not self.use_graphs:
+            return step, tokens
+        # Warm up on a side stream (CUDA graph capture requires it), then undo what the warm-up
+        # changed; cache slots it wrote are overwritten by the real steps.
+        saved = self._snapshot(cache)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self._restore(cache, saved)
+        rewind()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        self._restore(cache, saved)
+        rewind()
+        advance = graph.replay
+        return advance, tokens
+
+    @staticmethod
+    def _in_place_state(cache) -> list[torch.Tensor]:
+        """What a decode step updates in place besides KV slots: Mamba states and static lengths."""
+        tensors = []
+        for layer in cache.layers:
+            tensors += mamba_states(layer)
+            length = getattr(layer, "cumulative_length", None)
+            if isinstance(length, torch.Tensor):
+                tensors.append(length)
+        return tensors
+
+    def _snapshot(self, cache) -> list[torch.Tensor]:
+        return [t.clone() for t in self._in_place_state(cache)]
+
+    def _restore(self, cache, saved: list[torch.Tensor]) -> None:
+        for target, copy in zip(self._in_place_state(cache), saved):
+            target.copy_(copy)
+
+    def run(self, inputs: BenchInputs, gen_len: int, repeats: int = 3, warmup: int = 1) -> Timing:
+        """Prefill then decode `gen_len` tokens, `warmup` + `repeats` times; medians of the repeats."""
+        length = inputs.input_ids.shape[1]
+        max_len = length + gen_len
+        prefill_s, decode_s = [], []
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        for attempt in range(warmup + repeats):
+            _sync(self.device)
+            start = time.perf_counter()
+            cache, first = self.prefill(inputs, max_len)
+            _sync(self.device)
+            prefill_time = time.perf_counter() - start
+            advance, tokens = self.decoder(cache, first, length, max_len, gen_len)
+            _sync(self.device)
+            start = time.perf_counter()
+            for _ in range(gen_len - 1):
+                advance()
+            _sync(self.device)
+            if attempt >= warmup:
+                prefill_s.append(prefill_time)
+                decode_s.append((time.perf_counter() - start) / max(gen_len - 1, 1))
+            kv, state = cache_sizes(cache)
+            del cache, advance
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        return Timing(_median_ms(prefill_s), _median_ms(decode_s), peak, kv, state, tokens)
+
+
+class HFEngine:
+    """Plain `generate()`: dynamic cache, one Python-driven forward per token."""
+
+    name = "hf"
+
+    def __init__(self, model):
+        self.model = model
+        self.device = next(model.parameters()).device
+        text_config = model.config.get_text_config(decoder=True)
+        if text_config._attn_implementation == DECODE_ATTENTION:
+            text_config._attn_implementation = "sdpa"
+
+    @torch.no_grad()
+    def _generate(self, inputs: BenchInputs, new_tokens: int):
+        kwargs = {"pixel_values": inputs.pixel_values} if inputs.pixel_values is not None else {}
+        return self.model.generate(
+            input_ids=inputs.input_ids, attention_mask=torch.ones_like(inputs.input_ids), max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True, **kwargs,
+        )
+
+    def run(self, inputs: BenchInputs, gen_len: int, repeats: int = 3, warmup: int = 1) -> Timing:
+        prefill_s, total_s = [], []
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        for attempt in range(warmup + repeats):
+            for new_tokens, samples in ((1, prefill_s), (gen_len, total_s)):
+                _sync(self.device)
+                start = time.perf_counter()
+                out = self._generate(inputs, new_tokens)
+                _sync(self.device)
+                if attempt >= warmup:
+                    samples.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        kv, state = cache_sizes(out.past_key_values)
+        prefill = statistics.median(prefill_s)
+        decode = (statistics.median(total_s) - prefill) / max(gen_len - 1, 1)
+        tokens = out.sequences[:, inputs.input_ids.shape[1] :]
+        return Timing(prefill * 1000, decode * 1000, peak, kv, state, tokens)
+
+
+ENGINES = {"graphs": GraphEngine, "hf": HFEngine}

@@ -1,0 +1,141 @@
+"""`matvlm bench` on CPU: the engines agree with generate(), the bytes-floor arithmetic, the
+comparisons, and the report files (bench.json, bench.png) of a real run on the embedded teacher."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from matvlm_cli.bench import floor
+from matvlm_cli.bench.engines import GraphEngine, HFEngine, cache_sizes
+from matvlm_cli.bench.models import bench_inputs, build_teacher, image_token_count, model_specs
+from matvlm_cli.bench.report import comparisons, paper_style, throughput_gains
+from matvlm_cli.hybrid import choose_layers, convert_to_hybrid
+
+CPU = torch.device("cpu")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "matvlm_cli", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("family,ratio", [("llama", None), ("llama", 0.5), ("phi", 0.25), ("qwen2", 0.5)])
+def test_static_engine_decodes_like_generate(tiny_teachers, family, ratio):
+    model = build_teacher(str(tiny_teachers[family]), CPU, torch.float32)
+    if ratio:
+        convert_to_hybrid(model, choose_layers(4, ratio=ratio))
+    inputs = bench_inputs(model, 150, 2, image_token_count(model))
+    static = GraphEngine(model).run(inputs, 16, repeats=1, warmup=0)
+    plain = HFEngine(model).run(inputs, 16, repeats=1, warmup=0)
+    assert static.tokens.shape == (2, 16)
+    assert torch.equal(static.tokens, plain.tokens)
+    assert static.prefill_ms > 0 and static.decode_ms_per_token > 0 and static.peak_bytes is None
+
+
+def test_cache_bytes_match_the_floor_arithmetic(tiny_teachers):
+    model = build_teacher(str(tiny_teachers["llama"]), CPU, torch.float32)
+    engine = GraphEngine(model)
+    inputs = bench_inputs(model, 100, 3, image_token_count(model))
+    cache, _ = engine.prefill(inputs, max_len=120)
+    kv, state = cache_sizes(cache)
+    assert kv == floor.kv_bytes(model, 120, batch=3, dtype_bytes=4) and state == 0
+
+    convert_to_hybrid(model, [1, 3])
+    cache, _ = engine.prefill(inputs, max_len=120)
+    kv_hybrid, state = cache_sizes(cache)
+    assert kv_hybrid == floor.kv_bytes(model, 120, batch=3, dtype_bytes=4) == kv // 2
+    mixer = model.model.language_model.layers[1].self_attn.config
+    # per layer and sequence: conv window (in the activations' dtype) + fp32 SSM state
+    per_layer = mixer.conv_dim * mixer.d_conv * 4 + mixer.nheads * mixer.headdim * mixer.d_state * 4
+    assert state == 2 * 3 * per_layer
+
+
+def test_decode_weight_bytes_counts_the_language_model_once(tiny_teachers):
+    model = build_teacher(str(tiny_teachers["phi"]), CPU, torch.float32)
+    text = model.model.language_model
+    embedding = text.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    expected = sum(p.numel() for p in text.parameters()) * 4 - embedding.numel() * 4 + head.numel() * 4
+    expected += 2 * embedding.shape[1] * 4  # two rows of the embedding for batch 2
+    assert floor.decode_weight_bytes(model, batch=2) == expected
+    vision = sum(p.numel() for p in model.model.vision_tower.parameters()) * 4
+    assert floor.decode_weight_bytes(model) < sum(p.numel() for p in model.parameters()) * 4 - vision + 1
+
+
+def test_floor_arithmetic():
+    # 5 GB weights + 2 GB KV + 10 MB state read and written, at 2 TB/s
+    moved = floor.floor_bytes(5_000_000_000, 2_000_000_000, 10_000_000)
+    assert moved == 7_020_000_000
+    assert floor.floor_ms(moved, 2e12) == pytest.approx(3.51)
+    assert floor.measure_bandwidth(CPU, gib=0.01, repeats=2) > 1e8
+
+
+def _row(model, engine, decode, floor_ms, peak, kv, seq_len=8192):
+    return {"model": model, "engine": engine, "seq_len": seq_len, "batch": 1, "decode_ms": decode, "floor_ms": floor_ms,
+            "peak_gib": peak, "kv_cache_bytes": kv, "error": None}
+
+
+def test_comparisons_pair_rows_of_the_same_engine_only():
+    gib = 2**30
+    rows = [
+        _row("teacher", "graphs", 3.0, 2.5, 12.0, 4 * gib), _row("hybrid-0.5", "graphs", 2.4, 2.0, 10.1, 2 * gib),
+        _row("teacher", "hf", 57.0, 2.5, 12.5, 4 * gib), _row("hybrid-0.5", "hf", 50.0, 2.0, 10.5, 2 * gib),
+    ]
+    fair = {c["engine"]: c for c in comparisons(rows)}
+    assert fair["graphs"]["speedup"] == pytest.approx(1.25) and fair["graphs"]["floor_speedup"] == pytest.approx(1.25)
+    assert fair["graphs"]["fraction_of_floor_speedup"] == pytest.approx(1.0)
+    assert fair["graphs"]["saved_fraction_of_kv"] == pytest.approx(0.95)
+    assert fair["hf"]["speedup"] == pytest.approx(57 / 50)
+    (paper,) = paper_style(rows)
+    assert paper["speedup"] == pytest.approx(57 / 2.4)
+    gains = throughput_gains([
+        {"model": "teacher", "seq_len": 8192, "max_batch": 20, "tokens_per_s": 800.0},
+        {"model": "hybrid-0.5", "seq_len": 8192, "max_batch": 40, "tokens_per_s": 1400.0},
+    ])
+    assert gains[0]["tokens_per_s_ratio"] == pytest.approx(1.75) and gains[0]["batch_ratio"] == 2
+
+
+def test_model_specs_build_teacher_then_converted_hybrids(tiny_teachers):
+    specs = model_specs(str(tiny_teachers["llama"]), [], [0.25, 0.5], "even", CPU, torch.float32)
+    assert [s.label for s in specs] == ["teacher", "hybrid-0.25", "hybrid-0.5"]
+    from matvlm_cli.hybrid import hybrid_layers
+
+    assert [hybrid_layers(s.build()) for s in specs] == [[], [0], [0, 2]]
+
+
+def test_bench_cli_on_the_embedded_teacher(tmp_path):
+    out = tmp_path / "bench"
+    result = run_cli("bench", "--seq-len", 96, "--seq-len", 160, "--gen-len", 6, "--repeats", 1, "--output", out)
+    assert result.returncode == 0, result.stderr
+    assert "CPU" in result.stdout
+    report = json.loads((out / "bench.json").read_text())
+    assert report["device_type"] == "cpu" and report["bandwidth_gb_s"] > 0
+    labels = {(r["model"], r["engine"], r["seq_len"]) for r in report["rows"]}
+    assert labels == {(m, e, s) for m in ("teacher", "hybrid-0.25", "hybrid-0.5") for e in ("graphs", "hf") for s in (96, 160)}
+    for row in report["rows"]:
+        assert row["error"] is None and row["decode_ms"] > 0 and row["x_floor"] > 0
+    hybrid = {r["model"]: r["kv_cache_bytes"] for r in report["rows"] if r["engine"] == "graphs" and r["seq_len"] == 160}
+    assert hybrid["hybrid-0.5"] == hybrid["teacher"] // 2 and hybrid["hybrid-0.25"] == hybrid["teacher"] * 3 // 4
+    assert len(report["comparisons"]) == 8 and len(report["paper_style"]) == 4
+    png = (out / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--ratio", "1.5"], "'ratios': 1.5 is outside (0, 1]"),
+        (["--engine", "vllm"], "unknown engine 'vllm'"),
+        (["--backend", "triton"], "'backend' must be one of"),
+        (["--student", "/nonexistent/hybrid"], "'students': /nonexistent/hybrid is not a model directory"),
+        (["--teacher", "gpt-5"], "teacher 'gpt-5': neither a preset"),
+        (["--kernels"], "needs a GPU"),
+    ],
+)
+def test_bench_user_errors_are_one_line(args, message, tmp_path):
+    result = run_cli("bench", *args, "--output", tmp_path / "b")
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "b" / "bench.json").exists()
