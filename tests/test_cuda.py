@@ -118,3 +118,23 @@ def test_graph_engine_decodes_like_generate_on_cuda(tiny_teachers, ratio):
     plain = HFEngine(model).run(inputs, 24, repeats=1)
     assert torch.equal(graphs.tokens, plain.tokens)
     assert graphs.kv_bytes > 0 and (graphs.state_bytes > 0) == bool(ratio)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim,slots", [(32, 32, 80, 8320), (8, 2, 32, 1000), (4, 4, 128, 70)])
+def test_split_kv_decode_attention_matches_sdpa(heads, kv_heads, dim, slots):
+    """The graphs engine's Triton decoding attention against float32 SDPA, with GQA, head dims that are
+    not powers of two, slot counts that are not multiples of the block, and masks with holes."""
+    from matvlm_cli.bench.attention import split_kv_decode
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(3, heads, 1, dim, device="cuda", generator=g).bfloat16()
+    k, v = (torch.randn(3, kv_heads, slots, dim, device="cuda", generator=g).bfloat16() for _ in range(2))
+    keep = torch.rand(3, slots, device="cuda", generator=g) < 0.7
+    keep[:, 0] = True
+    out = split_kv_decode(q, k, v, keep, dim**-0.5)
+    rep = heads // kv_heads
+    ref = F.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1), attn_mask=keep[:, None, None, :]
+    )
+    assert out.shape == (3, 1, heads, dim)
+    assert rel_err(out, ref.transpose(1, 2)) < 1e-2

@@ -8,11 +8,8 @@
 - `hf`: plain `model.generate()` with its default dynamic cache, as users (and the paper's teacher
   baseline) run it.
 
-Decoding attention over a static cache reads every slot of the buffer and masks the unused ones. With
-a mask, PyTorch's SDPA cannot use its flash kernel and its memory-efficient kernel gives one query
-one thread block per head, which leaves most of an H100 idle; a plain (grouped) GEMV + softmax + GEMV
-spreads the cache read over the whole GPU. `split_decode_attention` is that, registered with
-transformers' attention interface and used for one-token queries only (prefill stays on SDPA).
+Both engines run the same model code. `graphs` switches the language model's attention to
+`attention.py`'s `matvlm_decode` (split-KV Triton decoding over the static cache, SDPA for prefill).
 """
 
 from __future__ import annotations
@@ -23,37 +20,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface, StaticCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers import StaticCache
 
-DECODE_ATTENTION = "matvlm_decode"
-
-
-def split_decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention for one query token over a static KV cache; anything longer goes to SDPA.
-
-    query (b, h, 1, d); key/value (b, kv_heads, slots, d); attention_mask (b, 1, 1, slots) bool or
-    additive float. Returns (b, 1, h, d) like every transformers attention function.
-    """
-    if query.shape[2] != 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    batch, heads, _, dim = query.shape
-    kv_heads = key.shape[1]
-    scaling = dim**-0.5 if scaling is None else scaling
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # query heads sharing a KV head
-    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scaling  # (b, kv, rep, slots)
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, float("-inf"))
-        else:
-            scores = scores + attention_mask
-    probs = torch.softmax(scores, dim=-1).to(value.dtype)
-    out = torch.matmul(probs, value)  # (b, kv, rep, d)
-    return out.reshape(batch, 1, heads, dim), None
-
-
-AttentionInterface.register(DECODE_ATTENTION, split_decode_attention)
-
+from .attention import DECODE_ATTENTION
 
 @dataclass
 class BenchInputs:
@@ -106,17 +75,26 @@ def cache_sizes(cache) -> tuple[int, int]:
     return kv, state
 
 
+PREFILL_CHUNK = 2048  # tokens per prefill forward: bounds activation memory, so peaks measure the caches
+
+
 class GraphEngine:
-    """Static cache + CUDA-graph decoding (eager static decoding on CPU)."""
+    """Static cache + compiled, CUDA-graph decoding (eager static decoding on CPU)."""
 
     name = "graphs"
 
-    def __init__(self, model):
+    def __init__(self, model, prefill_chunk: int = PREFILL_CHUNK):
         self.model = model
         self.device = next(model.parameters()).device
         self.use_graphs = self.device.type == "cuda"
-        text_config = model.config.get_text_config(decoder=True)
-        text_config._attn_implementation = DECODE_ATTENTION
+        self.prefill_chunk = prefill_chunk
+        self.text_config = model.config.get_text_config(decoder=True)
+        if self.use_graphs:
+            # A decode step is ~30 tiny kernels per layer (norms, rotary, activations, residuals); inductor
+            # fuses them, the CUDA graph then removes launch gaps. One compile per model and shape family.
+            torch._dynamo.reset()
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            self._next_token = torch.compile(self._next_token, dynamic=True)
         self.takes_cache_position = _accepts(model, "cache_position")
         self.cache_keyword = "cache" if _accepts(model, "cache") else "past_key_values"  # renamed in 5.2x
         # Like generate(min_new_tokens=...): every run decodes exactly gen_len tokens.
@@ -134,14 +112,22 @@ class GraphEngine:
             inputs.pop("cache_position")
         return self.model(**{self.cache_keyword: cache}, use_cache=True, **inputs)
 
+    def _next_token(self, cache, input_ids, attention_mask, position_ids, cache_position):
+        out = self._forward(
+            cache, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            cache_position=cache_position,
+        )
+        return self._greedy(out.logits[:, -1])
+
     @torch.no_grad()
-    def prefill(self, inputs: BenchInputs, max_len: int, chunk: int | None = None):
-        """Fill a fresh static cache with the prompt (in `chunk`-token pieces if given); returns
-        (cache, first generated token)."""
+    def prefill(self, inputs: BenchInputs, max_len: int):
+        """Fill a fresh static cache with the prompt, `prefill_chunk` tokens per forward (the image in
+        the first); returns (cache, first generated token)."""
+        self.text_config._attn_implementation = DECODE_ATTENTION  # the hf engine may have switched it
         ids = inputs.input_ids
         batch, length = ids.shape
         cache = StaticCache(config=self.model.config, max_cache_len=max_len)
-        chunk = chunk or length
+        chunk = self.prefill_chunk
         for start in range(0, length, chunk):
             end = min(start + chunk, length)
             positions = torch.arange(start, end, device=self.device)
@@ -165,11 +151,8 @@ class GraphEngine:
 
         def step():
             mask.index_fill_(-1, cache_position, True)
-            out = self._forward(
-                cache, input_ids=tokens.index_select(1, count - 1), attention_mask=mask,
-                position_ids=cache_position.expand(batch, 1), cache_position=cache_position,
-            )
-            tokens.index_copy_(1, count, self._greedy(out.logits[:, -1]))
+            token = self._next_token(cache, tokens.index_select(1, count - 1), mask, cache_position.expand(batch, 1), cache_position)
+            tokens.index_copy_(1, count, token)
             cache_position.add_(1)
             count.add_(1)
 
@@ -216,6 +199,7 @@ class GraphEngine:
         for target, copy in zip(self._in_place_state(cache), saved):
             target.copy_(copy)
 
+    @torch.no_grad()
     def run(self, inputs: BenchInputs, gen_len: int, repeats: int = 3, warmup: int = 1) -> Timing:
         """Prefill then decode `gen_len` tokens, `warmup` + `repeats` times; medians of the repeats."""
         length = inputs.input_ids.shape[1]
@@ -253,9 +237,7 @@ class HFEngine:
     def __init__(self, model):
         self.model = model
         self.device = next(model.parameters()).device
-        text_config = model.config.get_text_config(decoder=True)
-        if text_config._attn_implementation == DECODE_ATTENTION:
-            text_config._attn_implementation = "sdpa"
+        self.text_config = model.config.get_text_config(decoder=True)
 
     @torch.no_grad()
     def _generate(self, inputs: BenchInputs, new_tokens: int):
@@ -266,6 +248,7 @@ class HFEngine:
         )
 
     def run(self, inputs: BenchInputs, gen_len: int, repeats: int = 3, warmup: int = 1) -> Timing:
+        self.text_config._attn_implementation = "sdpa"
         prefill_s, total_s = [], []
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -3,7 +3,7 @@
 Each op runs on the same random inputs per backend; its time (CUDA events, median) and its relative
 error against the float32 PyTorch reference are reported. The shape is the converted Phi-2 layer of
 the paper's teacher (32 heads of 80, d_state 80, 32 groups) unless given. Decoding attention over an
-8k static cache (SDPA with a mask vs the split GEMV path the `graphs` engine uses) is timed alongside.
+8k static cache (SDPA with a mask vs the split-KV kernel the `graphs` engine uses) is timed alongside.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def kernel_rows(length: int = 8192, heads: int = 32, headdim: int = 80, d_state:
 
 def decode_attention_rows(slots: int, heads: int, head_dim: int, batch: int = 1) -> list[KernelRow]:
     """One query token over a static cache of `slots` positions, 3/4 of them in use."""
-    from .engines import split_decode_attention
+    from .attention import split_kv_decode
 
     device = torch.device("cuda")
     g = torch.Generator(device=device).manual_seed(1)
@@ -121,11 +121,11 @@ def decode_attention_rows(slots: int, heads: int, head_dim: int, batch: int = 1)
     mask[..., : slots * 3 // 4] = True
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    split, _ = split_decode_attention(None, q, k, v, mask, scaling=head_dim**-0.5)
+    split = split_kv_decode(q, k, v, mask[:, 0, 0], head_dim**-0.5)
     return [
         KernelRow(f"decode attention, {slots} slots", "sdpa (masked)",
                   _time_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), _rel(sdpa, ref)),
-        KernelRow(f"decode attention, {slots} slots", "split GEMV (graphs engine)",
-                  _time_ms(lambda: split_decode_attention(None, q, k, v, mask, scaling=head_dim**-0.5)),
+        KernelRow(f"decode attention, {slots} slots", "split-KV Triton (graphs engine)",
+                  _time_ms(lambda: split_kv_decode(q, k, v, mask[:, 0, 0], head_dim**-0.5)),
                   _rel(split.transpose(1, 2), ref)),
     ]

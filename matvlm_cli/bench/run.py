@@ -102,18 +102,19 @@ def measure_row(model, label: str, engine, seq_len: int, batch: int, recipe: Ben
     return row
 
 
-def largest_batch(model, label: str, recipe: BenchRecipe, image_tokens: int, device: torch.device) -> ThroughputRow | None:
+@torch.no_grad()
+def largest_batch(engine: GraphEngine, label: str, recipe: BenchRecipe, image_tokens: int, device: torch.device) -> ThroughputRow | None:
     """The largest batch whose chunked prefill and graph decoding fit at `throughput_seq_len`, and its
     decode tokens/s. Memory per sequence is measured at batches 1 and 2, then the estimate is tried
     and lowered by 10 % until it fits."""
     seq_len, gen_len = recipe.throughput_seq_len, 32
-    engine = GraphEngine(model)
+    model = engine.model
 
     def attempt(batch: int):
         inputs = bench_inputs(model, seq_len, batch, image_tokens, recipe.seed)
         _free(device)
         torch.cuda.reset_peak_memory_stats(device)
-        cache, first = engine.prefill(inputs, seq_len + gen_len, chunk=2048)
+        cache, first = engine.prefill(inputs, seq_len + gen_len)
         advance, _ = engine.decoder(cache, first, seq_len, seq_len + gen_len, gen_len)
         torch.cuda.synchronize(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -188,8 +189,8 @@ def run_bench(recipe: BenchRecipe, console: Console | None = None) -> Path:
             progress.update(task, description=f"building {spec.label}")
             model = spec.build()
             image_tokens = image_token_count(model)
-            for engine_name in recipe.engines:
-                engine = ENGINES[engine_name](model)
+            engines = {name: ENGINES[name](model) for name in recipe.engines}
+            for engine_name, engine in engines.items():
                 for seq_len in recipe.seq_lens:
                     for batch in recipe.batches:
                         progress.update(task, description=f"{spec.label} · {engine_name} · {seq_len} tokens · batch {batch}")
@@ -198,10 +199,10 @@ def run_bench(recipe: BenchRecipe, console: Console | None = None) -> Path:
                         _free(device)
             if recipe.throughput_seq_len and device.type == "cuda":
                 progress.update(task, description=f"{spec.label} · largest batch at {recipe.throughput_seq_len} tokens")
-                found = largest_batch(model, spec.label, recipe, image_tokens, device)
+                found = largest_batch(engines.get("graphs") or GraphEngine(model), spec.label, recipe, image_tokens, device)
                 if found:
                     throughput.append(found)
-            del model
+            del model, engines
             _free(device)
     report["rows"] = [asdict(row) for row in rows]
     report["throughput"] = [asdict(row) for row in throughput]

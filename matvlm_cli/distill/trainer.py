@@ -197,9 +197,10 @@ class DistillRun:
 
         from ..recipes import DataSource
         from ..world import generate_world
+        from ..world.writers import WORLD_VERSION
 
         cache = Path(os.environ.get("MATVLM_CACHE", Path.home() / ".cache" / "matvlm"))
-        root = cache / "world-seed0-distill"
+        root = cache / f"world-seed0-distill-v{WORLD_VERSION}"
         if not (root / "train" / "conversations.json").is_file():
             cache.mkdir(parents=True, exist_ok=True)
             with self.console.status(f"Generating the embedded world into {root}"):

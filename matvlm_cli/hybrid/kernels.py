@@ -73,7 +73,10 @@ def _load_mamba_ssm() -> SimpleNamespace:
     return SimpleNamespace(
         chunk_scan=ssd.mamba_chunk_scan_combined,
         state_update=state.selective_state_update,
-        conv1d=conv.causal_conv1d_fn,
+        # channels-first or channels-last strides both work; anything else is copied
+        conv1d=lambda x, weight, bias, activation: conv.causal_conv1d_fn(
+            x if 1 in (x.stride(1), x.stride(2)) else x.contiguous(), weight, bias, activation=activation
+        ),
         conv1d_update=conv.causal_conv1d_update,
         chunk_scan_trains=True,
     )
@@ -93,9 +96,9 @@ def _load_fla() -> SimpleNamespace:
         # Mamba-2's SSD is simple GLA with q=C, k=B, v=x*dt and per-step log decay g=A*dt; the state
         # layout (heads, headdim, d_state) is fla's "V first".
         heads = x.shape[2]
-        k = B.repeat_interleave(heads // B.shape[2], dim=2)
-        q = C.repeat_interleave(heads // C.shape[2], dim=2)
-        v = (x.float() * dt.unsqueeze(-1)).to(x.dtype)
+        k = B if B.shape[2] == heads else B.repeat_interleave(heads // B.shape[2], dim=2)
+        q = C if C.shape[2] == heads else C.repeat_interleave(heads // C.shape[2], dim=2)
+        v = x * dt.unsqueeze(-1).to(x.dtype)
         y, final = gla.chunk_simple_gla(
             q, k, v, g=(dt * A).float(), scale=1.0, initial_state=initial_states,
             output_final_state=True, state_v_first=True,

@@ -22,7 +22,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """Depthwise causal conv + SiLU. x (b, d, l), weight (d, w) -> (b, d, l)."""
     conv1d = kernels.kernel("conv1d", x)
     if conv1d is not None:
-        return conv1d(x.contiguous(), weight, bias, activation="silu")
+        return conv1d(x, weight, bias, activation="silu")
     width = weight.shape[-1]
     out = F.conv1d(F.pad(x, (width - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[1])
     return F.silu(out)

@@ -37,6 +37,7 @@ TEXTVQA_WORD_QUESTIONS = ("what word is written in the image?", "what does the t
 TEXTVQA_NUMBER_QUESTIONS = ("what number is shown?", "what number is written in the image?", "what is the number?")
 # Multiple choice weighs most: mapping a seen answer to its option letter is the hardest skill for a
 # tiny model (a session-1 teacher read words perfectly yet picked the right letter for them only half the time).
+TRAINING_NEGATIVE_WEIGHTS = (2, 1, 1)  # adversarial, popular, random
 TRAINING_FAMILY_WEIGHTS = {"caption": 1, "existence": 4, "choice": 5, "open": 2, "reading": 1}
 
 
@@ -224,7 +225,9 @@ def _training_turn(family: str, scene: Scene, rng: random.Random) -> tuple[str, 
         return rng.choice(CAPTION_PROMPTS), caption(scene)
     if family == "existence":
         present = rng.random() < 0.5
-        kind = rng.choice(scene.kinds) if present else sample_negative(scene, rng.choice(NEGATIVE_STRATEGIES), rng)
+        # Adversarial negatives (kinds that usually appear beside those present) are the hard ones: half of all.
+        strategy = rng.choices(NEGATIVE_STRATEGIES, weights=TRAINING_NEGATIVE_WEIGHTS)[0]
+        kind = rng.choice(scene.kinds) if present else sample_negative(scene, strategy, rng)
         return pope_prompt(existence_question(kind)), "yes" if present else "no"
     if family == "reading":
         ocr_tokens = [scene.text] if rng.random() < 0.5 else None

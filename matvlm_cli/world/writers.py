@@ -40,6 +40,9 @@ from .questions import (
 )
 from .scenes import Scene, png_bytes, render, sample_scene
 
+# Bumped whenever the same seed would write different data (v2: the training mix weighs multiple choice
+# most); caches of generated worlds are keyed by it.
+WORLD_VERSION = 2
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 _TEXT = pa.string()
 _TEXTS = pa.list_(pa.string())
@@ -233,7 +236,7 @@ def generate_world(
         reserved = {scene for rows, _ in benchmarks.values() for _, scene in rows}
         _write_training(staging / "train", training_scenes(seed, train_size, reserved), seed, image_size, report)
         manifest = {
-            "seed": seed, "train_size": train_size, "pope_per_category": pope_per_category,
+            "version": WORLD_VERSION, "seed": seed, "train_size": train_size, "pope_per_category": pope_per_category,
             "mmmu_size": mmmu_size, "textvqa_size": textvqa_size, "image_size": image_size,
         }
         (staging / "world.json").write_text(json.dumps(manifest, indent=2) + "\n")
