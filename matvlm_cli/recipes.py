@@ -211,7 +211,9 @@ class OutputSettings:
     dir: str = "runs/distill"
     save_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2
-    log_every: int = 10
+    log_every: int = 10  # log.jsonl, and TensorBoard (output.dir/tensorboard) when it is installed
+    eval_every: int = 0  # steps; held-out distillation losses; 0 = never
+    eval_samples: int = 64  # records held out of training for those evaluations (only when eval_every > 0)
     resume: str | None = None  # null | auto | a checkpoint directory
     overwrite: bool = False
 
@@ -253,6 +255,8 @@ def check_distill_recipe(recipe: DistillRecipe, source: str = "recipe") -> None:
         problems.append("'optimizer': lr must be > 0 and betas two numbers")
     if recipe.training.batch_size < 1 or recipe.training.gradient_accumulation < 1 or recipe.training.epochs < 1:
         problems.append("'training': batch_size, gradient_accumulation and epochs must be >= 1")
+    if recipe.output.eval_every < 0 or (recipe.output.eval_every and recipe.output.eval_samples < 1):
+        problems.append("'output.eval_every' must be >= 0, with 'output.eval_samples' >= 1")
     if recipe.training.max_steps is not None and recipe.training.max_steps < 1:
         problems.append("'training.max_steps' must be >= 1")
     if recipe.student.ratio is not None and not 0 < recipe.student.ratio <= 1:

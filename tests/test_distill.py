@@ -92,6 +92,18 @@ def test_final_output_is_a_loadable_hybrid_that_generates(world, tmp_path):
     assert out.shape == (1, 6)
 
 
+def test_held_out_evaluation_and_tensorboard_logging(world, tmp_path):
+    values = recipe_values(world, tmp_path / "run", output={"eval_every": 2, "eval_samples": 8, "log_every": 100})
+    run_distill(make(values))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    evaluated = [entry for entry in log if "eval_loss" in entry]
+    assert [entry["step"] for entry in evaluated] == [2, 4]
+    assert all(entry["eval_loss"] > 0 and {"eval_kl", "eval_layer"} <= entry.keys() for entry in evaluated)
+    assert evaluated[-1]["eval_loss"] < evaluated[0]["eval_loss"] * 1.5  # finite and of the same order
+    events = list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
 def test_broken_records_are_skipped_and_reported(world, tmp_path):
     records = json.loads((world / "train" / "conversations.json").read_text())[:6]
     records[0]["image"] = "images/missing.png"

@@ -24,14 +24,18 @@ BLOCK_N = 64  # cache slots a program reads per step
 TARGET_PROGRAMS = 528  # about 4 per SM of an H100: enough slices to keep the memory system busy
 
 
+try:  # resolved at import, so the compiled decode step sees a constant, not a call it cannot trace
+    import triton  # noqa: F401
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+
 @functools.cache
 def _triton_kernels():
-    """The two Triton kernels, compiled on first use; None where Triton does not import."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
+    """The two Triton kernels (compiled by Triton on first launch)."""
+    import triton
+    import triton.language as tl
 
     @triton.jit
     def split_kv(Q, K, V, Mask, Acc, Max, Sum, sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b,
@@ -127,7 +131,7 @@ def _(query, key, value, keep, scale):
 
 def _can_split(query, key, attention_mask, kwargs) -> bool:
     return (
-        query.is_cuda and query.shape[2] == 1 and _triton_kernels() is not None
+        HAVE_TRITON and query.is_cuda and query.shape[2] == 1
         and attention_mask is not None and attention_mask.dtype == torch.bool
         and attention_mask.shape[1] == attention_mask.shape[2] == 1
         and query.stride(-1) == 1 and key.stride(-1) == 1

@@ -47,6 +47,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def _median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
 
@@ -83,13 +89,13 @@ class GraphEngine:
 
     name = "graphs"
 
-    def __init__(self, model, prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(self, model, prefill_chunk: int = PREFILL_CHUNK, compile: bool = True):
         self.model = model
         self.device = next(model.parameters()).device
         self.use_graphs = self.device.type == "cuda"
         self.prefill_chunk = prefill_chunk
         self.text_config = model.config.get_text_config(decoder=True)
-        if self.use_graphs:
+        if self.use_graphs and compile:
             # A decode step is ~30 tiny kernels per layer (norms, rotary, activations, residuals); inductor
             # fuses them, the CUDA graph then removes launch gaps. One compile per model and shape family.
             torch._dynamo.reset()
@@ -205,10 +211,9 @@ class GraphEngine:
         length = inputs.input_ids.shape[1]
         max_len = length + gen_len
         prefill_s, decode_s = [], []
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
         for attempt in range(warmup + repeats):
+            if attempt == warmup:
+                _reset_peak(self.device)  # compilation and autotuning happen in the warm-up
             _sync(self.device)
             start = time.perf_counter()
             cache, first = self.prefill(inputs, max_len)
@@ -250,10 +255,9 @@ class HFEngine:
     def run(self, inputs: BenchInputs, gen_len: int, repeats: int = 3, warmup: int = 1) -> Timing:
         self.text_config._attn_implementation = "sdpa"
         prefill_s, total_s = [], []
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
         for attempt in range(warmup + repeats):
+            if attempt == warmup:
+                _reset_peak(self.device)
             for new_tokens, samples in ((1, prefill_s), (gen_len, total_s)):
                 _sync(self.device)
                 start = time.perf_counter()

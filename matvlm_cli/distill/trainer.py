@@ -22,7 +22,7 @@ from accelerate.utils import set_seed
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Subset, Sampler
 
 from ..errors import MatvlmError
 from ..hybrid.conversion import choose_layers, convert_to_hybrid, find_decoder, hybrid_layers
@@ -136,9 +136,12 @@ class DistillRun:
             from accelerate import FullyShardedDataParallelPlugin
 
             plugin["fsdp_plugin"] = FullyShardedDataParallelPlugin(use_orig_params=True)
+        from accelerate.utils import is_tensorboard_available
+
         self.accelerator = Accelerator(
             mixed_precision=PRECISION[r.training.precision], gradient_accumulation_steps=r.training.gradient_accumulation,
             step_scheduler_with_optimizer=False,  # we step it once per optimizer step; accelerate would step it once per process
+            log_with="tensorboard" if is_tensorboard_available() else None, project_dir=str(self.out),
             **plugin,
         )
         set_seed(r.training.seed)
@@ -166,10 +169,16 @@ class DistillRun:
         if r.training.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
-        self.sampler = EpochShuffle(len(self.dataset), r.training.seed)
+        held_out = r.output.eval_samples if r.output.eval_every else 0
+        if held_out >= len(self.dataset):
+            raise MatvlmError(f"output.eval_samples: {held_out} would hold out all {len(self.dataset)} usable records")
+        train_set = Subset(self.dataset, range(held_out, len(self.dataset)))
+        self.sampler = EpochShuffle(len(train_set), r.training.seed)
         pad = self.processor.tokenizer.pad_token_id
-        loader = DataLoader(self.dataset, batch_size=r.training.batch_size, sampler=self.sampler,
+        loader = DataLoader(train_set, batch_size=r.training.batch_size, sampler=self.sampler,
                             collate_fn=lambda b: collate(b, pad), num_workers=r.training.num_workers)
+        eval_loader = DataLoader(Subset(self.dataset, range(held_out)), batch_size=r.training.batch_size,
+                                 collate_fn=lambda b: collate(b, pad)) if held_out else None
         optimizer = torch.optim.AdamW(param_groups(model, r.optimizer.weight_decay), lr=r.optimizer.lr, betas=tuple(r.optimizer.betas))
         self.steps_per_epoch = math.ceil(len(loader) / r.training.gradient_accumulation)
         self.total_steps = r.training.max_steps or self.steps_per_epoch * r.training.epochs
@@ -178,6 +187,7 @@ class DistillRun:
             optimizer, lambda s: lr_factor(o.schedule, s, self.total_steps, o.warmup_steps, o.decay_steps)
         )
         self.model, self.optimizer, self.loader, self.scheduler = self.accelerator.prepare(model, optimizer, loader, scheduler)
+        self.eval_loader = self.accelerator.prepare(eval_loader) if eval_loader is not None else None
         if self.shared.teacher_connector is not None:
             self.shared.teacher_connector.to(self.accelerator.device)
         if self.shared.separate_teacher is not None:
@@ -216,6 +226,8 @@ class DistillRun:
             disable=not acc.is_main_process,
         )
         log = (self.out / "log.jsonl").open("a") if acc.is_main_process else None
+        if acc.log_with:
+            acc.init_trackers("tensorboard")
         started, tokens = time.time(), 0
         with progress:
             task = progress.add_task("distill", total=self.total_steps, completed=self.step, stats="")
@@ -249,9 +261,13 @@ class DistillRun:
                     progress.update(task, completed=self.step, stats="  ".join(
                         [f"{k} {v:.4f}" for k, v in stats.items() if k in ("loss", "kl", "layer", "ce")]
                         + [f"lr {stats['lr']:.2e}", f"{stats['tokens_per_s']} tok/s"]))
-                    if log and (self.step % r.output.log_every == 0 or self.step == self.total_steps):
-                        log.write(json.dumps({"step": self.step, "epoch": self.epoch} | stats) + "\n")
-                        log.flush()
+                    if r.output.eval_every and (self.step % r.output.eval_every == 0 or self.step == self.total_steps):
+                        stats |= self.evaluate()
+                    if self.step % r.output.log_every == 0 or self.step == self.total_steps or "eval_loss" in stats:
+                        acc.log(stats, step=self.step)
+                        if log:
+                            log.write(json.dumps({"step": self.step, "epoch": self.epoch} | stats) + "\n")
+                            log.flush()
                     if r.output.save_every and self.step % r.output.save_every == 0 and self.step < self.total_steps:
                         self.save_checkpoint()
                     if on_step:
@@ -264,7 +280,21 @@ class DistillRun:
                 break
         if log:
             log.close()
+        acc.end_training()
         return self.save_final(time.time() - started)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss components over the held-out records (every process takes its share)."""
+        sums: dict[str, torch.Tensor] = {}
+        batches = 0
+        for batch in self.eval_loader:
+            parts = self._losses(batch)
+            parts["loss"] = sum(w * parts[k] for k, w in self._weights().items() if w)
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0) + v.detach()
+            batches += 1
+        return {f"eval_{k}": round(self.accelerator.reduce(v / batches, "mean").item(), 5) for k, v in sums.items()}
 
     def _weights(self) -> dict[str, float]:
         l = self.recipe.losses
