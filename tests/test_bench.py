@@ -133,6 +133,7 @@ def test_bench_cli_on_the_embedded_teacher(tmp_path):
         (["--student", "/nonexistent/hybrid"], "'students': /nonexistent/hybrid is not a model directory"),
         (["--teacher", "gpt-5"], "teacher 'gpt-5': neither a preset"),
         (["--kernels"], "needs a GPU"),
+        (["--backend", "mamba-ssm"], "backend: backend 'mamba-ssm' requested but it does not import here"),
     ],
 )
 def test_bench_user_errors_are_one_line(args, message, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import gc
-import json
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,8 +12,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ..errors import MatvlmError
 from ..hybrid import kernels
-from ..hybrid.io import atomic_directory
 from ..recipes import BenchRecipe, check_bench_recipe
 from . import floor
 from .engines import ENGINES, GraphEngine, Timing
@@ -56,8 +55,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from ..errors import MatvlmError
-
         raise MatvlmError("device: cuda requested but no GPU is visible")
     return torch.device(name)
 
@@ -148,7 +145,10 @@ def run_bench(recipe: BenchRecipe, console: Console | None = None) -> Path:
     check_bench_recipe(recipe)
     device = resolve_device(recipe.device)
     dtype = resolve_dtype(recipe.dtype, device)
-    kernels.set_backend(recipe.backend)
+    try:
+        kernels.set_backend(recipe.backend)
+    except ValueError as err:
+        raise MatvlmError(f"backend: {err}") from None
     started = datetime.datetime.now(datetime.timezone.utc)
     gpu = device_name(device)
     console.print(f"[bold]device[/bold] {gpu} · dtype {str(dtype).removeprefix('torch.')} · mixer kernels {kernels.resolved()}")
@@ -160,8 +160,6 @@ def run_bench(recipe: BenchRecipe, console: Console | None = None) -> Path:
 
     if recipe.kernels:
         if device.type != "cuda":
-            from ..errors import MatvlmError
-
             raise MatvlmError("--kernels: the kernel micro-benchmark needs a GPU")
         from .kernel_bench import kernel_rows
 

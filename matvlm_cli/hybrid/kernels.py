@@ -157,7 +157,3 @@ def available() -> list[str]:
     """Backends usable on this machine (torch always; the others need CUDA and an import)."""
     gpu = torch.cuda.is_available()
     return ["torch"] + [name for name in _LOADERS if gpu and backend_ops(name) is not None]
-
-
-def mamba_ssm_ops() -> SimpleNamespace | None:
-    return backend_ops("mamba-ssm")
