@@ -80,7 +80,9 @@ def model_specs(
         return lambda: load_model(path, dtype=dtype, trust_remote_code=trust_remote_code).to(device).eval()
 
     specs = [ModelSpec("teacher", teacher_model)]
-    specs += [ModelSpec(Path(path).name, from_dir(path)) for path in students]
+    # distill writes OUT/final, so a directory called "final" is labelled by its run
+    specs += [ModelSpec(Path(path).name if Path(path).name != "final" else Path(path).resolve().parent.name, from_dir(path))
+              for path in students]
     specs += [ModelSpec(f"hybrid-{ratio:g}", converted(ratio)) for ratio in ratios]
     return specs
 
