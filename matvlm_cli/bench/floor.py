@@ -52,8 +52,9 @@ def decode_weight_bytes(model: nn.Module, batch: int = 1) -> int:
     return _bytes(text_model) - _bytes(embedding) + (_bytes(head) if head is not None else 0) + batch * row
 
 
-def kv_bytes(model: nn.Module, context: int, batch: int = 1, dtype_bytes: int = 2) -> int:
-    """KV-cache bytes of the attention layers at `context` tokens."""
+def kv_bytes(model: nn.Module, context: int, batch: int = 1, dtype_bytes: int | None = None) -> int:
+    """KV-cache bytes of the attention layers at `context` tokens (in the model's dtype unless given)."""
+    dtype_bytes = dtype_bytes or next(model.parameters()).element_size()
     text_config = model.config.get_text_config(decoder=True)
     heads = text_config.num_attention_heads
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads

@@ -17,7 +17,7 @@ from transformers import AutoConfig
 
 from ..errors import MatvlmError
 from ..hybrid import choose_layers, convert_to_hybrid, load_model
-from ..hybrid.conversion import find_decoder, hybrid_layers
+from ..hybrid.conversion import find_decoder
 from ..hybrid.io import model_class_for
 from ..tiny import default_teacher_dir
 from .engines import BenchInputs
@@ -85,10 +85,6 @@ def model_specs(
               for path in students]
     specs += [ModelSpec(f"hybrid-{ratio:g}", converted(ratio)) for ratio in ratios]
     return specs
-
-
-def mamba_layer_count(model) -> int:
-    return len(hybrid_layers(model))
 
 
 def image_token_count(model) -> int:

@@ -14,10 +14,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..errors import MatvlmError
 from ..hybrid import kernels
+from ..hybrid.conversion import hybrid_layers
+from ..hybrid.io import resolve_device
 from ..recipes import BenchRecipe, check_bench_recipe
 from . import floor
 from .engines import ENGINES, GraphEngine, Timing
-from .models import bench_inputs, check_teacher, default_teacher, image_token_count, mamba_layer_count, model_specs
+from .models import bench_inputs, check_teacher, default_teacher, image_token_count, model_specs
 
 
 @dataclass
@@ -51,14 +53,6 @@ class ThroughputRow:
     peak_gib: float
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MatvlmError("device: cuda requested but no GPU is visible")
-    return torch.device(name)
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -79,7 +73,7 @@ def _free(device: torch.device) -> None:
 
 def measure_row(model, label: str, engine, seq_len: int, batch: int, recipe: BenchRecipe, image_tokens: int,
                 bandwidth: float) -> BenchRow:
-    row = BenchRow(label, mamba_layer_count(model), engine.name, seq_len, batch, recipe.gen_len)
+    row = BenchRow(label, len(hybrid_layers(model)), engine.name, seq_len, batch, recipe.gen_len)
     inputs = bench_inputs(model, seq_len, batch, image_tokens, recipe.seed)
     try:
         timing: Timing = engine.run(inputs, recipe.gen_len, repeats=recipe.repeats)

@@ -27,17 +27,9 @@ from rich.progress import Progress
 from transformers import AutoProcessor
 
 from ..errors import MatvlmError
-from ..hybrid.io import HYBRID_KEY, load_model
+from ..hybrid.io import HYBRID_KEY, load_model, resolve_device
 
 DEFAULT_MAX_GEN_TOKS = 128  # eval-protocols.md: max_new_tokens 128
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MatvlmError("--device cuda: no CUDA GPU is available (use cpu or auto)")
-    return torch.device(device)
 
 
 class MatvlmLM(LM):

@@ -60,6 +60,15 @@ def model_class_for(config):
     )
 
 
+def resolve_device(device: str) -> torch.device:
+    """`auto` (CUDA when visible, else CPU), `cuda` or `cpu`; asking for an absent GPU is a user error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MatvlmError("--device cuda: no CUDA GPU is available (use cpu or auto)")
+    return torch.device(device)
+
+
 def load_teacher(path: str | os.PathLike, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False) -> PreTrainedModel:
     config = load_config(path, trust_remote_code)
     if getattr(config, HYBRID_KEY, None):

@@ -56,38 +56,26 @@ def _pope_rows(records):
     return [(r["response"], r["answer"], r["category"]) for r in records]
 
 
-def pope_accuracy(records):
-    return metrics.pope_lmms_eval(_pope_rows(records))["accuracy"]
+def _pope_metric(score: str, key: str):
+    """An lm-eval aggregation: one entry of `metrics.pope_lmms_eval` or `metrics.pope_llava_script`."""
+    scorer = getattr(metrics, score)
+
+    def aggregate(records):
+        return scorer(_pope_rows(records))[key]
+
+    return aggregate
 
 
-def pope_precision(records):
-    return metrics.pope_lmms_eval(_pope_rows(records))["precision"]
-
-
-def pope_recall(records):
-    return metrics.pope_lmms_eval(_pope_rows(records))["recall"]
-
-
-def pope_f1(records):
-    return metrics.pope_lmms_eval(_pope_rows(records))["f1"]
-
-
-def pope_yes_ratio(records):
-    return metrics.pope_lmms_eval(_pope_rows(records))["yes_ratio"]
-
-
-def pope_categories(records):
-    """lmms-eval's metrics per category: {category: {accuracy, precision, recall, f1, yes_ratio, num}}."""
-    return metrics.pope_lmms_eval(_pope_rows(records))["categories"]
-
-
-def pope_llava_f1(records):
-    """The LLaVA script's F1, averaged over the categories: the number papers report."""
-    return metrics.pope_llava_script(_pope_rows(records))["mean_f1"]
-
-
-def pope_llava_categories(records):
-    return metrics.pope_llava_script(_pope_rows(records))["categories"]
+# lmms-eval's metrics over all rows, and per category ({category: {accuracy, ..., num}}).
+pope_accuracy = _pope_metric("pope_lmms_eval", "accuracy")
+pope_precision = _pope_metric("pope_lmms_eval", "precision")
+pope_recall = _pope_metric("pope_lmms_eval", "recall")
+pope_f1 = _pope_metric("pope_lmms_eval", "f1")
+pope_yes_ratio = _pope_metric("pope_lmms_eval", "yes_ratio")
+pope_categories = _pope_metric("pope_lmms_eval", "categories")
+# The LLaVA script's F1 averaged over the categories (the number papers report), and per category.
+pope_llava_f1 = _pope_metric("pope_llava_script", "mean_f1")
+pope_llava_categories = _pope_metric("pope_llava_script", "categories")
 
 
 # ---------------------------------------------------------------------------------------------------- MMMU
