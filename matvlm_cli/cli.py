@@ -131,7 +131,7 @@ def bench(
     batch: Optional[list[int]] = typer.Option(None, "--batch", help="Batch size; repeatable. [default: 1]"),
     gen_len: Optional[int] = typer.Option(None, help="Tokens to decode per run. [default: 128]"),
     engine: Optional[list[str]] = typer.Option(None, "--engine", help="graphs (static cache + CUDA graphs) | hf (plain generate); repeatable. [default: graphs, hf]"),
-    backend: Optional[str] = typer.Option(None, help="Mixer kernels: auto | torch | mamba-ssm | fla. [default: auto]"),
+    backend: Optional[str] = typer.Option(None, help="Mixer kernels: auto | torch | triton | mamba-ssm | fla. [default: auto]"),
     dtype: Optional[str] = typer.Option(None, help="auto | bfloat16 | float16 | float32. (default: bfloat16 on GPU, float32 on CPU)"),
     throughput: Optional[int] = typer.Option(None, "--throughput", help="Also find each model's largest batch at this context and its tokens/s (GPU)."),
     kernels: bool = typer.Option(False, "--kernels", help="Kernel micro-benchmark: every installed mixer backend side by side."),

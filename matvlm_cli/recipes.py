@@ -304,7 +304,7 @@ class BenchRecipe:
     batches: list[int] = field(default_factory=lambda: [1])
     gen_len: int = 128
     engines: list[str] = field(default_factory=lambda: ["graphs", "hf"])  # first one is the fair comparison
-    backend: str = "auto"  # mixer kernels: auto | torch | mamba-ssm | fla
+    backend: str = "auto"  # mixer kernels: auto | torch | triton | mamba-ssm | fla
     dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
     throughput_seq_len: int | None = None  # also find each model's largest batch at this length (GPU)
     kernels: bool = False  # kernel micro-benchmark of every installed backend instead of models

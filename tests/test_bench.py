@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from matvlm_cli.bench import floor
+from matvlm_cli.bench import floor, fusion
 from matvlm_cli.bench.engines import GraphEngine, HFEngine, cache_sizes
 from matvlm_cli.bench.models import bench_inputs, build_teacher, image_token_count, model_specs
 from matvlm_cli.bench.report import comparisons, paper_style, throughput_gains
@@ -129,7 +129,7 @@ def test_bench_cli_on_the_embedded_teacher(tmp_path):
     [
         (["--ratio", "1.5"], "'ratios': 1.5 is outside (0, 1]"),
         (["--engine", "vllm"], "unknown engine 'vllm'"),
-        (["--backend", "triton"], "'backend' must be one of"),
+        (["--backend", "cutlass"], "'backend' must be one of"),
         (["--student", "/nonexistent/hybrid"], "'students': /nonexistent/hybrid is not a model directory"),
         (["--teacher", "gpt-5"], "teacher 'gpt-5': neither a preset"),
         (["--kernels"], "needs a GPU"),
@@ -141,3 +141,25 @@ def test_bench_user_errors_are_one_line(args, message, tmp_path):
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "b" / "bench.json").exists()
+
+
+def test_qkv_fusion_keeps_outputs_and_holds_the_weights_once(tiny_teachers):
+    model = build_teacher(str(tiny_teachers["llama"]), CPU, torch.float32)
+    inputs = bench_inputs(model, 40, 2, image_token_count(model))
+    before = model(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values).logits
+    weight_bytes = floor.decode_weight_bytes(model)
+    attention = model.model.language_model.layers[0].self_attn
+
+    assert fusion.fuse(model) == 4  # one trio per decoder layer
+    assert isinstance(attention.q_proj, fusion.ProjectionSlice)
+    assert attention.k_proj.shared is attention.q_proj.shared
+    assert floor.decode_weight_bytes(model) == weight_bytes
+    fused = model(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values).logits
+    torch.testing.assert_close(fused, before)
+    assert fusion.fuse(model) == 0  # already fused
+
+    fusion.unfuse(model)
+    assert isinstance(attention.q_proj, torch.nn.Linear)
+    # the restored modules read views of the fused weight: no copy was kept
+    assert attention.k_proj.weight.untyped_storage().data_ptr() == attention.q_proj.weight.untyped_storage().data_ptr()
+    torch.testing.assert_close(model(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values).logits, before)

@@ -82,6 +82,47 @@ def test_step_and_conv_kernels_match_reference(torch_backend):
     assert rel_err(conv, conv_ref) < 1e-2 and rel_err(step, step_ref) < 1e-2
 
 
+@pytest.mark.parametrize("heads,headdim,d_state,groups", [(32, 80, 80, 32), (8, 64, 128, 2), (6, 12, 10, 3)])
+def test_fused_decode_step_matches_the_reference_step(heads, headdim, d_state, groups):
+    """matvlm's one-kernel decode step (Triton) against the PyTorch step in float32: the output, the
+    shifted conv window and the updated state, from bf16 activations."""
+    from matvlm_cli.hybrid.step_kernel import mamba2_step
+
+    if kernels.backend_ops("triton") is None:
+        pytest.skip("triton not installed")
+    torch.manual_seed(0)
+    cfg = Mamba2Config(d_model=64, nheads=heads, headdim=headdim, d_state=d_state, ngroups=groups)
+    mixer = Mamba2Mixer(cfg, 0, device="cuda")
+    with torch.no_grad():
+        mixer.norm.weight.uniform_(0.5, 1.5)
+        mixer.conv1d.bias.normal_()
+        mixer.D.normal_()
+    projected = torch.randn(3, cfg.in_proj_dim, device="cuda").bfloat16()
+    conv_state = torch.randn(3, cfg.conv_dim, cfg.d_conv, device="cuda").bfloat16()
+    state = torch.randn(3, heads, headdim, d_state, device="cuda")
+    weight = mixer.conv1d.weight.detach().squeeze(1)
+
+    ref_conv, ref_state = conv_state.float(), state.clone()
+    z, xBC, dt = projected.float().split([cfg.d_inner, cfg.conv_dim, heads], dim=-1)
+    dt = F.softplus(dt + mixer.dt_bias).clamp(*cfg.dt_bounds)
+    kernels.set_backend("torch")
+    try:
+        with torch.no_grad():
+            x, B, C = mixer._split_xBC(causal_conv1d_step(xBC, ref_conv, weight, mixer.conv1d.bias))
+            y = ssd_step(ref_state, x, dt, -torch.exp(mixer.A_log), B, C, mixer.D)
+            reference = mixer.norm(y.reshape(3, cfg.d_inner), z)
+    finally:
+        kernels.set_backend("auto")
+    with torch.no_grad():
+        out = mamba2_step(
+            projected, conv_state, weight, mixer.conv1d.bias, mixer.dt_bias, mixer.A_log, mixer.D, state,
+            mixer.norm.weight, groups, d_state, *cfg.dt_bounds, mixer.norm.eps,
+        )
+    assert rel_err(out, reference) < 1e-2
+    assert rel_err(state, ref_state) < 1e-2
+    assert rel_err(conv_state, ref_conv) < 1e-2
+
+
 def test_mixer_prefill_and_decode_on_cuda():
     torch.manual_seed(0)
     mixer = Mamba2Mixer(Mamba2Config(d_model=128, nheads=8, headdim=16, d_state=16, ngroups=8), 0, device="cuda")

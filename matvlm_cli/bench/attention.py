@@ -20,8 +20,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
 DECODE_ATTENTION = "matvlm_decode"
-BLOCK_N = 64  # cache slots a program reads per step
-TARGET_PROGRAMS = 528  # about 4 per SM of an H100: enough slices to keep the memory system busy
+# Tuning, from a sweep on an H200 (docs/gpu/decode_profile.py, attention-sweep-h200.txt): cache slots a program reads
+# per step (None: 64 when the cache is split into slices, 128 when each program reads a whole
+# sequence), programs to launch per SM, and Triton's warps per program and pipeline stages.
+TUNING = {"block_n": None, "programs_per_sm": 4, "num_warps": 4, "num_stages": 2}
 
 
 try:  # resolved at import, so the compiled decode step sees a constant, not a call it cannot trace
@@ -40,35 +42,43 @@ def _triton_kernels():
     @triton.jit
     def split_kv(Q, K, V, Mask, Acc, Max, Sum, sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b,
                  scale, slots, split_len, heads, splits,
-                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
-        b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        kv_head = h // GROUP
+                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+                 BLOCK: tl.constexpr):
+        # One program: the GROUP query heads that share one KV head, over one slice of the cache. The
+        # queries are padded to BLOCK_H rows so both products run on tensor cores, which lets Triton
+        # pipeline the K and V loads (a memory-bound kernel needs many bytes in flight).
+        b, kv_head, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = tl.arange(0, BLOCK_H)
+        in_group = rows < GROUP
+        h = kv_head * GROUP + rows
         d = tl.arange(0, BLOCK_D)
         in_dim = d < HEAD_DIM
-        q = tl.load(Q + b * sq_b + h * sq_h + d, mask=in_dim, other=0.0).to(tl.float32) * scale
-        running_max = tl.full([], float("-inf"), tl.float32)
-        running_sum = tl.full([], 0.0, tl.float32)
-        acc = tl.zeros([BLOCK_D], tl.float32)
+        q = tl.load(Q + b * sq_b + h[:, None] * sq_h + d[None, :], mask=in_group[:, None] & in_dim[None, :], other=0.0)
+        running_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        running_sum = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
         start = s * split_len
-        for offset in range(0, split_len, BLOCK):
-            n = start + offset + tl.arange(0, BLOCK)
-            keep = tl.load(Mask + b * sm_b + n, mask=n < slots, other=0) != 0
-            both = keep[:, None] & in_dim[None, :]
-            k = tl.load(K + b * sk_b + kv_head * sk_h + n[:, None] * sk_n + d[None, :], mask=both, other=0.0)
-            scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
-            scores = tl.where(keep, scores, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(scores, axis=0))
+        k_base = K + b * sk_b + kv_head * sk_h
+        v_base = V + b * sv_b + kv_head * sv_h
+        for offset in range(start, start + split_len, BLOCK):
+            n = offset + tl.arange(0, BLOCK)
+            in_cache = n < slots
+            keep = tl.load(Mask + b * sm_b + n, mask=in_cache, other=0) != 0
+            k = tl.load(k_base + n[:, None] * sk_n + d[None, :], mask=in_cache[:, None] & in_dim[None, :], other=0.0)
+            scores = tl.dot(q, tl.trans(k)) * scale
+            scores = tl.where(keep[None, :], scores, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(scores, axis=1))
             safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-            p = tl.exp(scores - safe_max)
+            p = tl.exp(scores - safe_max[:, None])
             rescale = tl.exp(running_max - safe_max)
-            v = tl.load(V + b * sv_b + kv_head * sv_h + n[:, None] * sv_n + d[None, :], mask=both, other=0.0)
-            acc = acc * rescale + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-            running_sum = running_sum * rescale + tl.sum(p, axis=0)
+            v = tl.load(v_base + n[:, None] * sv_n + d[None, :], mask=in_cache[:, None] & in_dim[None, :], other=0.0)
+            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+            running_sum = running_sum * rescale + tl.sum(p, axis=1)
             running_max = new_max
-        row = (b * heads + h) * splits + s
-        tl.store(Acc + row * HEAD_DIM + d, acc, mask=in_dim)
-        tl.store(Max + row, running_max)
-        tl.store(Sum + row, running_sum)
+        out_rows = (b * heads + h) * splits + s
+        tl.store(Acc + out_rows[:, None] * HEAD_DIM + d[None, :], acc, mask=in_group[:, None] & in_dim[None, :])
+        tl.store(Max + out_rows, running_max, mask=in_group)
+        tl.store(Sum + out_rows, running_sum, mask=in_group)
 
     @triton.jit
     def combine(Acc, Max, Sum, Out, so_b, so_h, heads, splits,
@@ -91,6 +101,11 @@ def _triton_kernels():
     return triton, split_kv, combine
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 # A custom op is opaque to torch.compile: the compiled decode step calls the kernels as they are,
 # without a graph break per layer.
 @torch.library.custom_op("matvlm::split_kv_decode", mutates_args=())
@@ -100,8 +115,10 @@ def split_kv_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     triton, split_kv, combine = _triton_kernels()
     batch, heads, _, dim = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
-    splits = max(1, min(triton.cdiv(slots, BLOCK_N), TARGET_PROGRAMS // (batch * heads)))
-    split_len = triton.cdiv(triton.cdiv(slots, splits), BLOCK_N) * BLOCK_N
+    target = TUNING["programs_per_sm"] * _sm_count(query.device)
+    block_n = TUNING["block_n"] or (64 if batch * kv_heads < target else 128)
+    splits = max(1, min(triton.cdiv(slots, block_n), target // (batch * kv_heads)))
+    split_len = triton.cdiv(triton.cdiv(slots, splits), block_n) * block_n
     splits = triton.cdiv(slots, split_len)
     acc = torch.empty(batch * heads * splits, dim, device=query.device, dtype=torch.float32)
     maxes = torch.empty(batch * heads * splits, device=query.device, dtype=torch.float32)
@@ -109,12 +126,14 @@ def split_kv_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     out = torch.empty(batch, 1, heads, dim, device=query.device, dtype=query.dtype)
     block_d = triton.next_power_of_2(dim)
     keep = keep.view(torch.uint8)
-    split_kv[(batch, heads, splits)](
+    group = heads // kv_heads
+    split_kv[(batch, kv_heads, splits)](
         query, key, value, keep, acc, maxes, sums,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), keep.stride(0),
         scale, slots, split_len, heads, splits,
-        GROUP=heads // kv_heads, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK=BLOCK_N,
+        GROUP=group, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK=block_n,
+        num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
     )
     combine[(batch, heads)](
         acc, maxes, sums, out, out.stride(0), out.stride(2), heads, splits,

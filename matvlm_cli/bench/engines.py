@@ -9,7 +9,8 @@
   baseline) run it.
 
 Both engines run the same model code. `graphs` switches the language model's attention to
-`attention.py`'s `matvlm_decode` (split-KV Triton decoding over the static cache, SDPA for prefill).
+`attention.py`'s `matvlm_decode` (split-KV Triton decoding over the static cache, SDPA for prefill)
+and computes q, k and v in one product (`fusion.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from transformers import StaticCache
 
+from . import fusion
 from .attention import DECODE_ATTENTION
 
 @dataclass
@@ -36,7 +38,7 @@ class BenchInputs:
 class Timing:
     prefill_ms: float  # median time to first token
     decode_ms_per_token: float  # median per decode step (all sequences of the batch advance one token)
-    peak_bytes: int | None  # torch.cuda.max_memory_allocated over prefill + decode; None on CPU
+    peak_bytes: int | None  # weights + the most prefill and decode allocated on top of them; None on CPU
     kv_bytes: int  # attention KV buffers
     state_bytes: int  # Mamba conv windows + SSM states
     tokens: torch.Tensor  # the last run's generated tokens (batch, gen_len), for correctness checks
@@ -47,10 +49,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+def _reset_peak(device: torch.device) -> int:
+    """Starts a peak measurement; returns the bytes allocated now."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _own_peak(model, device: torch.device, allocated_at_reset: int) -> int | None:
+    """The model's weights plus the most the run allocated since the reset. Memory that earlier models
+    of the process left behind (compiled graphs and their pools) is not this model's, so it is not
+    counted: it would bias every model measured after the first."""
+    if device.type != "cuda":
+        return None
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights + torch.cuda.max_memory_allocated(device) - allocated_at_reset
 
 
 def _median_ms(samples: list[float]) -> float:
@@ -130,6 +145,7 @@ class GraphEngine:
         """Fill a fresh static cache with the prompt, `prefill_chunk` tokens per forward (the image in
         the first); returns (cache, first generated token)."""
         self.text_config._attn_implementation = DECODE_ATTENTION  # the hf engine may have switched it
+        fusion.fuse(self.model)  # and unfused the projections
         ids = inputs.input_ids
         batch, length = ids.shape
         cache = StaticCache(config=self.model.config, max_cache_len=max_len)
@@ -213,7 +229,7 @@ class GraphEngine:
         prefill_s, decode_s = [], []
         for attempt in range(warmup + repeats):
             if attempt == warmup:
-                _reset_peak(self.device)  # compilation and autotuning happen in the warm-up
+                allocated_at_reset = _reset_peak(self.device)  # compilation and autotuning happen in the warm-up
             _sync(self.device)
             start = time.perf_counter()
             cache, first = self.prefill(inputs, max_len)
@@ -230,7 +246,7 @@ class GraphEngine:
                 decode_s.append((time.perf_counter() - start) / max(gen_len - 1, 1))
             kv, state = cache_sizes(cache)
             del cache, advance
-        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        peak = _own_peak(self.model, self.device, allocated_at_reset)
         return Timing(_median_ms(prefill_s), _median_ms(decode_s), peak, kv, state, tokens)
 
 
@@ -254,10 +270,11 @@ class HFEngine:
 
     def run(self, inputs: BenchInputs, gen_len: int, repeats: int = 3, warmup: int = 1) -> Timing:
         self.text_config._attn_implementation = "sdpa"
+        fusion.unfuse(self.model)
         prefill_s, total_s = [], []
         for attempt in range(warmup + repeats):
             if attempt == warmup:
-                _reset_peak(self.device)
+                allocated_at_reset = _reset_peak(self.device)
             for new_tokens, samples in ((1, prefill_s), (gen_len, total_s)):
                 _sync(self.device)
                 start = time.perf_counter()
@@ -265,7 +282,7 @@ class HFEngine:
                 _sync(self.device)
                 if attempt >= warmup:
                     samples.append(time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        peak = _own_peak(self.model, self.device, allocated_at_reset)
         kv, state = cache_sizes(out.past_key_values)
         prefill = statistics.median(prefill_s)
         decode = (statistics.median(total_s) - prefill) / max(gen_len - 1, 1)

@@ -24,8 +24,10 @@ from typing import Callable
 
 import torch
 
-BACKENDS = ("auto", "torch", "mamba-ssm", "fla")
-OPS = ("chunk_scan", "state_update", "conv1d", "conv1d_update")
+BACKENDS = ("auto", "torch", "triton", "mamba-ssm", "fla")
+# mixer_step is a whole decode step fused into one kernel (`step_kernel.py`); where no backend has it,
+# the step runs as conv1d_update + state_update + the gated norm.
+OPS = ("chunk_scan", "state_update", "conv1d", "conv1d_update", "mixer_step")
 # Fastest first, per op (gpu.md: fla's chunk scan 0.40 ms vs mamba_ssm's 0.57 ms; causal_conv1d's CUDA
 # conv 0.10 ms; the fused state update beats the few PyTorch ops of a step).
 AUTO_ORDER = {
@@ -33,6 +35,7 @@ AUTO_ORDER = {
     "state_update": ("mamba-ssm",),
     "conv1d": ("mamba-ssm", "fla"),
     "conv1d_update": ("mamba-ssm",),
+    "mixer_step": ("triton",),
 }
 _selected = "auto"
 
@@ -52,6 +55,7 @@ def get_backend() -> str:
 
 
 INSTALL_HINT = {
+    "triton": "Triton comes with CUDA builds of torch",
     "mamba-ssm": "pip install 'matvlm[cuda]' on a CUDA machine with nvcc",
     "fla": "pip install fla-core",
 }
@@ -78,6 +82,7 @@ def _load_mamba_ssm() -> SimpleNamespace:
             x if 1 in (x.stride(1), x.stride(2)) else x.contiguous(), weight, bias, activation=activation
         ),
         conv1d_update=conv.causal_conv1d_update,
+        mixer_step=None,
         chunk_scan_trains=True,
     )
 
@@ -112,12 +117,23 @@ def _load_fla() -> SimpleNamespace:
         return y.transpose(1, 2)
 
     return SimpleNamespace(
-        chunk_scan=chunk_scan, state_update=None, conv1d=conv1d, conv1d_update=None,
+        chunk_scan=chunk_scan, state_update=None, conv1d=conv1d, conv1d_update=None, mixer_step=None,
         chunk_scan_trains=not broken_backward,
     )
 
 
-_LOADERS = {"mamba-ssm": _load_mamba_ssm, "fla": _load_fla}
+def _load_triton() -> SimpleNamespace:
+    """matvlm's own Triton kernels: the fused decode step (the other ops stay PyTorch's)."""
+    importlib.import_module("triton")
+    from .step_kernel import mamba2_step
+
+    return SimpleNamespace(
+        chunk_scan=None, state_update=None, conv1d=None, conv1d_update=None, mixer_step=mamba2_step,
+        chunk_scan_trains=True,
+    )
+
+
+_LOADERS = {"triton": _load_triton, "mamba-ssm": _load_mamba_ssm, "fla": _load_fla}
 
 
 def kernel(op: str, tensor: torch.Tensor, needs_grad: bool = False) -> Callable | None:
@@ -128,7 +144,7 @@ def kernel(op: str, tensor: torch.Tensor, needs_grad: bool = False) -> Callable 
     candidates = AUTO_ORDER[op] if _selected == "auto" else (_selected,)
     for name in candidates:
         ops = backend_ops(name)
-        if ops is None or getattr(ops, op) is None:
+        if ops is None or getattr(ops, op, None) is None:
             continue
         if needs_grad and op == "chunk_scan" and not ops.chunk_scan_trains:
             continue

@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .cache import PaddingMaskTap, mamba_cache_slot
 from .mixer_config import Mamba2Config
 from .ssd import causal_conv1d, causal_conv1d_step, ssd_chunk_scan, ssd_step
+from .step_kernel import fused_step_usable
 
 
 class GatedRMSNorm(nn.Module):
@@ -95,11 +97,22 @@ class Mamba2Mixer(nn.Module):
         if padding_mask is None and self.padding_mask_tap is not None and length > 1:
             padding_mask = self.padding_mask_tap.for_last(length)
 
-        z, xBC, dt = self.in_proj(hidden_states).split([cfg.d_inner, cfg.conv_dim, cfg.nheads], dim=-1)
+        projected = self.in_proj(hidden_states)
+        conv_weight = self.conv1d.weight.squeeze(1)
+        if has_state and length == 1:
+            fused_step = kernels.kernel("mixer_step", projected)
+            state = slot.recurrent_states[0]
+            if fused_step is not None and fused_step_usable(projected[:, 0], slot.conv_states[0], state, conv_weight):
+                y = fused_step(
+                    projected[:, 0], slot.conv_states[0], conv_weight, self.conv1d.bias, self.dt_bias, self.A_log,
+                    self.D, state, self.norm.weight, cfg.ngroups, cfg.d_state, *cfg.dt_bounds, self.norm.eps,
+                )
+                return self.out_proj(y.unsqueeze(1).to(self.out_proj.weight.dtype)), None
+
+        z, xBC, dt = projected.split([cfg.d_inner, cfg.conv_dim, cfg.nheads], dim=-1)
         A = -torch.exp(self.A_log.float())
         dt_low, dt_high = cfg.dt_bounds
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(dt_low, dt_high)
-        conv_weight = self.conv1d.weight.squeeze(1)
 
         if has_state and length == 1:
             xBC = causal_conv1d_step(xBC[:, 0], slot.conv_states[0], conv_weight, self.conv1d.bias)
