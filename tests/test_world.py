@@ -25,6 +25,8 @@ from matvlm_cli.world.questions import (
     NEGATIVE_STRATEGIES,
     SUBJECTS,
     TOKEN_PATTERN,
+    is_reading_prompt,
+    reading_records,
     sample_negative,
 )
 from matvlm_cli.world.scenes import BACKGROUNDS, COLORS, render, sample_scene
@@ -204,6 +206,26 @@ def test_training_json_is_llava_format(world):
         "Answer with the option's letter from the given choices directly.",
         "Describe the image.",
     } <= set(endings)
+
+
+def test_reading_records_are_the_reading_turns_on_their_own(world):
+    records = json.loads(world.train_json.read_text())
+    reading = reading_records(records)
+    with_reading = [r for r in records if any(is_reading_prompt(t["value"]) for t in r["conversations"][::2])]
+    assert 0 < len(reading) == len(with_reading) < len(records)
+    texts = {r["id"]: r for r in records}
+    for record in reading:
+        human, gpt = record["conversations"]
+        assert human["value"].startswith("<image>\n") and human["value"].count("<image>") == 1
+        assert human["value"].endswith("Answer the question using a single word or phrase.")
+        assert "\nA. " not in human["value"]  # not a multiple-choice reading question
+        source = texts[record["id"].removesuffix("-reading")]
+        assert record["image"] == source["image"]
+        answer = next(g["value"] for h, g in zip(source["conversations"][::2], source["conversations"][1::2])
+                      if is_reading_prompt(h["value"]))
+        assert gpt["value"] == answer
+    assert not is_reading_prompt("What word is written in the image?\nA. kite\nB. cup\nC. car\nD. ball"
+                                 "\n\nAnswer with the option's letter from the given choices directly.")
 
 
 def test_benchmark_images_are_held_out(world):

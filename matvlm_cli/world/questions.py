@@ -58,6 +58,27 @@ def textvqa_prompt(question: str, ocr_tokens: list[str] | None = None) -> str:
     return question.capitalize() + ocr + SHORT_ANSWER
 
 
+def is_reading_prompt(prompt: str) -> bool:
+    """Whether a training prompt is a TextVQA-style reading question (not a multiple-choice one)."""
+    prompt = prompt.removeprefix(IMAGE_TAG + "\n")
+    questions = [q.capitalize() for q in TEXTVQA_WORD_QUESTIONS + TEXTVQA_NUMBER_QUESTIONS]
+    return prompt.endswith(SHORT_ANSWER) and any(prompt.startswith(q) for q in questions)
+
+
+def reading_records(records: list[dict]) -> list[dict]:
+    """The first reading turn of each LLaVA record that has one, as a one-turn record of its own."""
+    found = []
+    for record in records:
+        turns = record["conversations"]
+        for human, gpt in zip(turns[::2], turns[1::2]):
+            if is_reading_prompt(human["value"]):
+                prompt = IMAGE_TAG + "\n" + human["value"].removeprefix(IMAGE_TAG + "\n")
+                found.append({"id": record["id"] + "-reading", "image": record["image"],
+                              "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": gpt["value"]}]})
+                break
+    return found
+
+
 def object_name(kind: tuple[str, str]) -> str:
     return f"{kind[0]} {kind[1]}"
 
