@@ -178,17 +178,15 @@ def test_shipped_distill_recipes_validate():
 def test_embedded_world_adds_its_reading_turns_again(tmp_path, monkeypatch):
     """Without `data`, distill reads the embedded world's conversations plus their reading turns at
     EMBEDDED_READING_WEIGHT (a small world stands in for the 20k-scene one)."""
-    from types import SimpleNamespace
-
     from rich.console import Console
 
-    from matvlm_cli.distill.trainer import EMBEDDED_READING_WEIGHT, DistillRun
+    from matvlm_cli.distill.trainer import EMBEDDED_READING_WEIGHT, embedded_world_sources
     from matvlm_cli.world.writers import WORLD_VERSION
 
     monkeypatch.setenv("MATVLM_CACHE", str(tmp_path))
     world = generate_world(tmp_path / f"world-seed0-distill-v{WORLD_VERSION}", seed=0, train_size=120,
                            pope_per_category=2, mmmu_size=5, textvqa_size=2)
-    conversations, reading = DistillRun._embedded_world(SimpleNamespace(console=Console()))
+    conversations, reading = embedded_world_sources(Console())
     assert conversations.json == str(world.train_json) and conversations.weight == 1.0
     assert reading.weight == EMBEDDED_READING_WEIGHT > 1 and reading.image_root == conversations.image_root
     records = json.loads(open(reading.json).read())

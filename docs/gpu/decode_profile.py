@@ -1,6 +1,6 @@
 """Where a decode step's time goes (run on the GPU machine): attention kernel sweep, GEMV rates,
 and a kernel-level profile of the teacher's graph-decoded step."""
-import itertools, os, statistics, sys, time
+import itertools, statistics, sys
 import torch
 import torch.nn.functional as F
 

@@ -1,7 +1,7 @@
 """Why a hybrid's bench peak exceeds weights + cache + prefill transient: memory at each attempt."""
-import gc, sys, torch
+import gc
+import torch
 from torch._dynamo.utils import counters
-from matvlm_cli.bench import engines
 from matvlm_cli.bench.engines import GraphEngine
 from matvlm_cli.bench.models import bench_inputs, build_teacher, image_token_count
 from matvlm_cli.hybrid import choose_layers, convert_to_hybrid

@@ -39,6 +39,32 @@ PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 EMBEDDED_READING_WEIGHT = 6.0
 
 
+def embedded_world_sources(console: Console):
+    """The embedded world's training conversations, generated once into the cache, plus their reading
+    turns again at `EMBEDDED_READING_WEIGHT`."""
+    import os
+
+    from ..hybrid.io import write_atomic
+    from ..recipes import DataSource
+    from ..world import generate_world
+    from ..world.questions import reading_records
+    from ..world.writers import WORLD_VERSION
+
+    cache = Path(os.environ.get("MATVLM_CACHE", Path.home() / ".cache" / "matvlm"))
+    train = cache / f"world-seed0-distill-v{WORLD_VERSION}" / "train"
+    conversations, reading = train / "conversations.json", train / "reading.json"
+    if not conversations.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        with console.status(f"Generating the embedded world into {train.parent}"):
+            generate_world(train.parent, seed=0, train_size=20_000, overwrite=True)
+    if not reading.is_file():
+        write_atomic(reading, json.dumps(reading_records(json.loads(conversations.read_text()))))
+    return [
+        DataSource(json=str(conversations), image_root=str(train)),
+        DataSource(json=str(reading), image_root=str(train), weight=EMBEDDED_READING_WEIGHT),
+    ]
+
+
 class EpochShuffle(Sampler):
     """A fresh permutation per epoch from (seed, epoch): reproducible, and resumable mid-epoch."""
 
@@ -164,7 +190,7 @@ class DistillRun:
 
         self.processor = AutoProcessor.from_pretrained(r.student.path or self.teacher_dir)
         with self.accelerator.main_process_first():  # one process generates the embedded world
-            sources = r.data or self._embedded_world()
+            sources = r.data or embedded_world_sources(self.console)
         with self.console.status("Reading and tokenising the data"):
             self.dataset = ConversationDataset(sources, self.processor, r.model_max_length, seed=r.training.seed)
         for line in self.dataset.skipped.lines():
@@ -204,31 +230,6 @@ class DistillRun:
         if self.accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "recipe.yaml").write_text(yaml.safe_dump(asdict(r), sort_keys=False))
-
-    def _embedded_world(self):
-        """The embedded world's training conversations, generated once into the cache, plus their
-        reading turns again at `EMBEDDED_READING_WEIGHT`."""
-        import os
-
-        from ..hybrid.io import write_atomic
-        from ..recipes import DataSource
-        from ..world import generate_world
-        from ..world.questions import reading_records
-        from ..world.writers import WORLD_VERSION
-
-        cache = Path(os.environ.get("MATVLM_CACHE", Path.home() / ".cache" / "matvlm"))
-        train = cache / f"world-seed0-distill-v{WORLD_VERSION}" / "train"
-        conversations, reading = train / "conversations.json", train / "reading.json"
-        if not conversations.is_file():
-            cache.mkdir(parents=True, exist_ok=True)
-            with self.console.status(f"Generating the embedded world into {train.parent}"):
-                generate_world(train.parent, seed=0, train_size=20_000, overwrite=True)
-        if not reading.is_file():
-            write_atomic(reading, json.dumps(reading_records(json.loads(conversations.read_text()))))
-        return [
-            DataSource(json=str(conversations), image_root=str(train)),
-            DataSource(json=str(reading), image_root=str(train), weight=EMBEDDED_READING_WEIGHT),
-        ]
 
     # -- training ------------------------------------------------------------------------------
     def train(self, on_step=None) -> Path:

@@ -125,10 +125,10 @@ def _load_fla() -> SimpleNamespace:
 def _load_triton() -> SimpleNamespace:
     """matvlm's own Triton kernels: the fused decode step (the other ops stay PyTorch's)."""
     importlib.import_module("triton")
-    from .step_kernel import mamba2_step
+    from .step_kernel import fused_step
 
     return SimpleNamespace(
-        chunk_scan=None, state_update=None, conv1d=None, conv1d_update=None, mixer_step=mamba2_step,
+        chunk_scan=None, state_update=None, conv1d=None, conv1d_update=None, mixer_step=fused_step,
         chunk_scan_trains=True,
     )
 
@@ -144,7 +144,7 @@ def kernel(op: str, tensor: torch.Tensor, needs_grad: bool = False) -> Callable 
     candidates = AUTO_ORDER[op] if _selected == "auto" else (_selected,)
     for name in candidates:
         ops = backend_ops(name)
-        if ops is None or getattr(ops, op, None) is None:
+        if ops is None or getattr(ops, op) is None:
             continue
         if needs_grad and op == "chunk_scan" and not ops.chunk_scan_trains:
             continue

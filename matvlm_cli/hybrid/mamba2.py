@@ -21,7 +21,6 @@ from . import kernels
 from .cache import PaddingMaskTap, mamba_cache_slot
 from .mixer_config import Mamba2Config
 from .ssd import causal_conv1d, causal_conv1d_step, ssd_chunk_scan, ssd_step
-from .step_kernel import fused_step_usable
 
 
 class GatedRMSNorm(nn.Module):
@@ -99,14 +98,14 @@ class Mamba2Mixer(nn.Module):
 
         projected = self.in_proj(hidden_states)
         conv_weight = self.conv1d.weight.squeeze(1)
-        if has_state and length == 1:
-            fused_step = kernels.kernel("mixer_step", projected)
-            state = slot.recurrent_states[0]
-            if fused_step is not None and fused_step_usable(projected[:, 0], slot.conv_states[0], state, conv_weight):
-                y = fused_step(
-                    projected[:, 0], slot.conv_states[0], conv_weight, self.conv1d.bias, self.dt_bias, self.A_log,
-                    self.D, state, self.norm.weight, cfg.ngroups, cfg.d_state, *cfg.dt_bounds, self.norm.eps,
-                )
+        fused_step = kernels.kernel("mixer_step", projected) if has_state and length == 1 else None
+        if fused_step is not None:
+            y = fused_step(
+                projected[:, 0], slot.conv_states[0], conv_weight, self.conv1d.bias, self.dt_bias, self.A_log,
+                self.D, slot.recurrent_states[0], self.norm.weight, cfg.ngroups, cfg.d_state, *cfg.dt_bounds,
+                self.norm.eps,
+            )
+            if y is not None:  # None: states in a layout the kernel does not index
                 return self.out_proj(y.unsqueeze(1).to(self.out_proj.weight.dtype)), None
 
         z, xBC, dt = projected.split([cfg.d_inner, cfg.conv_dim, cfg.nheads], dim=-1)

@@ -104,7 +104,6 @@ if triton is not None:
             tl.store(Out + x_channel, y * scale * norm_weight, mask=in_p)
 
 
-
 # Opaque to torch.compile, and it says what it changes in place, so a compiled decode step keeps the
 # static state buffers.
 @torch.library.custom_op("matvlm::mamba2_step", mutates_args=("conv_state", "ssm_state"))
@@ -137,11 +136,20 @@ def _(inputs, conv_state, conv_weight, conv_bias, dt_bias, A_log, D, ssm_state, 
     return inputs.new_empty(inputs.shape[0], ssm_state.shape[1] * ssm_state.shape[2], dtype=torch.float32)
 
 
-def fused_step_usable(inputs: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, conv_weight: torch.Tensor) -> bool:
-    """The layouts the kernel indexes directly: contiguous rows, windows and states."""
-    return (
+def fused_step(
+    inputs: torch.Tensor, conv_state: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
+    dt_bias: torch.Tensor, A_log: torch.Tensor, D: torch.Tensor, ssm_state: torch.Tensor, norm_weight: torch.Tensor,
+    ngroups: int, d_state: int, dt_low: float, dt_high: float, eps: float,
+) -> torch.Tensor | None:
+    """`mamba2_step`, or None where the tensors are not in the layouts the kernel indexes directly
+    (contiguous rows, windows and float32 states); the caller then runs the PyTorch step."""
+    usable = (
         inputs.stride(-1) == 1 and conv_state.stride(-1) == 1 and conv_state.stride(-2) == conv_state.shape[-1]
         and ssm_state.stride(-1) == 1 and ssm_state.stride(-2) == ssm_state.shape[-1]
         and ssm_state.stride(1) == ssm_state.shape[-1] * ssm_state.shape[-2] and ssm_state.dtype == torch.float32
         and conv_weight.is_contiguous()
     )
+    if not usable:
+        return None
+    return mamba2_step(inputs, conv_state, conv_weight, conv_bias, dt_bias, A_log, D, ssm_state, norm_weight,
+                       ngroups, d_state, dt_low, dt_high, eps)
