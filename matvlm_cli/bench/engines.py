@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from transformers import StaticCache
 
+from ..hybrid import kernels
 from . import fusion
 from .attention import DECODE_ATTENTION
 
@@ -114,6 +115,7 @@ class GraphEngine:
             # A decode step is ~30 tiny kernels per layer (norms, rotary, activations, residuals); inductor
             # fuses them, the CUDA graph then removes launch gaps. One compile per model and shape family.
             torch._dynamo.reset()
+            kernels.resolved()  # import the kernel backends now: an import inside the trace breaks the graph
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             self._next_token = torch.compile(self._next_token, dynamic=True)
         self.takes_cache_position = _accepts(model, "cache_position")
