@@ -25,6 +25,7 @@ from matvlm_cli.world.questions import (
     NEGATIVE_STRATEGIES,
     SUBJECTS,
     TOKEN_PATTERN,
+    binding_negative,
     is_reading_prompt,
     reading_records,
     sample_negative,
@@ -126,6 +127,20 @@ def test_pope_negative_strategies_differ_on_independent_statistics():
     assert mean_frequency(negatives["popular"]) > 1.5 * mean_frequency(negatives["random"])
     assert mean_cooccurrence(negatives["adversarial"]) > 2 * mean_cooccurrence(negatives["random"])
     assert mean_cooccurrence(negatives["adversarial"]) > mean_cooccurrence(negatives["popular"])
+
+
+def test_binding_negatives_cross_colours_and_shapes_of_different_objects():
+    """An absent kind whose colour and shape are both in the picture, whenever the scene has one."""
+    rng = random.Random(7)
+    crossed = 0
+    for scene in (sample_scene(rng) for _ in range(500)):
+        color, shape = binding_negative(scene, rng)
+        assert (color, shape) not in scene.kinds
+        colors, shapes = {o.color for o in scene.objects}, {o.shape for o in scene.objects}
+        possible = any((c, s) not in scene.kinds for c in colors for s in shapes)
+        assert (color in colors and shape in shapes) == possible
+        crossed += possible
+    assert crossed > 200  # most multi-object scenes have such a pair
 
 
 def test_mmmu_rows_follow_the_mmmu_format_and_are_correct():

@@ -42,7 +42,7 @@ from .scenes import Scene, png_bytes, render, sample_scene
 
 # Bumped whenever the same seed would write different data (v2: the training mix weighs multiple choice
 # most); caches of generated worlds are keyed by it.
-WORLD_VERSION = 2
+WORLD_VERSION = 3  # 3: training-only "binding" negatives in existence questions
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 _TEXT = pa.string()
 _TEXTS = pa.list_(pa.string())
