@@ -1,6 +1,7 @@
 """`matvlm distill`: shared teacher/student weights, losses, data handling, checkpoints and resume."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -151,6 +152,7 @@ def test_nan_loss_stops_with_a_clear_message(world, tmp_path):
         ({"losses": {"kl_weight": 0, "layer_weight": 0, "ce_weight": 0}}, "every weight is 0"),
         ({"data": [{"json": "/nope.json", "image_root": "/"}]}, "'data[0].json': /nope.json not found"),
         ({"teacher": "/nowhere"}, "'teacher': /nowhere is not a model directory"),
+        ({"training": {"distributed": "fsdp"}}, "'training.distributed': fsdp is not supported yet"),
     ],
 )
 def test_recipe_errors_are_one_line_before_any_model_loads(world, tmp_path, change, message):
@@ -191,3 +193,25 @@ def test_embedded_world_adds_its_reading_turns_again(tmp_path, monkeypatch):
     assert reading.weight == EMBEDDED_READING_WEIGHT > 1 and reading.image_root == conversations.image_root
     records = json.loads(open(reading.json).read())
     assert records and all(len(r["conversations"]) == 2 for r in records)
+
+
+def test_two_process_run_through_accelerate_launch(world, tmp_path):
+    """A real `accelerate launch` of two CPU processes (DDP over gloo) runs to a final hybrid and one log."""
+    values = recipe_values(world, tmp_path / "run", training={"batch_size": 2, "max_steps": 2},
+                           output={"log_every": 1})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(values))
+    # accelerate's torchrun path (--multi_gpu) with ACCELERATE_USE_CPU: two real processes over gloo
+    # (`--cpu --num_processes 2` would start one).
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "matvlm_cli", "distill", str(path)],
+        capture_output=True, text=True, env=os.environ | {"ACCELERATE_USE_CPU": "true"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = tmp_path / "run" / "final"
+    hybrid = load_hybrid(final)
+    assert hybrid.config.matvlm["distill_steps"] == 2
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # the main process alone writes the log
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["processes"] == 2

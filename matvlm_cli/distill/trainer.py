@@ -161,18 +161,12 @@ class DistillRun:
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         r = self.recipe
-        plugin = {}
-        if r.training.distributed == "fsdp":
-            from accelerate import FullyShardedDataParallelPlugin
-
-            plugin["fsdp_plugin"] = FullyShardedDataParallelPlugin(use_orig_params=True)
         from accelerate.utils import is_tensorboard_available
 
         self.accelerator = Accelerator(
             mixed_precision=PRECISION[r.training.precision], gradient_accumulation_steps=r.training.gradient_accumulation,
             step_scheduler_with_optimizer=False,  # we step it once per optimizer step; accelerate would step it once per process
             log_with="tensorboard" if is_tensorboard_available() else None, project_dir=str(self.out),
-            **plugin,
         )
         set_seed(r.training.seed)
         resume = self._resume_dir()
@@ -294,8 +288,10 @@ class DistillRun:
                 break
         if log:
             log.close()
+        final = self.save_final(time.time() - started)
+        # Last: accelerate's end_training also destroys the process group that save_final waits on.
         acc.end_training()
-        return self.save_final(time.time() - started)
+        return final
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -407,7 +403,7 @@ class DistillRun:
             with self.shared.student_only():
                 setattr(model.config, HYBRID_KEY, self.block | {"distill_steps": self.step})
                 save_hybrid(model, final, source=self.teacher_dir, overwrite=True)
-            summary = {"steps": self.step, "seconds": round(seconds, 1), "peak_memory": peak,
+            summary = {"steps": self.step, "seconds": round(seconds, 1), "peak_memory": peak, "processes": acc.num_processes,
                        "skipped_records": dict(self.dataset.skipped.counts)}
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             self.console.print(f"Distilled {self.step} steps in {seconds:.0f}s, peak memory {peak}. Hybrid saved to [bold]{final}[/bold]")
