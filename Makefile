@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 # The whole chain on the embedded default: convert, a short distillation, then evaluate teacher,
 # converted and distilled hybrid side by side (about 5 minutes on 2 CPU cores).
 demo: $(VENV)/.installed
-	$(VENV)/bin/matvlm convert --layers 2,6 --output runs/tiny-hybrid-0.25 --overwrite
+	$(VENV)/bin/matvlm convert --layers 1,7 --output runs/tiny-hybrid-0.25 --overwrite
 	$(VENV)/bin/matvlm distill recipes/tiny-default.yaml --set training.max_steps=150 \
 		--set optimizer.decay_steps=50 --set output.dir=runs/demo-distill --set output.overwrite=true
 	OMP_NUM_THREADS=1 $(VENV)/bin/matvlm evaluate --model matvlm_cli/presets/tiny-teacher \
