@@ -1,5 +1,8 @@
 """Compile cost, graph count and decode speed of one graph-decoded step, 0.25 hybrid (TinyLLaVA shape).
-OLD=1 restores functools.cache around backend loading (the session-3 code) for comparison."""
+OLD=1 restores functools.cache around backend loading (the session-3 code) for comparison.
+
+    python docs/gpu/graph_count.py [SEQ_LEN]     (GPU machine, fla importable; output: graph-count-h100.txt)
+"""
 import functools
 import os
 import sys

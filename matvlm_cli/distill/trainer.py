@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, Subset, Sampler
 
 from ..errors import MatvlmError
 from ..hybrid.conversion import choose_layers, convert_to_hybrid, find_decoder, hybrid_layers
-from ..hybrid.io import HYBRID_KEY, atomic_directory, load_hybrid, load_teacher, save_hybrid
-from ..recipes import DistillRecipe
+from ..hybrid.io import HYBRID_KEY, atomic_directory, load_hybrid, load_teacher, save_hybrid, write_atomic
+from ..recipes import DataSource, DistillRecipe
 from .data import ConversationDataset, collate
 from .losses import ce_loss, kl_loss, layer_loss
 from .shared import SharedTeacherStudent
@@ -42,15 +42,11 @@ EMBEDDED_READING_WEIGHT = 6.0
 def embedded_world_sources(console: Console):
     """The embedded world's training conversations, generated once into the cache, plus their reading
     turns again at `EMBEDDED_READING_WEIGHT`."""
-    import os
-
-    from ..hybrid.io import write_atomic
-    from ..recipes import DataSource
-    from ..world import generate_world
+    from ..world import cache_dir, generate_world
     from ..world.questions import reading_records
     from ..world.writers import WORLD_VERSION
 
-    cache = Path(os.environ.get("MATVLM_CACHE", Path.home() / ".cache" / "matvlm"))
+    cache = cache_dir()
     train = cache / f"world-seed0-distill-v{WORLD_VERSION}" / "train"
     conversations, reading = train / "conversations.json", train / "reading.json"
     if not conversations.is_file():

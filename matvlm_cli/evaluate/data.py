@@ -72,17 +72,13 @@ BENCHMARKS = {
 }
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MATVLM_CACHE") or Path.home() / ".cache" / "matvlm")
-
-
 def synthetic_data_dir() -> Path:
     """The embedded world's benchmark sets (seed 0, the sets the teacher's numbers are measured on),
     written on first use. `generate_world` writes atomically, so a concurrent first run either finds
     the finished folder or loses the rename race and uses the winner's."""
-    from ..world import generate_world
+    from ..world import cache_dir, generate_world
 
-    root = default_cache_dir() / f"world-seed{SYNTHETIC_SEED}"
+    root = cache_dir() / f"world-seed{SYNTHETIC_SEED}"
     if not (root / "world.json").is_file():
         try:
             generate_world(root, seed=SYNTHETIC_SEED, train_size=1)

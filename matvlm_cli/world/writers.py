@@ -202,6 +202,11 @@ def _replace_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(old)
 
 
+def cache_dir() -> Path:
+    """Where the embedded worlds are generated on first use: $MATVLM_CACHE, else ~/.cache/matvlm."""
+    return Path(os.environ.get("MATVLM_CACHE") or Path.home() / ".cache" / "matvlm")
+
+
 def world_paths(root: str | os.PathLike) -> WorldPaths:
     root = Path(root)
     return WorldPaths(
