@@ -201,7 +201,7 @@ class TrainingSettings:
     gradient_accumulation: int = 1
     precision: str = "fp32"  # fp32 | bf16 | fp16
     gradient_checkpointing: bool = False
-    distributed: str = "ddp"  # ddp (fsdp is refused: see check_distill_recipe)
+    distributed: str = "ddp"  # ddp | fsdp (FSDP2: weights, gradients and optimizer state sharded)
     seed: int = 0
     num_workers: int = 0
 
@@ -247,11 +247,6 @@ def check_distill_recipe(recipe: DistillRecipe, source: str = "recipe") -> None:
         "student.placement": (recipe.student.placement, ("even", "front", "middle", "back")),
     }
     problems += [f"'{key}' must be one of {', '.join(allowed)}, got {value!r}" for key, (value, allowed) in choices.items() if value not in allowed]
-    if recipe.training.distributed == "fsdp":
-        # Tried on two H200s (2026-11-27): the layer loss calls each converted decoder layer outside the
-        # wrapped model's forward, where FSDP has sharded its weights, so the run fails at its first step.
-        problems.append("'training.distributed': fsdp is not supported yet (the layer loss runs decoder layers outside "
-                        "FSDP's forward, where their weights are sharded); use ddp")
     if recipe.losses.kl_weight == recipe.losses.layer_weight == recipe.losses.ce_weight == 0:
         problems.append("'losses': every weight is 0, nothing to learn")
     if recipe.losses.kl_temperature <= 0:

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,7 +153,7 @@ def test_nan_loss_stops_with_a_clear_message(world, tmp_path):
         ({"losses": {"kl_weight": 0, "layer_weight": 0, "ce_weight": 0}}, "every weight is 0"),
         ({"data": [{"json": "/nope.json", "image_root": "/"}]}, "'data[0].json': /nope.json not found"),
         ({"teacher": "/nowhere"}, "'teacher': /nowhere is not a model directory"),
-        ({"training": {"distributed": "fsdp"}}, "'training.distributed': fsdp is not supported yet"),
+        ({"training": {"distributed": "zero3"}}, "'training.distributed' must be one of ddp, fsdp"),
     ],
 )
 def test_recipe_errors_are_one_line_before_any_model_loads(world, tmp_path, change, message):
@@ -195,23 +196,67 @@ def test_embedded_world_adds_its_reading_turns_again(tmp_path, monkeypatch):
     assert records and all(len(r["conversations"]) == 2 for r in records)
 
 
-def test_two_process_run_through_accelerate_launch(world, tmp_path):
-    """A real `accelerate launch` of two CPU processes (DDP over gloo) runs to a final hybrid and one log."""
-    values = recipe_values(world, tmp_path / "run", training={"batch_size": 2, "max_steps": 2},
-                           output={"log_every": 1})
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(values))
-    # accelerate's torchrun path (--multi_gpu) with ACCELERATE_USE_CPU: two real processes over gloo
-    # (`--cpu --num_processes 2` would start one).
-    result = subprocess.run(
+def launch_two_processes(recipe_path, *extra, fsdp_on_cpu=False):
+    """A real `accelerate launch` of two CPU processes: its torchrun path (--multi_gpu) with
+    ACCELERATE_USE_CPU gives DDP over gloo (`--cpu --num_processes 2` would start one process)."""
+    entry = [str(Path(__file__).parent / "fsdp_on_cpu.py")] if fsdp_on_cpu else ["-m", "matvlm_cli"]
+    return subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "matvlm_cli", "distill", str(path)],
+         "--mixed_precision", "no", "--dynamo_backend", "no", *entry, "distill", str(recipe_path), *extra],
         capture_output=True, text=True, env=os.environ | {"ACCELERATE_USE_CPU": "true"},
     )
+
+
+@pytest.fixture(scope="module")
+def two_process_ddp(world, tmp_path_factory):
+    """A two-process DDP run of four steps, with a checkpoint at step 2."""
+    tmp_path = tmp_path_factory.mktemp("ddp")
+    values = recipe_values(world, tmp_path / "run", training={"batch_size": 2, "max_steps": 4}, output={"log_every": 1})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(values))
+    result = launch_two_processes(path)
     assert result.returncode == 0, result.stderr[-3000:]
-    final = tmp_path / "run" / "final"
-    hybrid = load_hybrid(final)
-    assert hybrid.config.matvlm["distill_steps"] == 2
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert steps == [1, 2]  # the main process alone writes the log
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["processes"] == 2
+    return path, tmp_path / "run"
+
+
+def test_two_process_run_and_resume_through_accelerate_launch(two_process_ddp, tmp_path):
+    """Two processes run to a final hybrid and one log; a two-process run resumed from the first run's
+    mid-way checkpoint ends with the same weights."""
+    path, run = two_process_ddp
+    assert load_hybrid(run / "final").config.matvlm["distill_steps"] == 4
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # the main process alone writes the log
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["distributed"] == "MULTI_CPU"
+
+    checkpoint = run / "checkpoints" / "step-0000002"
+    result = launch_two_processes(path, "--set", f"output.dir={tmp_path / 'resumed'}", "--set", f"output.resume={checkpoint}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resumed from" in result.stdout
+    a, b = load_file(run / "final" / "model.safetensors"), load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fsdp_matches_ddp_and_resumes_exactly(two_process_ddp, tmp_path):
+    """The same recipe under FSDP2 (two CPU processes, see fsdp_on_cpu.py) logs the same losses and ends
+    with the same hybrid as under DDP, up to float summation order; its checkpoints resume exactly."""
+    path, ddp = two_process_ddp
+    fsdp = tmp_path / "fsdp"
+    result = launch_two_processes(path, "--set", "training.distributed=fsdp", "--set", f"output.dir={fsdp}", fsdp_on_cpu=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((fsdp / "summary.json").read_text())["distributed"] == "FSDP"
+    fsdp_log = [json.loads(line) for line in (fsdp / "log.jsonl").read_text().splitlines()]
+    ddp_log = [json.loads(line) for line in (ddp / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in fsdp_log] == [1, 2, 3, 4]
+    for f, d in zip(fsdp_log, ddp_log):
+        assert f["loss"] == pytest.approx(d["loss"], rel=1e-4)
+    sharded, reference = load_file(fsdp / "final" / "model.safetensors"), load_file(ddp / "final" / "model.safetensors")
+    assert sharded.keys() == reference.keys()  # whole, tied weights written once
+    assert all(torch.allclose(sharded[k], reference[k], atol=1e-5) for k in sharded)
+    assert not all(torch.equal(sharded[k], reference[k]) for k in sharded)  # a different engine did run
+
+    result = launch_two_processes(path, "--set", "training.distributed=fsdp", "--set", f"output.dir={tmp_path / 'resumed'}",
+                                  "--set", f"output.resume={fsdp / 'checkpoints' / 'step-0000002'}", fsdp_on_cpu=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    assert all(torch.equal(resumed[k], sharded[k]) for k in sharded)

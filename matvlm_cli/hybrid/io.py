@@ -126,12 +126,13 @@ def load_hybrid(
 
 
 def save_hybrid(model: PreTrainedModel, output: str | os.PathLike, source: str | os.PathLike | None = None,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, state_dict: dict | None = None) -> Path:
     """Write the model (whose config already carries the matvlm block) atomically to `output`,
-    with the tokenizer/processor files copied from `source`."""
+    with the tokenizer/processor files copied from `source`. `state_dict` replaces the model's own
+    weights, e.g. when they are sharded across processes."""
     output = Path(output)
     with atomic_directory(output, overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if source is not None:
             for name in PROCESSOR_FILES:
                 src = Path(source) / name
