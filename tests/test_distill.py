@@ -1,6 +1,7 @@
 """`matvlm distill`: shared teacher/student weights, losses, data handling, checkpoints and resume."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -84,6 +85,18 @@ def test_interrupted_run_resumed_gives_the_same_weights(world, tmp_path):
     assert mixer_key not in teacher  # the final output is the hybrid
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert {"kl", "layer", "loss", "lr", "tokens_per_s"} <= log[-1].keys()
+
+
+@pytest.mark.parametrize("trainable", ["mamba+connector", "all"])
+def test_wider_trainable_settings_train_what_they_say(world, tmp_path, trainable):
+    final = run_distill(make(recipe_values(world, tmp_path / "run", trainable=trainable, training={"max_steps": 2})))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert {"kl", "layer"} <= log[-1].keys() and all(math.isfinite(e["loss"]) for e in log)
+    teacher, hybrid = load_file(default_teacher_dir() / "model.safetensors"), load_file(final / "model.safetensors")
+    connector = next(k for k in teacher if "multi_modal_projector" in k and k.endswith("weight"))
+    mlp = next(k for k in teacher if ".mlp." in k and k.endswith("weight"))
+    assert not torch.equal(teacher[connector], hybrid[connector])
+    assert torch.equal(teacher[mlp], hybrid[mlp]) == (trainable != "all")
 
 
 def test_final_output_is_a_loadable_hybrid_that_generates(world, tmp_path):

@@ -103,3 +103,9 @@ class SharedTeacherStudent:
 
     def decoder_layer(self, idx: int) -> nn.Module:
         return self._slots[self.layers.index(idx)][0]
+
+    def teacher_layer(self, idx: int) -> nn.Module:
+        """The decoder layer the teacher pass runs at `idx` (the layer loss captures its input and output)."""
+        if self.separate_teacher is not None:
+            return find_decoder(self.separate_teacher).layers[idx]
+        return self.decoder_layer(idx)

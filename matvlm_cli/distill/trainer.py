@@ -255,8 +255,7 @@ class DistillRun:
             self.shared.teacher_connector.to(self.accelerator.device)
         if self.shared.separate_teacher is not None:
             self.shared.separate_teacher.to(self.accelerator.device)
-        layers = {idx: self.shared.decoder_layer(idx) for idx in self.shared.layers}
-        self.capture = LayerCapture(layers)
+        self.capture = LayerCapture({idx: self.shared.teacher_layer(idx) for idx in self.shared.layers})
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         if resume is not None:
             self._load_checkpoint(resume)
@@ -458,7 +457,7 @@ class DistillRun:
 
 
 def launch_processes(num_gpus: int, recipe_path: Path, overrides: list[str], resume: bool) -> int:
-    """`--num-gpus N`: the same command under `accelerate launch` with N processes (DDP)."""
+    """`--num-gpus N`: the same command under `accelerate launch` with N processes (DDP or FSDP, as the recipe says)."""
     import subprocess
     import sys
 
