@@ -216,7 +216,8 @@ def launch_two_processes(recipe_path, *extra, fsdp_on_cpu=False):
     return subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", *entry, "distill", str(recipe_path), *extra],
-        capture_output=True, text=True, env=os.environ | {"ACCELERATE_USE_CPU": "true"},
+        # Hidden GPUs keep CPU processes off CUDA on a machine that has some.
+        capture_output=True, text=True, env=os.environ | {"ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""},
     )
 
 
