@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from matvlm_cli.distill.shared import SharedTeacherStudent
 from matvlm_cli.distill.trainer import run_distill
 from matvlm_cli.errors import MatvlmError
-from matvlm_cli.hybrid import convert_to_hybrid, find_decoder, load_hybrid, load_teacher
+from matvlm_cli.hybrid import convert_to_hybrid, find_decoder, load_hybrid, load_teacher, save_hybrid
 from matvlm_cli.recipes import DistillRecipe, build_recipe, check_distill_recipe
 from matvlm_cli.tiny import default_teacher_dir
 from matvlm_cli.world import generate_world
@@ -97,6 +97,40 @@ def test_wider_trainable_settings_train_what_they_say(world, tmp_path, trainable
     mlp = next(k for k in teacher if ".mlp." in k and k.endswith("weight"))
     assert not torch.equal(teacher[connector], hybrid[connector])
     assert torch.equal(teacher[mlp], hybrid[mlp]) == (trainable != "all")
+
+
+def last_log(run):
+    return json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+
+
+@pytest.mark.parametrize("section,change,check", [
+    ("losses", {"kl_positions": "response", "layer_loss": "cosine"}, lambda log: log["layer"] < 2),  # cosine distance <= 2
+    ("losses", {"layer_loss": "mse", "ce_weight": 1.0}, lambda log: log["ce"] > 0),
+    ("optimizer", {"schedule": "constant"}, lambda log: log["lr"] == 1e-3),
+    ("optimizer", {"schedule": "cosine"}, lambda log: log["lr"] == 0.0),
+    ("training", {"batch_size": 2, "gradient_accumulation": 2}, lambda log: log["step"] == 4),
+])
+def test_recipe_settings_run_end_to_end(world, tmp_path, section, change, check):
+    run_distill(make(recipe_values(world, tmp_path / "run", **{section: change})))
+    log = last_log(tmp_path / "run")
+    assert math.isfinite(log["loss"]) and check(log), log
+
+
+def test_gradient_checkpointing_gives_the_same_weights(world, tmp_path):
+    plain = run_distill(make(recipe_values(world, tmp_path / "a", training={"max_steps": 2})))
+    checkpointed = run_distill(make(recipe_values(world, tmp_path / "b", training={"max_steps": 2, "gradient_checkpointing": True})))
+    a, b = load_file(plain / "model.safetensors"), load_file(checkpointed / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_a_converted_hybrid_as_the_student(world, tmp_path):
+    model = load_teacher(default_teacher_dir())
+    convert_to_hybrid(model, [1, 7])
+    save_hybrid(model, tmp_path / "hybrid", source=default_teacher_dir())
+    final = run_distill(make(recipe_values(world, tmp_path / "run", student={"path": str(tmp_path / "hybrid")},
+                                           training={"max_steps": 2})))
+    assert load_hybrid(final).config.matvlm["layers"] == [1, 7]
+    assert math.isfinite(last_log(tmp_path / "run")["loss"])
 
 
 def test_final_output_is_a_loadable_hybrid_that_generates(world, tmp_path):

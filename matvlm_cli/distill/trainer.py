@@ -227,7 +227,8 @@ class DistillRun:
             self.console.print(f"[yellow]data:[/yellow] {line}")
         model = self.shared.model
         if r.training.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            # Newer transformers (5.24 here) call it activation checkpointing and warn on the old name; older ones have only that.
+            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
         model.train()
         held_out = r.output.eval_samples if r.output.eval_every else 0
         if held_out >= len(self.dataset):
