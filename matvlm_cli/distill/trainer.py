@@ -249,7 +249,8 @@ class DistillRun:
         )
         if r.training.distributed == "fsdp":
             # Each decoder layer its own FSDP unit, so the layer loss can call a converted layer alone.
-            self.accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = fsdp_units(model, self.shared.decoder_layer(self.shared.layers[0]))
+            plugin = self.accelerator.state.fsdp_plugin
+            plugin.transformer_cls_names_to_wrap = fsdp_units(model, self.shared.decoder_layer(self.shared.layers[0]))
         self.model, self.optimizer, self.loader, self.scheduler = self.accelerator.prepare(model, optimizer, loader, scheduler)
         self.eval_loader = self.accelerator.prepare(eval_loader) if eval_loader is not None else None
         if self.shared.teacher_connector is not None:
