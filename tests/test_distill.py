@@ -116,6 +116,11 @@ def test_recipe_settings_run_end_to_end(world, tmp_path, section, change, check)
     assert math.isfinite(log["loss"]) and check(log), log
 
 
+def test_an_fsdp_recipe_runs_unchanged_in_one_process(world, tmp_path):
+    run_distill(make(recipe_values(world, tmp_path / "run", training={"max_steps": 2, "distributed": "fsdp"})))
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["distributed"] == "NO"
+
+
 def test_gradient_checkpointing_gives_the_same_weights(world, tmp_path):
     plain = run_distill(make(recipe_values(world, tmp_path / "a", training={"max_steps": 2})))
     checkpointed = run_distill(make(recipe_values(world, tmp_path / "b", training={"max_steps": 2, "gradient_checkpointing": True})))

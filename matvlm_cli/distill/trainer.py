@@ -247,7 +247,8 @@ class DistillRun:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(o.schedule, s, self.total_steps, o.warmup_steps, o.decay_steps)
         )
-        if r.training.distributed == "fsdp":
+        # accelerate shards only with several processes; one device runs the same recipe unsharded.
+        if self.accelerator.distributed_type == DistributedType.FSDP:
             # Each decoder layer its own FSDP unit, so the layer loss can call a converted layer alone.
             plugin = self.accelerator.state.fsdp_plugin
             plugin.transformer_cls_names_to_wrap = fsdp_units(model, self.shared.decoder_layer(self.shared.layers[0]))
