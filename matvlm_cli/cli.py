@@ -59,7 +59,9 @@ def distill(
     recipe: Path = typer.Argument(..., help="YAML recipe (see recipes/tiny-default.yaml)."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key: --set optimizer.lr=1e-4 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output.dir."),
-    num_gpus: int = typer.Option(0, "--num-gpus", help="Launch this many processes with accelerate (DDP, or FSDP with training.distributed: fsdp)."),
+    num_gpus: int = typer.Option(
+        0, "--num-gpus", help="Launch this many processes with accelerate (DDP, or FSDP with training.distributed: fsdp)."
+    ),
 ):
     """Distil a hybrid from its teacher (KL + layer + CE losses), on a CPU, a GPU or several GPUs."""
     from .recipes import DistillRecipe, check_distill_recipe, parse_override, read_yaml, build_recipe, set_dotted

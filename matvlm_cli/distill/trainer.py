@@ -123,8 +123,8 @@ def fsdp_plugin():
     called on its own outside the model's forward, as the layer loss does."""
     from accelerate import FullyShardedDataParallelPlugin
 
-    return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-                                          state_dict_type="FULL_STATE_DICT")
+    # No state_dict_type: checkpoints and the final hybrid gather whole state themselves (WHOLE_ON_MAIN).
+    return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
 
 
 def fsdp_units(model: torch.nn.Module, decoder_layer: torch.nn.Module) -> list[str]:
@@ -227,7 +227,7 @@ class DistillRun:
             self.console.print(f"[yellow]data:[/yellow] {line}")
         model = self.shared.model
         if r.training.gradient_checkpointing:
-            # Newer transformers (5.24 here) call it activation checkpointing and warn on the old name; older ones have only that.
+            # transformers 5.24 calls it activation checkpointing and warns on the old name; versions without it keep that.
             getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
         model.train()
         held_out = r.output.eval_samples if r.output.eval_every else 0
@@ -460,7 +460,8 @@ class DistillRun:
 
 
 def launch_processes(num_gpus: int, recipe_path: Path, overrides: list[str], resume: bool) -> int:
-    """`--num-gpus N`: the same command under `accelerate launch` with N processes (DDP or FSDP, as the recipe says)."""
+    """`--num-gpus N`: the same command under `accelerate launch` with N processes (DDP, or FSDP where
+    the recipe says so)."""
     import subprocess
     import sys
 
