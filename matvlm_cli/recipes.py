@@ -203,7 +203,8 @@ class TrainingSettings:
     gradient_checkpointing: bool = False
     distributed: str = "ddp"  # ddp | fsdp (FSDP2: weights, gradients and optimizer state sharded)
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int | None = None  # DataLoader workers decoding images; null = one per spare core, up to 8
+    group_by_length: bool = True  # batches of similar length (less padding); false = plain shuffled batches
 
 
 @dataclass
@@ -226,6 +227,7 @@ class DistillRecipe:
     student: StudentSpec = field(default_factory=StudentSpec)
     data: list[DataSource] = field(default_factory=list)  # empty = the embedded world's training set
     model_max_length: int = 2048
+    skip_text_only: bool = False  # LLaVA-1.5 and ShareGPT4V train on text-only records too; true skips them
     losses: LossWeights = field(default_factory=LossWeights)
     trainable: str = "mamba"  # mamba | mamba+connector | all
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)

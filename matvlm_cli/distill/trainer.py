@@ -6,12 +6,15 @@ precision, gradient accumulation and data sharding (`accelerate launch -m matvlm
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import random
 import resource
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,19 +29,24 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
 )
 from torch.distributed.tensor import DTensor
-from torch.utils.data import DataLoader, Subset, Sampler
+from torch import nn
+from torch.utils.data import DataLoader, Subset
 
 from ..errors import MatvlmError
 from ..hybrid.conversion import choose_layers, convert_to_hybrid, find_decoder, hybrid_layers
 from ..hybrid.io import HYBRID_KEY, atomic_directory, load_hybrid, load_teacher, save_hybrid, write_atomic
 from ..recipes import DataSource, DistillRecipe
-from .data import ConversationDataset, collate
-from .losses import ce_loss, kl_loss, layer_loss
+from .data import ConversationDataset, EpochShuffle, LengthGroupedShuffle, SkipReport, collate, prepare
+from .losses import chunked_logit_losses, layer_loss
 from .shared import SharedTeacherStudent
 
 # Whole (unsharded) state, gathered onto the main process's CPU.
 WHOLE_ON_MAIN = StateDictOptions(full_state_dict=True, cpu_offload=True)
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+# The frozen weights are held in the autocast dtype (half the memory, no cast at every use); trainable ones
+# stay fp32 master weights. Under FSDP everything stays fp32: FSDP2 wants one dtype per unit and casts
+# each unit to bf16 itself when it gathers it.
+FROZEN_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Reading turns are about 3 % of the embedded world's training turns, so a short distillation sees few
 # of them: six more passes over them lifted TextVQA-style from 0.68 to 0.84 after the 700 steps of
 # tiny-default.yaml (three: 0.80), with nothing lost elsewhere (README, Distill).
@@ -67,22 +75,6 @@ def embedded_world_sources(console: Console):
     ]
 
 
-class EpochShuffle(Sampler):
-    """A fresh permutation per epoch from (seed, epoch): reproducible, and resumable mid-epoch."""
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)).tolist())
-
-    def __len__(self) -> int:
-        return self.size
-
-
 def lr_factor(schedule: str, step: int, total: int, warmup: int, decay: int) -> float:
     if warmup and step < warmup:
         return (step + 1) / warmup
@@ -96,7 +88,8 @@ def lr_factor(schedule: str, step: int, total: int, warmup: int, decay: int) -> 
 
 def build_models(recipe: DistillRecipe, teacher_dir: Path) -> tuple[SharedTeacherStudent, dict]:
     """The student with the teacher's attention beside each Mamba-2 mixer; one copy of the rest."""
-    kwargs = {"trust_remote_code": recipe.trust_remote_code}
+    frozen = torch.float32 if recipe.training.distributed == "fsdp" else FROZEN_DTYPE[recipe.training.precision]
+    kwargs = {"trust_remote_code": recipe.trust_remote_code, "dtype": frozen}
     if recipe.student.path:
         student = load_hybrid(recipe.student.path, **kwargs)
         teacher = load_teacher(teacher_dir, **kwargs)
@@ -115,7 +108,44 @@ def build_models(recipe: DistillRecipe, teacher_dir: Path) -> tuple[SharedTeache
                           placement=None if recipe.student.layers else recipe.student.placement)
     block = dict(getattr(student.config, HYBRID_KEY)) | {"distilled_from": str(teacher_dir)}
     separate = load_teacher(teacher_dir, **kwargs) if recipe.trainable == "all" else None
-    return SharedTeacherStudent(student, attentions, recipe.trainable, separate), block
+    shared = SharedTeacherStudent(student, attentions, recipe.trainable, separate)
+    for param in student.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return shared, block
+
+
+def default_workers(processes: int) -> int:
+    """DataLoader workers per process: the cores left after one per process, at most 8 (image decoding
+    and the processor's resize keep up with a GPU step with a few; more only cost memory)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // processes - 1))
+
+
+class FinalHiddenStates(nn.Module):
+    """Stands in for the LM head during one forward pass: keeps the final hidden states and returns
+    logits with no vocabulary (an empty last dimension), so the losses make logits chunk by chunk."""
+
+    def __init__(self):
+        super().__init__()
+        self.value = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.value = hidden
+        return hidden[..., :0]
+
+
+@contextmanager
+def final_hidden_states(model: nn.Module):
+    """`model`'s forward returns empty logits while this is open; yields the stand-in that holds the final
+    hidden states."""
+    head = model.get_output_embeddings()
+    stand_in = FinalHiddenStates()
+    model.set_output_embeddings(stand_in)
+    try:
+        yield stand_in
+    finally:
+        model.set_output_embeddings(head)
 
 
 def fsdp_plugin():
@@ -183,6 +213,22 @@ def _whole_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+CHECKPOINT_FILES = ("state.json", "trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt")
+
+
+def _tensors(tree, prefix: str = ""):
+    """(name, tensor) for every floating-point tensor in nested dicts and lists."""
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point():
+            yield prefix, tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            yield from _tensors(value, f"{prefix}[{i}]")
+
+
 def _first(output):
     return output[0] if isinstance(output, tuple) else output
 
@@ -205,26 +251,38 @@ class DistillRun:
             fsdp_plugin=fsdp_plugin() if r.training.distributed == "fsdp" else None,
         )
         set_seed(r.training.seed)
+        if self.out.exists() and not self.out.is_dir():
+            raise MatvlmError(f"output.dir: {self.out} exists and is not a directory")
         resume = self._resume_dir()
+        self.created_output = not self.out.exists()
         if self.out.exists() and resume is None and r.output.resume != "auto" and self.accelerator.is_main_process:
             if r.output.overwrite:
                 shutil.rmtree(self.out)
+                self.created_output = True
             elif any(self.out.iterdir()):
                 raise MatvlmError(f"output.dir: {self.out} already exists (set output.resume: auto to continue, or output.overwrite: true)")
-        from ..tiny import default_teacher_dir
-
-        self.teacher_dir = Path(r.teacher) if r.teacher else default_teacher_dir()
-        with self.console.status("Loading teacher and building the student"):
-            self.shared, self.block = build_models(r, self.teacher_dir)
         from transformers import AutoProcessor
 
-        self.processor = AutoProcessor.from_pretrained(r.student.path or self.teacher_dir)
-        with self.accelerator.main_process_first():  # one process generates the embedded world
+        from ..tiny import default_teacher_dir
+        from ..world import cache_dir
+
+        self.teacher_dir = Path(r.teacher) if r.teacher else default_teacher_dir()
+        processor_dir = Path(r.student.path or self.teacher_dir)
+        self.processor = AutoProcessor.from_pretrained(processor_dir)
+        # The main process generates the embedded world and prepares the data; the others then map its cache.
+        with self.accelerator.main_process_first():
             sources = r.data or embedded_world_sources(self.console)
-        with self.console.status("Reading and tokenising the data"):
-            self.dataset = ConversationDataset(sources, self.processor, r.model_max_length, seed=r.training.seed)
-        for line in self.dataset.skipped.lines():
-            self.console.print(f"[yellow]data:[/yellow] {line}")
+            prepared = prepare(sources, processor_dir, self.processor, r.model_max_length, cache_dir() / "prepared",
+                               skip_text_only=r.skip_text_only, console=self.console)
+        self.dataset = ConversationDataset(prepared, sources, self.processor, seed=r.training.seed)
+        self.unreadable = SkipReport()  # records whose image fails to decode when its batch is built
+        if self.accelerator.is_main_process:
+            where = "prepared into" if prepared.rebuilt else "read from"
+            self.console.print(f"data: {len(self.dataset)} records {where} {prepared.directory}")
+            for line in self.dataset.skipped.lines():
+                self.console.print(f"[yellow]data:[/yellow] {line}")
+        with self.console.status("Loading teacher and building the student"):
+            self.shared, self.block = build_models(r, self.teacher_dir)
         model = self.shared.model
         if r.training.gradient_checkpointing:
             # transformers 5.24 calls it activation checkpointing and warns on the old name; versions without it keep that.
@@ -234,12 +292,18 @@ class DistillRun:
         if held_out >= len(self.dataset):
             raise MatvlmError(f"output.eval_samples: {held_out} would hold out all {len(self.dataset)} usable records")
         train_set = Subset(self.dataset, range(held_out, len(self.dataset)))
-        self.sampler = EpochShuffle(len(train_set), r.training.seed)
+        if r.training.group_by_length:
+            sampler = LengthGroupedShuffle(self.dataset.lengths[held_out:], r.training.seed, r.training.batch_size)
+        else:
+            sampler = EpochShuffle(len(train_set), r.training.seed)
         pad = self.processor.tokenizer.pad_token_id
-        loader = DataLoader(train_set, batch_size=r.training.batch_size, sampler=self.sampler,
-                            collate_fn=lambda b: collate(b, pad), num_workers=r.training.num_workers)
+        workers = r.training.num_workers if r.training.num_workers is not None else default_workers(self.accelerator.num_processes)
+        # Images are decoded in the workers, a few batches ahead of the step.
+        loading = {"num_workers": workers, "persistent_workers": workers > 0, "prefetch_factor": 4 if workers else None}
+        loader = DataLoader(train_set, batch_size=r.training.batch_size, sampler=sampler,
+                            collate_fn=functools.partial(collate, pad_id=pad), **loading)
         eval_loader = DataLoader(Subset(self.dataset, range(held_out)), batch_size=r.training.batch_size,
-                                 collate_fn=lambda b: collate(b, pad)) if held_out else None
+                                 collate_fn=functools.partial(collate, pad_id=pad)) if held_out else None
         optimizer = torch.optim.AdamW(param_groups(model, r.optimizer.weight_decay), lr=r.optimizer.lr, betas=tuple(r.optimizer.betas))
         self.steps_per_epoch = math.ceil(len(loader) / r.training.gradient_accumulation)
         self.total_steps = r.training.max_steps or self.steps_per_epoch * r.training.epochs
@@ -259,6 +323,8 @@ class DistillRun:
         if self.shared.separate_teacher is not None:
             self.shared.separate_teacher.to(self.accelerator.device)
         self.capture = LayerCapture({idx: self.shared.teacher_layer(idx) for idx in self.shared.layers})
+        # Gemma 2's tanh soft-capping of the logits, which the chunked losses apply after the head.
+        self.logit_softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         if resume is not None:
             self._load_checkpoint(resume)
@@ -278,13 +344,19 @@ class DistillRun:
         if acc.log_with:
             acc.init_trackers("tensorboard")
         started, tokens = time.time(), 0
+        real, padded = 0, 0  # tokens since the last log line, for its padding fraction
         with progress:
             task = progress.add_task("distill", total=self.total_steps, completed=self.step, stats="")
             while self.step < self.total_steps:
-                self.sampler.set_epoch(self.epoch)
+                # Through the prepared loader: accelerate's own iteration counter would otherwise reset the
+                # sampler's epoch at every `iter()`, and that counter starts again at 0 after a resume.
+                self.loader.set_epoch(self.epoch)
                 loader = acc.skip_first_batches(self.loader, self.batch_in_epoch) if self.batch_in_epoch else self.loader
+                step_at_epoch_start = self.step
                 for batch in loader:
                     self.batch_in_epoch += 1
+                    if not self._usable(batch):
+                        continue
                     with acc.accumulate(self.model):
                         parts = self._losses(batch)
                         total = sum(w * parts[k] for k, w in self._weights().items() if w)
@@ -298,7 +370,9 @@ class DistillRun:
                             acc.clip_grad_norm_(self.model.parameters(), r.optimizer.max_grad_norm)
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
-                    tokens += int(batch["attention_mask"].sum()) * acc.num_processes
+                    in_batch = int(batch["attention_mask"].sum())
+                    tokens += in_batch * acc.num_processes
+                    real, padded = real + in_batch, padded + batch["attention_mask"].numel()
                     if not acc.sync_gradients:
                         continue
                     self.scheduler.step()
@@ -306,7 +380,8 @@ class DistillRun:
                     # Mean over processes, so a multi-GPU log reads like a single-process one.
                     logged = {k: acc.reduce(v.detach(), "mean") for k, v in (parts | {"loss": total}).items()}
                     stats = {k: round(v.item(), 5) for k, v in logged.items()}
-                    stats |= {"lr": self.scheduler.get_last_lr()[0], "tokens_per_s": round(tokens / (time.time() - started))}
+                    stats |= {"lr": self.scheduler.get_last_lr()[0], "tokens_per_s": round(tokens / (time.time() - started)),
+                              "padding": round(1 - real / max(1, padded), 4)}
                     progress.update(task, completed=self.step, stats="  ".join(
                         [f"{k} {v:.4f}" for k, v in stats.items() if k in ("loss", "kl", "layer", "ce")]
                         + [f"lr {stats['lr']:.2e}", f"{stats['tokens_per_s']} tok/s"]))
@@ -317,6 +392,7 @@ class DistillRun:
                         if log:
                             log.write(json.dumps({"step": self.step, "epoch": self.epoch} | stats) + "\n")
                             log.flush()
+                        real, padded = 0, 0
                     if r.output.save_every and self.step % r.output.save_every == 0 and self.step < self.total_steps:
                         self.save_checkpoint()
                     if on_step:
@@ -324,6 +400,8 @@ class DistillRun:
                     if self.step >= self.total_steps:
                         break
                 else:
+                    if self.step == step_at_epoch_start:
+                        raise MatvlmError(f"data: a whole epoch gave no usable batch ({'; '.join(self.unreadable.lines())})")
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                     continue
                 break
@@ -334,12 +412,25 @@ class DistillRun:
         acc.end_training()
         return final
 
+    def _usable(self, batch: dict) -> bool:
+        """Counts and reports the batch's records whose image could not be decoded; False when none is left."""
+        for record_id, why in batch.pop("broken"):
+            self.unreadable.add(why, record_id)
+            self.console.print(f"[yellow]data:[/yellow] skipped record {record_id}: {why}")
+        if "input_ids" in batch:
+            return True
+        if self.accelerator.num_processes > 1:  # the other processes would wait for this one's gradients forever
+            raise MatvlmError(f"data: every record of a batch has an unreadable image ({'; '.join(self.unreadable.lines())})")
+        return False
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean loss components over the held-out records (every process takes its share)."""
         sums: dict[str, torch.Tensor] = {}
         batches = 0
         for batch in self.eval_loader:
+            if not self._usable(batch):
+                continue
             parts = self._losses(batch)
             parts["loss"] = sum(w * parts[k] for k, w in self._weights().items() if w)
             for k, v in parts.items():
@@ -353,17 +444,27 @@ class DistillRun:
 
     def _losses(self, batch) -> dict[str, torch.Tensor]:
         l = self.recipe.losses
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+        student_model = self.accelerator.unwrap_model(self.model)
         with torch.no_grad(), self.shared.teacher_path(self.model) as teacher:
-            self.capture.active = True
-            teacher_logits = teacher(**inputs).logits
-            self.capture.active = False
-        student_logits = self.model(**inputs).logits
+            teacher_model = self.accelerator.unwrap_model(teacher)
+            teacher_head = teacher_model.get_output_embeddings()
+            with final_hidden_states(teacher_model) as teacher_hidden:
+                self.capture.active = True
+                teacher(**inputs)
+                self.capture.active = False
+        student_head = student_model.get_output_embeddings()
+        with final_hidden_states(student_model) as student_hidden:
+            self.model(**inputs)
         mask = batch["attention_mask"].bool()
         parts = {}
-        if l.kl_weight:
-            positions = mask if l.kl_positions == "all" else (batch["labels"] != -100)
-            parts["kl"] = kl_loss(student_logits, teacher_logits, positions, l.kl_temperature)
+        if l.kl_weight or l.ce_weight:
+            positions = (mask if l.kl_positions == "all" else batch["labels"] != -100) if l.kl_weight else None
+            with self.accelerator.autocast():  # the heads run outside the prepared model's forward
+                parts |= chunked_logit_losses(
+                    student_head, teacher_head, student_hidden.value, teacher_hidden.value, positions,
+                    batch["labels"] if l.ce_weight else None, l.kl_temperature, softcap=self.logit_softcap,
+                )
         if l.layer_weight:
             distances = []
             for idx in self.shared.layers:
@@ -373,8 +474,6 @@ class DistillRun:
                     student_out = _first(layer(*args, **kwargs))
                 distances.append(layer_loss(student_out, self.capture.outputs[idx], mask, l.layer_loss))
             parts["layer"] = torch.stack(distances).mean()
-        if l.ce_weight:
-            parts["ce"] = ce_loss(student_logits, batch["labels"])
         return parts
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -403,6 +502,14 @@ class DistillRun:
         # Every process takes part: under FSDP each holds only a shard of these.
         weights = {n: _whole(p) for n, p in model.named_parameters() if p.requires_grad}
         optimizer = get_optimizer_state_dict(model, self.optimizer.optimizer, options=WHOLE_ON_MAIN)
+        # Only a checkpoint whose weights and optimizer state are finite is written, so the newest one is
+        # always a good one to resume from (an update can turn the weights to inf while its loss was finite).
+        bad = next((n for n, t in _tensors({"weights": weights, "optimizer": optimizer}) if not torch.isfinite(t).all()), None)
+        if bad is not None:
+            raise MatvlmError(
+                f"non-finite values in {bad} after step {self.step}; stopped. Last good checkpoint: "
+                f"{self._latest_checkpoint() or 'none'}. Lower optimizer.lr or use fp32."
+            )
         if acc.is_main_process:
             target.parent.mkdir(parents=True, exist_ok=True)
             with atomic_directory(target, overwrite=True) as tmp:
@@ -418,21 +525,35 @@ class DistillRun:
 
     def _load_checkpoint(self, path: Path) -> None:
         model = self.accelerator.unwrap_model(self.model)
-        weights = load_file(path / "trainable.safetensors")
+        missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+        if missing:
+            raise MatvlmError(f"output.resume: {path} is not a checkpoint of matvlm distill (no {', '.join(missing)})")
+        try:
+            weights = load_file(path / "trainable.safetensors")
+            optimizer = torch.load(path / "optimizer.pt", weights_only=True)
+            scheduler = torch.load(path / "scheduler.pt", weights_only=True)
+            rng = torch.load(path / "rng.pt", weights_only=True)
+            state = json.loads((path / "state.json").read_text())
+        except Exception as err:  # truncated or corrupt: safetensors, zip and JSON each fail their own way
+            raise MatvlmError(f"output.resume: {path} is truncated or corrupt ({type(err).__name__}: {err})") from None
         unknown = sorted(set(weights) - {n for n, _ in model.named_parameters()})
         if unknown:
             raise MatvlmError(f"{path}: checkpoint does not match this recipe's model (e.g. {unknown[0]})")
         # Every process read the whole files; under FSDP each keeps its own shard.
         set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
-        set_optimizer_state_dict(model, self.optimizer.optimizer, torch.load(path / "optimizer.pt", weights_only=True),
-                                 options=StateDictOptions(full_state_dict=True))
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        rng = torch.load(path / "rng.pt", weights_only=True)
+        set_optimizer_state_dict(model, self.optimizer.optimizer, optimizer, options=StateDictOptions(full_state_dict=True))
+        self.scheduler.load_state_dict(scheduler)
         torch.set_rng_state(rng["torch"])
         random.setstate((3, tuple(rng["python"]), None))
-        state = json.loads((path / "state.json").read_text())
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.console.print(f"Resumed from {path} (step {self.step})")
+
+    def discard_unfinished_output(self) -> None:
+        """After a failure: an output directory this run created and left with nothing to resume from
+        (no checkpoint, no final hybrid) is removed, so the same command can simply be run again."""
+        if getattr(self, "created_output", False) and self.out.is_dir() and not self._checkpoints() \
+                and not (self.out / "final").exists() and getattr(self, "accelerator", None) and self.accelerator.is_main_process:
+            shutil.rmtree(self.out, ignore_errors=True)
 
     def save_final(self, seconds: float) -> Path:
         acc = self.accelerator
@@ -452,7 +573,7 @@ class DistillRun:
         if acc.is_main_process:
             summary = {"steps": self.step, "seconds": round(seconds, 1), "peak_memory": peak, "processes": acc.num_processes,
                        "distributed": acc.distributed_type.value,
-                       "skipped_records": dict(self.dataset.skipped.counts)}
+                       "skipped_records": dict(self.dataset.skipped.counts), "unreadable_images": dict(self.unreadable.counts)}
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             self.console.print(f"Distilled {self.step} steps in {seconds:.0f}s, peak memory {peak}. Hybrid saved to [bold]{final}[/bold]")
         acc.wait_for_everyone()
@@ -473,13 +594,17 @@ def launch_processes(num_gpus: int, recipe_path: Path, overrides: list[str], res
 
 def run_distill(recipe: DistillRecipe, console: Console | None = None, on_step=None) -> Path:
     run = DistillRun(recipe, console)
-    run.setup()
     try:
-        return run.train(on_step=on_step)
-    except torch.cuda.OutOfMemoryError:
-        t = recipe.training
-        raise MatvlmError(
-            f"CUDA out of memory at step {run.step + 1}: lower training.batch_size (now {t.batch_size}) and raise "
-            f"training.gradient_accumulation to keep the global batch, set training.gradient_checkpointing: true, "
-            f"use training.precision: bf16, or lower model_max_length (now {recipe.model_max_length})"
-        ) from None
+        run.setup()
+        try:
+            return run.train(on_step=on_step)
+        except torch.cuda.OutOfMemoryError:
+            t = recipe.training
+            raise MatvlmError(
+                f"CUDA out of memory at step {run.step + 1}: lower training.batch_size (now {t.batch_size}) and raise "
+                f"training.gradient_accumulation to keep the global batch, set training.gradient_checkpointing: true, "
+                f"use training.precision: bf16, or lower model_max_length (now {recipe.model_max_length})"
+            ) from None
+    except BaseException:
+        run.discard_unfinished_output()
+        raise
