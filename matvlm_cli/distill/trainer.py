@@ -381,7 +381,7 @@ class DistillRun:
                     logged = {k: acc.reduce(v.detach(), "mean") for k, v in (parts | {"loss": total}).items()}
                     stats = {k: round(v.item(), 5) for k, v in logged.items()}
                     stats |= {"lr": self.scheduler.get_last_lr()[0], "tokens_per_s": round(tokens / (time.time() - started)),
-                              "padding": round(1 - real / max(1, padded), 4)}
+                              "padding": round(1 - real / max(1, padded), 4), "tokens": tokens}
                     progress.update(task, completed=self.step, stats="  ".join(
                         [f"{k} {v:.4f}" for k, v in stats.items() if k in ("loss", "kl", "layer", "ce")]
                         + [f"lr {stats['lr']:.2e}", f"{stats['tokens_per_s']} tok/s"]))
