@@ -11,14 +11,14 @@ from rich.console import Console
 from transformers import TextIteratorStreamer
 
 from .errors import MatvlmError
-from .hybrid.io import check_model_dir, load_model, load_processor
+from .hybrid.io import check_model, load_model, load_processor
 from .images import open_rgb
 
 
 def run_generate(model_dir: Path, image_path: Path, prompt: str, max_new_tokens: int = 64,
                  temperature: float = 0.0, console: Console | None = None) -> str:
     console = console or Console()
-    check_model_dir(model_dir)
+    check_model(model_dir)
     if max_new_tokens < 1:
         raise MatvlmError(f"--max-new-tokens: must be at least 1, got {max_new_tokens}")
     if not (math.isfinite(temperature) and temperature >= 0):
