@@ -358,20 +358,20 @@ def test_unwritable_output_parent_is_refused(tmp_path):
 
 
 def test_stale_temp_folders_of_killed_writers_are_removed_on_the_next_run(tmp_path):
-    from matvlm_cli.hybrid import io as hybrid_io
+    from matvlm_cli import atomic
 
     dead = subprocess.Popen(["true"])
     dead.wait()
-    host = hybrid_io._HOST
+    host = atomic._HOST
     stale = [f".out.{host}-{dead.pid}-k1ll3d.tmp", ".out.ab12cd34.tmp", ".out.old-{}".format(dead.pid),
              f".log.json.{host}-{dead.pid}-x9.tmp"]
     kept = [f".out.{host}-{os.getpid()}-alive.tmp", f".out.otherhost-{dead.pid}-maybe.tmp", ".outer.ab12cd34.tmp"]
     for name in stale + kept:
         (tmp_path / name).mkdir() if "log.json" not in name else (tmp_path / name).write_text("half")
     (tmp_path / "out").mkdir()
-    with hybrid_io.atomic_directory(tmp_path / "out", overwrite=True) as temp:
+    with atomic.atomic_directory(tmp_path / "out", overwrite=True) as temp:
         (temp / "weights").write_text("new")
-    hybrid_io.write_atomic(tmp_path / "log.json", "{}")
+    atomic.write_atomic(tmp_path / "log.json", "{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["out", "log.json"])
     assert (tmp_path / "out" / "weights").read_text() == "new"
 
