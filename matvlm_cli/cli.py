@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Optional
-
-import importlib
 
 import typer
 from rich.console import Console
