@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import MatvlmError
 
@@ -18,14 +20,16 @@ app = typer.Typer(
 )
 console = Console()
 errors = Console(stderr=True)
+# typer >= 0.2x vendors click, whose errors then derive from typer.TyperException; older ones raise click's.
+_CLICK_ERROR = getattr(typer, "TyperException", None) or importlib.import_module("click").ClickException
 
 
 def _layer_list(text: str | None) -> list[int] | None:
     if text is None:
         return None
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
+        return [int(part) for part in text.split(",")]
+    except ValueError:  # an empty part ("1,,2", "1,") too: a typo, not a shorter list
         raise MatvlmError(f"--layers: {text!r} is not a comma-separated list of integers") from None
 
 
@@ -60,7 +64,7 @@ def distill(
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key: --set optimizer.lr=1e-4 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output.dir."),
     num_gpus: int = typer.Option(
-        0, "--num-gpus", help="Launch this many processes with accelerate (DDP, or FSDP with training.distributed: fsdp)."
+        0, "--num-gpus", min=0, help="Launch this many processes with accelerate (DDP, or FSDP with training.distributed: fsdp)."
     ),
 ):
     """Distil a hybrid from its teacher (KL + layer + CE losses), on a CPU, a GPU or several GPUs."""
@@ -159,7 +163,20 @@ def main() -> None:
     hf_logging.disable_progress_bar()  # our own status lines and progress bars say what is happening
     hf_logging.set_verbosity_error()
     try:
-        app()
+        code = app(standalone_mode=False)  # so that click's errors come here, to be one line like ours
+    except _CLICK_ERROR as err:
+        if type(err).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+            ctx = getattr(err, "ctx", None)
+            _error(err.format_message() + (f" (see '{ctx.command_path} --help')" if ctx is not None else ""))
+        raise SystemExit(err.exit_code) from None
+    except typer.Abort:
+        errors.print("Aborted.")
+        raise SystemExit(1) from None
     except MatvlmError as err:
-        errors.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+        _error(str(err))
         raise SystemExit(2) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def _error(message: str) -> None:
+    errors.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)

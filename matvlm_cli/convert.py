@@ -11,7 +11,7 @@ from rich.table import Table
 from .errors import MatvlmError
 from .hybrid.cache import cache_bytes_per_token
 from .hybrid.conversion import PLACEMENTS, attention_geometry, choose_layers, convert_to_hybrid, find_decoder
-from .hybrid.io import load_config, load_teacher, model_class_for, save_hybrid
+from .hybrid.io import check_output_dir, load_config, load_teacher, model_class_for, save_hybrid, weight_files
 from .recipes import DTYPES, ConvertRecipe
 
 
@@ -41,12 +41,11 @@ def run_convert(recipe: ConvertRecipe, console: Console | None = None) -> Path:
         console.print(f"No teacher given: using the embedded default at {teacher_dir}")
     else:
         teacher_dir = Path(recipe.teacher)
-    output = Path(recipe.output) if recipe.output else default_output(recipe, teacher_dir)
-    if output.exists() and not recipe.overwrite:
-        raise MatvlmError(f"{output}: already exists (pass --overwrite to replace it)")
-
-    # Everything that can be checked from the config is checked before the weights are read.
+    # Everything that can be checked from the config and the files' headers is checked before the weights are read.
     config = load_config(teacher_dir, recipe.trust_remote_code)
+    weight_files(teacher_dir)
+    output = default_output(recipe, teacher_dir) if recipe.output is None else recipe.output
+    output = check_output_dir(output, "--output", exists_ok=recipe.overwrite, inputs=(teacher_dir,))
     with torch.device("meta"):  # the architecture's layout, without reading or allocating weights
         find_decoder(model_class_for(config).from_config(config, trust_remote_code=recipe.trust_remote_code))
     num_layers = config.get_text_config(decoder=True).num_hidden_layers

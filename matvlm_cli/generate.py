@@ -2,35 +2,36 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from threading import Thread
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from rich.console import Console
-from transformers import AutoProcessor, TextIteratorStreamer
+from transformers import TextIteratorStreamer
 
 from .errors import MatvlmError
-from .hybrid.io import check_model_dir, load_model
+from .hybrid.io import check_model, load_model, load_processor
+from .images import open_rgb
 
 
 def run_generate(model_dir: Path, image_path: Path, prompt: str, max_new_tokens: int = 64,
                  temperature: float = 0.0, console: Console | None = None) -> str:
     console = console or Console()
-    check_model_dir(model_dir)
-    if not image_path.is_file():
-        raise MatvlmError(f"{image_path}: no such image file")
-    try:
-        image = Image.open(image_path).convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise MatvlmError(f"{image_path}: cannot be read as an image ({err})") from None
+    check_model(model_dir)
     if max_new_tokens < 1:
         raise MatvlmError(f"--max-new-tokens: must be at least 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise MatvlmError(f"--temperature: must be >= 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise MatvlmError(f"--temperature: must be a finite number >= 0, got {temperature}")
+    if not image_path.is_file():
+        raise MatvlmError(f"{image_path}: no such image file")
+    image = open_rgb(image_path)
 
+    processor = load_processor(model_dir)
+    placeholder = getattr(processor, "image_token", None) or "<image>"
+    if placeholder in prompt:
+        raise MatvlmError(f"--prompt: contains {placeholder!r}; leave it out, the one --image is placed for you")
     model = load_model(model_dir)
-    processor = AutoProcessor.from_pretrained(model_dir)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=[image], text=[text], return_tensors="pt").to(next(model.parameters()).device)

@@ -8,6 +8,8 @@ single error before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -121,16 +123,44 @@ def set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
     values[leaf] = value
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: `5e-4` and `1E3` are numbers, as people write them
+    (YAML 1.1 wants a dot and a signed exponent, so PyYAML reads those as strings)."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+# YAML 1.2 core schema floats, less the plain integers its regexp also matches (those stay ints).
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:\.[0-9]+|[0-9]+\.[0-9]*|[0-9]+(?=[eE]))(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML with `RecipeLoader`; a syntax error is a MatvlmError naming `where` and the line."""
+    try:
+        return yaml.load(text, Loader=RecipeLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise MatvlmError(f"{where}{line}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise MatvlmError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise MatvlmError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise MatvlmError(f"{path}: not a text file (byte {err.start} is not UTF-8); a recipe is YAML text") from None
+    data = parse_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise MatvlmError(f"{path}: a recipe must be a mapping of keys to values")
     return data
@@ -141,7 +171,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise MatvlmError(f"override {text!r}: expected key=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    return key.strip(), parse_yaml(raw, f"override {text!r}")
 
 
 def load_recipe(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None):
@@ -251,14 +281,37 @@ def check_distill_recipe(recipe: DistillRecipe, source: str = "recipe") -> None:
     problems += [f"'{key}' must be one of {', '.join(allowed)}, got {value!r}" for key, (value, allowed) in choices.items() if value not in allowed]
     if recipe.losses.kl_weight == recipe.losses.layer_weight == recipe.losses.ce_weight == 0:
         problems.append("'losses': every weight is 0, nothing to learn")
-    if recipe.losses.kl_temperature <= 0:
+    if not (math.isfinite(recipe.losses.kl_temperature) and recipe.losses.kl_temperature > 0):
         problems.append("'losses.kl_temperature' must be > 0")
-    if recipe.optimizer.lr <= 0 or len(recipe.optimizer.betas) != 2:
-        problems.append("'optimizer': lr must be > 0 and betas two numbers")
+    optimizer = recipe.optimizer
+    if not (math.isfinite(optimizer.lr) and optimizer.lr > 0):
+        problems.append(f"'optimizer.lr' must be a finite number > 0, got {optimizer.lr}")
+    if len(optimizer.betas) != 2 or not all(0 <= beta < 1 for beta in optimizer.betas):
+        problems.append(f"'optimizer.betas' must be two numbers in [0, 1), got {optimizer.betas}")
+    if not (math.isfinite(optimizer.weight_decay) and optimizer.weight_decay >= 0):
+        problems.append(f"'optimizer.weight_decay' must be a finite number >= 0, got {optimizer.weight_decay}")
+    if not optimizer.max_grad_norm > 0:  # inf is allowed: no clipping
+        problems.append(f"'optimizer.max_grad_norm' must be > 0, got {optimizer.max_grad_norm}")
+    if optimizer.warmup_steps < 0 or optimizer.decay_steps < 0:
+        problems.append("'optimizer.warmup_steps' and 'optimizer.decay_steps' must be >= 0")
     if recipe.training.batch_size < 1 or recipe.training.gradient_accumulation < 1 or recipe.training.epochs < 1:
         problems.append("'training': batch_size, gradient_accumulation and epochs must be >= 1")
-    if recipe.output.eval_every < 0 or (recipe.output.eval_every and recipe.output.eval_samples < 1):
+    if recipe.training.num_workers < 0:
+        problems.append(f"'training.num_workers' must be >= 0 (0 loads data in the training process), got {recipe.training.num_workers}")
+    output = recipe.output
+    if output.eval_every < 0 or (output.eval_every and output.eval_samples < 1):
         problems.append("'output.eval_every' must be >= 0, with 'output.eval_samples' >= 1")
+    if output.log_every < 1:
+        problems.append(f"'output.log_every' must be >= 1, got {output.log_every}")
+    if output.save_every < 0:
+        problems.append(f"'output.save_every' must be >= 0 (0 = only at the end), got {output.save_every}")
+    if output.keep_checkpoints < 1:
+        problems.append(f"'output.keep_checkpoints' must be >= 1 (resuming needs one), got {output.keep_checkpoints}")
+    if not output.dir.strip():
+        problems.append("'output.dir' is empty")
+    weights = {name: getattr(recipe.losses, name) for name in ("kl_weight", "layer_weight", "ce_weight")}
+    problems += [f"'losses.{name}' must be a finite number >= 0, got {value}" for name, value in weights.items()
+                 if not (math.isfinite(value) and value >= 0)]
     if recipe.training.max_steps is not None and recipe.training.max_steps < 1:
         problems.append("'training.max_steps' must be >= 1")
     if recipe.student.ratio is not None and not 0 < recipe.student.ratio <= 1:
@@ -266,13 +319,13 @@ def check_distill_recipe(recipe: DistillRecipe, source: str = "recipe") -> None:
     for key, path in (("teacher", recipe.teacher), ("student.path", recipe.student.path)):
         if path is not None and not (Path(path) / "config.json").is_file():
             problems.append(f"'{key}': {path} is not a model directory")
-    for i, source in enumerate(recipe.data):
-        if not Path(source.json).is_file():
-            problems.append(f"'data[{i}].json': {source.json} not found")
-        if not Path(source.image_root).is_dir():
-            problems.append(f"'data[{i}].image_root': {source.image_root} is not a directory")
-        if source.weight <= 0:
-            problems.append(f"'data[{i}].weight' must be > 0")
+    for i, data in enumerate(recipe.data):
+        if not Path(data.json).is_file():
+            problems.append(f"'data[{i}].json': {data.json} not found")
+        if not Path(data.image_root).is_dir():
+            problems.append(f"'data[{i}].image_root': {data.image_root} is not a directory")
+        if not (math.isfinite(data.weight) and data.weight > 0):
+            problems.append(f"'data[{i}].weight' must be a finite number > 0")
     resume = recipe.output.resume
     if resume not in (None, "auto") and not Path(resume).is_dir():
         problems.append(f"'output.resume': {resume} is not a checkpoint directory")

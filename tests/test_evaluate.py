@@ -62,9 +62,9 @@ def env(tmp_path_factory):
             "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
 
 
-def evaluate(env, *args):
+def evaluate(env, *args, cwd=None):
     command = [sys.executable, "-m", "matvlm_cli", "evaluate", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, env=env)
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd)
 
 
 def read_samples(path: Path) -> list[dict]:
@@ -84,9 +84,14 @@ def text_task(tmp_path_factory):
 def teacher_run(env, text_task, tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher-run")
     result = evaluate(env, "--tasks", f"pope,mmmu,textvqa,{text_task}", "--limit", LIMIT, "--batch-size", 6,
-                      "--device", "cpu", "--output", out)
+                      "--device", "cpu", "--output", out, cwd=out)  # outside any git repository
     assert result.returncode == 0, result.stderr
     return out, result
+
+
+def test_a_run_outside_a_git_repository_keeps_stderr_quiet(teacher_run):
+    _, result = teacher_run
+    assert "not a git repository" not in result.stderr and "fatal" not in result.stderr, result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +262,68 @@ def test_malformed_dataset_names_file_and_column(world, tmp_path, case):
     with pytest.raises(MatvlmError) as error:
         load_benchmark("pope", tmp_path)
     assert str(error.value).startswith(f"{path}: {expected}") and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("case", ["unparsable options", "empty answer list"])
+def test_rows_that_cannot_be_scored_are_named_before_any_model_loads(world, tmp_path, case):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from matvlm_cli.errors import MatvlmError
+    from matvlm_cli.evaluate.data import load_benchmark
+
+    benchmark, column, row = {"unparsable options": ("mmmu", "options", 2), "empty answer list": ("textvqa", "answers", 1)}[case]
+    source = next((world / benchmark / "data").glob("*.parquet"))
+    table = pq.read_table(source)
+    values = table.column(column).to_pylist()
+    values[row] = "['A', 'B'" if column == "options" else []
+    path = tmp_path / benchmark / "data" / source.name
+    path.parent.mkdir(parents=True)
+    pq.write_table(table.set_column(table.schema.get_field_index(column), column, pa.array(values, table.schema.field(column).type)), path)
+    with pytest.raises(MatvlmError) as error:
+        load_benchmark(benchmark, tmp_path)
+    assert str(error.value).startswith(f"{path}: column '{column}'") and f"row {row}" in str(error.value)
+
+
+def test_broken_images_are_named_by_row_not_by_a_bytesio(world, tmp_path):
+    """Documents carry the encoded image, decoded by the task's hook: a broken or huge one names its row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from matvlm_cli.errors import MatvlmError
+    from matvlm_cli.evaluate.data import load_benchmark
+    from matvlm_cli.evaluate.tasks import utils
+    from test_errors import bomb_png
+
+    source = world / "pope/data/test-00000-of-00001.parquet"
+    table = pq.read_table(source)
+    images = table.column("image").to_pylist()
+    images[1], images[2] = {"bytes": b"not an image", "path": None}, {"bytes": bomb_png(), "path": None}
+    path = tmp_path / "pope" / "data" / source.name
+    path.parent.mkdir(parents=True)
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, table.schema.field("image").type)), path)
+    docs = load_benchmark("pope", tmp_path)["test"]
+    assert utils.pope_doc_to_visual(docs[0])[0].mode == "RGB"
+    for row, reason in ((1, "not a recognised image format"), (2, "decompression bomb")):
+        with pytest.raises(MatvlmError) as error:
+            utils.pope_doc_to_visual(docs[row])
+        message = str(error.value)
+        assert message.startswith(f"POPE question {docs[row]['question_id']}: cannot be read as an image")
+        assert reason in message and "BytesIO" not in message
+
+
+@pytest.mark.parametrize("content,message", [("task: [broken\n", "not valid YAML"), ("task: x\nnot_a_key: 1\n", "not_a_key")])
+def test_a_broken_task_yaml_is_one_line(env, tmp_path, content, message):
+    from matvlm_cli.errors import MatvlmError
+    from matvlm_cli.evaluate.run import run_evaluate
+    from matvlm_cli.recipes import EvaluateRecipe
+
+    task = tmp_path / "task.yaml"
+    task.write_text(content)
+    with pytest.raises(MatvlmError) as error:
+        run_evaluate(EvaluateRecipe(tasks=[str(task)], device="cpu", output=str(tmp_path / "out")))
+    assert str(error.value).startswith(f"task {task}: ") and message in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_task_is_one_line_with_a_suggestion(env, tmp_path):

@@ -18,7 +18,7 @@ from transformers import AutoConfig
 from ..errors import MatvlmError
 from ..hybrid import choose_layers, convert_to_hybrid, load_model
 from ..hybrid.conversion import find_decoder
-from ..hybrid.io import model_class_for
+from ..hybrid.io import check_model, load_config, model_class_for
 from ..tiny import default_teacher_dir
 from .engines import BenchInputs
 
@@ -44,6 +44,21 @@ def check_teacher(spec: str) -> None:
     path = Path(spec)
     if not (path / "config.json").is_file():
         raise MatvlmError(f"teacher {spec!r}: neither a preset ({', '.join(PRESETS)}) nor a model directory")
+
+
+def check_models(teacher: str, students: list[str], lengths: list[int], trust_remote_code: bool = False) -> None:
+    """Before anything is timed: every model directory is readable (config, weight headers, processor) and
+    holds the longest context asked for. A preset is exempt from the length check: its random weights are an
+    architecture to time at any length, not a model whose answers beyond its trained positions matter."""
+    directories = ([] if teacher in PRESETS else [teacher]) + list(students)
+    for path in directories:
+        check_model(path, trust_remote_code)
+        limit = getattr(load_config(path, trust_remote_code).get_text_config(decoder=True), "max_position_embeddings", None)
+        if limit is not None and max(lengths) > limit:
+            raise MatvlmError(
+                f"{path}: a context of {max(lengths)} tokens (--seq-len plus --gen-len) is beyond its "
+                f"max_position_embeddings of {limit}: shorten --seq-len (or --gen-len), or time a preset teacher"
+            )
 
 
 def build_teacher(spec: str, device: torch.device, dtype: torch.dtype, seed: int = 0, trust_remote_code: bool = False):

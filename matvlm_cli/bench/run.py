@@ -15,11 +15,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..errors import MatvlmError
 from ..hybrid import kernels
 from ..hybrid.conversion import hybrid_layers
-from ..hybrid.io import resolve_device
+from ..hybrid.io import check_output_dir, resolve_device
 from ..recipes import BenchRecipe, check_bench_recipe
 from . import floor
 from .engines import ENGINES, GraphEngine, Timing
-from .models import bench_inputs, check_teacher, default_teacher, image_token_count, model_specs
+from .models import bench_inputs, check_models, check_teacher, default_teacher, image_token_count, model_specs
+
+THROUGHPUT_GEN_LEN = 32  # tokens decoded per attempt of the largest-batch search
 
 
 @dataclass
@@ -98,7 +100,7 @@ def largest_batch(engine: GraphEngine, label: str, recipe: BenchRecipe, image_to
     """The largest batch whose chunked prefill and graph decoding fit at `throughput_seq_len`, and its
     decode tokens/s. Memory per sequence is measured at batches 1 and 2, then the estimate is tried
     and lowered by 10 % until it fits."""
-    seq_len, gen_len = recipe.throughput_seq_len, 32
+    seq_len, gen_len = recipe.throughput_seq_len, THROUGHPUT_GEN_LEN
     model = engine.model
 
     def attempt(batch: int):
@@ -137,6 +139,7 @@ def largest_batch(engine: GraphEngine, label: str, recipe: BenchRecipe, image_to
 def run_bench(recipe: BenchRecipe, console: Console | None = None) -> Path:
     console = console or Console()
     check_bench_recipe(recipe)
+    check_output_dir(recipe.output, "--output", exists_ok=True)  # bench.json is added to an existing folder
     device = resolve_device(recipe.device)
     dtype = resolve_dtype(recipe.dtype, device)
     try:
@@ -164,6 +167,10 @@ def run_bench(recipe: BenchRecipe, console: Console | None = None) -> Path:
 
     teacher = recipe.teacher or default_teacher(device)
     check_teacher(teacher)
+    lengths = [n + recipe.gen_len for n in recipe.seq_lens]
+    if recipe.throughput_seq_len and device.type == "cuda":
+        lengths.append(recipe.throughput_seq_len + THROUGHPUT_GEN_LEN)
+    check_models(teacher, recipe.students, lengths, recipe.trust_remote_code)
     ratios = recipe.ratios if recipe.ratios is not None else ([] if recipe.students else [0.25, 0.5])
     specs = model_specs(teacher, recipe.students, ratios, recipe.placement, device, dtype, recipe.seed, recipe.trust_remote_code)
     report["teacher"] = teacher

@@ -20,8 +20,8 @@ once into a cache folder (same schemas, see matvlm_cli.world.writers) and used i
 
 from __future__ import annotations
 
+import ast
 import functools
-import io
 import os
 import re
 from dataclasses import dataclass, field
@@ -30,9 +30,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..errors import MatvlmError
+from ..images import open_rgb
 
 TEXT, ID, IMAGE, TEXTS = "strings", "strings or integers", "images", "lists of strings"  # column kinds
 KNOWN_SPLITS = ("train", "validation", "dev", "test")
@@ -49,6 +50,8 @@ class Benchmark:
     optional: dict[str, str] = field(default_factory=dict)  # checked when present, or when a task asks for it
     nullable: frozenset[str] = frozenset()  # required columns that may have empty cells
     closed_values: dict[str, tuple[str, ...]] = field(default_factory=dict)  # compared case-insensitively
+    nonempty_lists: frozenset[str] = frozenset()  # list columns where an empty list cannot be scored
+    literal_lists: frozenset[str] = frozenset()  # string columns holding a Python list of strings, as written
 
 
 BENCHMARKS = {
@@ -63,11 +66,13 @@ BENCHMARKS = {
         optional={f"image_{k}": IMAGE for k in range(2, 8)},
         nullable=frozenset({"image_1"}),  # a question uses only the images its text refers to
         closed_values={"question_type": ("multiple-choice", "open")},
+        literal_lists=frozenset({"options"}),
     ),
     "textvqa": Benchmark(
         "textvqa", "validation",
         {"question_id": ID, "question": TEXT, "image": IMAGE, "answers": TEXTS},
         optional={"ocr_tokens": TEXTS},
+        nonempty_lists=frozenset({"answers"}),  # VQA accuracy against no answers would be 0, silently
     ),
 }
 
@@ -121,6 +126,14 @@ def check_table(table: pa.Table, benchmark: Benchmark, source: str, extra_column
         if name not in benchmark.nullable and column.null_count:
             first = pc.index(pc.is_null(column), True).as_py()
             raise MatvlmError(f"{source}: column '{name}' is empty in {column.null_count} rows (first: row {first})")
+    for name in benchmark.nonempty_lists:
+        empty = pc.equal(pc.list_value_length(table.column(name)), 0)
+        if pc.any(empty).as_py():
+            raise MatvlmError(f"{source}: column '{name}' is an empty list in row {pc.index(empty, True).as_py()}; it needs at least one")
+    for name in benchmark.literal_lists:
+        for row, text in enumerate(table.column(name).to_pylist()):
+            if text is not None and not _is_string_list(text):
+                raise MatvlmError(f"{source}: column '{name}' must hold a list of strings written as ['a', 'b']; row {row} has {text[:80]!r}")
     for name, allowed in benchmark.closed_values.items():
         values = pc.utf8_lower(pc.utf8_trim_whitespace(table.column(name)))
         outside = pc.invert(pc.is_in(values, value_set=pa.array(allowed)))
@@ -129,6 +142,14 @@ def check_table(table: pa.Table, benchmark: Benchmark, source: str, extra_column
             raise MatvlmError(
                 f"{source}: column '{name}' must be one of {', '.join(allowed)}; row {row} has {table.column(name)[row].as_py()!r}"
             )
+
+
+def _is_string_list(text: str) -> bool:
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return False
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
 def _split_files(folder: Path, split: str) -> list[Path]:
@@ -198,8 +219,10 @@ def _load(benchmark_name: str, data_root: str, extra_columns: tuple[str, ...]):
             )
         dataset = _read_parquet(files, benchmark, extra_columns)
     for name, kind in {**benchmark.columns, **benchmark.optional}.items():
-        if kind == IMAGE and name in dataset.column_names and not isinstance(dataset.features[name], datasets.Image):
-            dataset = dataset.cast_column(name, datasets.Image())  # documents then carry PIL images
+        if kind == IMAGE and name in dataset.column_names:
+            # Documents carry the encoded {bytes, path}: `to_rgb` decodes them and names the row when one is
+            # broken, where `datasets`' own decoding would fail inside lm-eval naming nothing.
+            dataset = dataset.cast_column(name, datasets.Image(decode=False))
     return datasets.DatasetDict({benchmark.split: dataset})
 
 
@@ -214,16 +237,11 @@ def load_benchmark(benchmark: str, data_root: str | os.PathLike | None = None, e
 
 
 def to_rgb(value, where: str) -> Image.Image:
-    """A PIL RGB image from what a dataset row holds: a decoded image, {bytes, path} or raw bytes."""
+    """A PIL RGB image from what a dataset row holds: {bytes, path}, raw bytes, a path or a decoded image."""
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
-    try:
-        if isinstance(value, (bytes, bytearray)):
-            value = Image.open(io.BytesIO(value))
-        elif isinstance(value, str):
-            value = Image.open(value)
-        if not isinstance(value, Image.Image):
-            raise MatvlmError(f"{where}: not an image ({type(value).__name__})")
+    if isinstance(value, Image.Image):
         return value.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise MatvlmError(f"{where}: cannot be decoded as an image ({err})") from None
+    if not isinstance(value, (bytes, bytearray, str)):
+        raise MatvlmError(f"{where}: not an image ({type(value).__name__})")
+    return open_rgb(value, where)

@@ -24,10 +24,8 @@ from lm_eval.models.utils import Collator, handle_stop_sequences
 from lm_eval.models.utils_hf import stop_sequences_criteria
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from rich.progress import Progress
-from transformers import AutoProcessor
-
 from ..errors import MatvlmError
-from ..hybrid.io import HYBRID_KEY, load_model, resolve_device
+from ..hybrid.io import HYBRID_KEY, load_model, load_processor, resolve_device
 
 DEFAULT_MAX_GEN_TOKS = 128  # eval-protocols.md: max_new_tokens 128
 
@@ -43,7 +41,7 @@ class MatvlmLM(LM):
         self.model_dir, self.label, self.batch_size, self.progress = Path(model_dir), label, batch_size, progress
         self._device = resolve_device(device)
         self.model = load_model(self.model_dir).to(self._device).eval()
-        self.processor = AutoProcessor.from_pretrained(self.model_dir)
+        self.processor = load_processor(self.model_dir)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.tokenizer.padding_side = "left"  # generation continues every row from its last prompt token
         if self.tokenizer.pad_token is None:

@@ -7,9 +7,11 @@ first model is loaded, so a typo or a bad parquet file is a one-line error in se
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
+import subprocess
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import MatvlmError
-from ..hybrid.io import check_model_dir, write_atomic
+from ..hybrid.io import check_model, check_model_dir, check_output_dir, write_atomic
 from ..recipes import EvaluateRecipe
 from . import report
 
@@ -38,8 +40,7 @@ def check_recipe(recipe: EvaluateRecipe) -> None:
         raise MatvlmError(f"device: {recipe.device!r} is not one of {', '.join(DEVICES)}")
     if recipe.data_dir is not None and not Path(recipe.data_dir).is_dir():
         raise MatvlmError(f"{recipe.data_dir}: --data-dir is not a directory")
-    if Path(recipe.output).exists() and not Path(recipe.output).is_dir():
-        raise MatvlmError(f"{recipe.output}: --output exists and is not a directory")
+    check_output_dir(recipe.output, "--output", exists_ok=True)  # results are added to an existing folder
 
 
 def task_names(recipe: EvaluateRecipe) -> list[str]:
@@ -93,14 +94,45 @@ def load_tasks(manager, names: list[str]) -> None:
     """Build every task once, which reads and checks its data, so data problems surface before any
     model is loaded. matvlm's loaders raise MatvlmError themselves; other tasks' data must already be on
     disk (lm-eval reads it with `datasets`), and a failure to find it becomes a one-line error too."""
+    import yaml
+
     for name in names:
         try:
             manager.load([name])
         except MatvlmError:
             raise
-        except (OSError, ValueError) as err:  # datasets' not-found and offline errors are among these
+        except yaml.YAMLError as err:  # a task YAML given by path (or one it includes)
+            mark = getattr(err, "problem_mark", None)
+            where = f"{mark.name}:{mark.line + 1}" if mark is not None else name
+            raise MatvlmError(f"task {name}: {where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+        except TypeError as err:  # lm-eval's TaskConfig(**yaml): a key it does not know
+            if not _is_task_file(name):
+                raise
+            raise MatvlmError(f"task {name}: not an lm-eval task config ({err})") from None
+        except (OSError, ValueError, KeyError) as err:  # datasets' not-found and offline errors are among these
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise MatvlmError(f"task {name}: cannot be loaded: {first}") from None
+
+
+@contextlib.contextmanager
+def _quiet_git():
+    """lm-eval records `git describe` of the working directory in results.json, and lets git print
+    "fatal: not a git repository" on our stderr outside one. The same value, asked quietly."""
+    import lm_eval.evaluator
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    def git_hash():
+        try:
+            return subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True).stdout.strip()
+        except (subprocess.CalledProcessError, OSError):
+            return get_commit_from_path(Path.cwd())
+
+    original = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = git_hash
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = original
 
 
 def run_evaluate(recipe: EvaluateRecipe, console: Console | None = None) -> list[dict]:
@@ -116,6 +148,9 @@ def run_evaluate(recipe: EvaluateRecipe, console: Console | None = None) -> list
         models = [default_teacher_dir()]
         console.print(f"No --model given: evaluating the embedded teacher at {models[0]}")
     labels = model_labels(models)
+    with console.status("Checking the models"):
+        for path in models:  # all of them: a broken second model must not cost the first one's run
+            check_model(path)
 
     # lm-eval reports through logging and tqdm; the progress bars and the table below say what matters.
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
@@ -144,10 +179,11 @@ def run_evaluate(recipe: EvaluateRecipe, console: Console | None = None) -> list
         with Progress(*columns, console=console) as progress:
             with console.status(f"Loading {path}"):
                 model = MatvlmLM(path, label, batch_size=recipe.batch_size, device=recipe.device, progress=progress)
-            results = simple_evaluate(
-                model=model, tasks=names, task_manager=manager, limit=recipe.limit,
-                batch_size=recipe.batch_size, device=str(model.device),  # recorded in results.json's config
-            )
+            with _quiet_git():
+                results = simple_evaluate(
+                    model=model, tasks=names, task_manager=manager, limit=recipe.limit,
+                    batch_size=recipe.batch_size, device=str(model.device),  # recorded in results.json's config
+                )
         del model
         results["config"]["matvlm"] = {"tasks": names, "data_dir": str(data_dir) if data_dir else None, "ocr": recipe.ocr}
         report.write_run(output / label, results)

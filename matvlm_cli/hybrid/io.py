@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedModel
 
+from ..atomic import atomic_directory, write_atomic
 from ..errors import MatvlmError
 from .conversion import HYBRID_KEY, build_empty_mixers
 from .mixer_config import Mamba2Config
@@ -41,13 +44,117 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def _first_line(err: BaseException) -> str:
+    """The part of a library's message that says what is wrong: its first sentence (a strict config's
+    validation error says it on its last line)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return re.split(r"(?<=\.)\s", lines[-1] if isinstance(err, StrictDataclassError) else lines[0])[0]
+
+
+# What reading a user's config, processor or weights raises when the files are wrong (transformers'
+# configs are strict dataclasses: a wrong-typed value is a StrictDataclassError).
+_FILE_ERRORS = (ValueError, KeyError, TypeError, AttributeError, OSError, StrictDataclassError, SafetensorError)
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
+
+
 def load_config(path: str | os.PathLike, trust_remote_code: bool = False):
     path = check_model_dir(path)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError, OSError, json.JSONDecodeError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise MatvlmError(f"{path}/config.json: cannot be read as a transformers config: {first_line}") from err
+    except _FILE_ERRORS as err:
+        raise MatvlmError(f"{path}/config.json: cannot be read as a transformers config: {_first_line(err)}") from None
+
+
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The directory's safetensors files, each checked readable (header and length); pickle weights are
+    refused, never loaded: unpickling runs code from the file."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+            raise MatvlmError(f"{index}: not a safetensors index ({_first_line(err)})") from None
+        files = [path / name for name in names]
+    else:
+        files = [path / "model.safetensors"]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        pickles = [name for name in PICKLE_WEIGHTS if (path / name).is_file()] or sorted(p.name for p in path.glob("*.bin"))
+        if pickles:
+            raise MatvlmError(
+                f"{path}: has only pickle weights ({pickles[0]}), and matvlm reads safetensors only. If you trust the "
+                f"file, convert it once: python -c \"from transformers import AutoModelForImageTextToText as M; "
+                f"M.from_pretrained('{path}').save_pretrained('{path}')\" (AutoModelForCausalLM for a text-only model)"
+            )
+        raise MatvlmError(f"{missing[0]}: not found (config.json is there, the weights are not)")
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as err:
+            raise MatvlmError(f"{file}: not a readable safetensors file ({_first_line(err)})") from None
+    return files
+
+
+def _from_pretrained(cls, path: Path, **kwargs):
+    """`cls.from_pretrained` on checked files, from safetensors only; what still goes wrong (weights of
+    the wrong shape, a config value the model cannot use) is a one-line error naming the directory."""
+    weight_files(path)
+    try:
+        return cls.from_pretrained(path, use_safetensors=True, **kwargs)
+    except (*_FILE_ERRORS, RuntimeError) as err:
+        raise MatvlmError(f"{path}: cannot be loaded as {cls.__name__}: {_first_line(err)}") from None
+
+
+def load_processor(path: str | os.PathLike, trust_remote_code: bool = False):
+    """The directory's processor (tokenizer, image processor, chat template)."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except _FILE_ERRORS as err:
+        raise MatvlmError(f"{path}: no usable processor (preprocessor_config.json, tokenizer files): {_first_line(err)}") from None
+
+
+def check_model(path: str | os.PathLike, trust_remote_code: bool = False) -> None:
+    """Everything about a teacher or hybrid directory that can be checked without reading its weights:
+    the config, the architecture built on the meta device, the weight files' headers and the processor."""
+    config = load_config(path, trust_remote_code)
+    try:
+        with torch.device("meta"):
+            model_class_for(config).from_config(config, trust_remote_code=trust_remote_code)
+    except (*_FILE_ERRORS, RuntimeError) as err:
+        raise MatvlmError(f"{path}/config.json: the model cannot be built from it: {_first_line(err)}") from None
+    weight_files(path)
+    load_processor(path, trust_remote_code)
+
+
+def check_output_dir(output: str | os.PathLike, what: str = "--output", exists_ok: bool = False,
+                     inputs: tuple = ()) -> Path:
+    """Before any work: `output` can be made (or, with `exists_ok`, reused) as a directory, and is neither
+    one of `inputs` nor inside one nor around one (replacing it would delete them)."""
+    if not str(output).strip():
+        raise MatvlmError(f"{what}: the path is empty")
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise MatvlmError(f"{output}: {what} exists and is not a directory")
+    if output.exists() and not exists_ok:
+        raise MatvlmError(f"{output}: already exists (pass --overwrite to replace it)")
+    resolved = output.resolve()
+    for source in map(Path, inputs):
+        source_resolved = source.resolve()
+        if resolved == source_resolved or source_resolved in resolved.parents or resolved in source_resolved.parents:
+            relation = "is" if resolved == source_resolved else "is inside" if source_resolved in resolved.parents else "contains"
+            raise MatvlmError(f"{output}: {what} {relation} the input {source}; write somewhere else")
+    existing = next(p for p in (output, *output.parents) if p.exists() or p == Path(p.anchor or "."))
+    if not existing.is_dir():
+        raise MatvlmError(f"{existing}: not a directory, so {what} {output} cannot be made")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MatvlmError(f"{existing}: not writable, so {what} {output} cannot be written")
+    return output
 
 
 def model_class_for(config):
@@ -74,7 +181,7 @@ def load_teacher(path: str | os.PathLike, dtype: str | torch.dtype = "auto", tru
     if getattr(config, HYBRID_KEY, None):
         raise MatvlmError(f"{path}: is already a matvlm hybrid; give the original teacher")
     auto_class = model_class_for(config)
-    return auto_class.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    return _from_pretrained(auto_class, Path(path), dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def is_hybrid_dir(path: str | os.PathLike) -> bool:
@@ -114,8 +221,8 @@ def load_hybrid(
         raise MatvlmError(f"{path}: not a matvlm hybrid (config.json has no '{HYBRID_KEY}' block)")
     base = model_class_for(config)._model_mapping[type(config)]
     cls = hybrid_class(base, block["layers"], Mamba2Config.from_dict(block["mixer"]))
-    model, info = cls.from_pretrained(
-        path, config=config, dtype=dtype, device_map=device_map, output_loading_info=True,
+    model, info = _from_pretrained(
+        cls, Path(path), config=config, dtype=dtype, device_map=device_map, output_loading_info=True,
         trust_remote_code=trust_remote_code,
     )
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
@@ -139,51 +246,3 @@ def save_hybrid(model: PreTrainedModel, output: str | os.PathLike, source: str |
                 if src.is_file() and not (tmp / name).exists():
                     shutil.copy2(src, tmp / name)
     return output
-
-
-class atomic_directory:
-    """Write into a temp directory beside `target`; rename it into place only if all went well."""
-
-    def __init__(self, target: Path, overwrite: bool = False):
-        self.target, self.overwrite = Path(target), overwrite
-
-    def __enter__(self) -> Path:
-        if self.target.exists() and not self.overwrite:
-            raise MatvlmError(f"{self.target}: already exists (pass --overwrite to replace it)")
-        if self.target.exists() and not self.target.is_dir():
-            raise MatvlmError(f"{self.target}: exists and is not a directory")
-        parent = self.target.parent
-        if parent.exists() and not parent.is_dir():
-            raise MatvlmError(f"{parent}: not a directory")
-        parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.target.exists():
-            trash = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            self.target.rename(trash)
-            self.tmp.rename(self.target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            self.tmp.rename(self.target)
-        return False
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename it over `path`: readers see the old file or
-    the whole new one, never a half-written one."""
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)  # mkstemp's file is private; results are ordinary files
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise

@@ -34,6 +34,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..atomic import remove_stale_temps, temp_prefix
 from .questions import (
     NEGATIVE_STRATEGIES, SUBFIELDS, SUBJECTS, choice_options, existence_question, reference_answers, sample_negative,
     subject_question, textvqa_question, training_conversation,
@@ -227,7 +228,8 @@ def generate_world(
         raise FileExistsError(f"{output_dir} exists; pass overwrite=True to replace it")
     report = on_progress or (lambda stage, done, total: None)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    remove_stale_temps(output_dir)
+    staging = Path(tempfile.mkdtemp(prefix=temp_prefix(output_dir.name), suffix=".tmp", dir=output_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the world is meant to be shared
     try:
         benchmarks = {
