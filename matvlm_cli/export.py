@@ -125,6 +125,11 @@ def check_exportable(path: Path, config) -> tuple[TextFamily, Mamba2Config]:
         raise _refuse(
             path, f"mamba_expand {mixer.d_inner}/{mixer.d_model} is not an integer (nheads {mixer.nheads} x headdim {mixer.headdim}); {TARGET} and vLLM size d_inner as mamba_expand x hidden"
         )
+    if mixer.bias:
+        raise _refuse(
+            path, f"the mixer's in_proj bias (converted with --keep-bias): {TARGET} zeroes padded positions before "
+            "in_proj, so that bias would reach the convolution from left padding and batched outputs would differ"
+        )
     if mixer.dt_bounds != (0.0, math.inf):
         raise _refuse(path, f"dt_limit {list(mixer.dt_limit)}: {TARGET}'s one-token decode step does not clamp dt")
     if problem := per_group_norm_problem(mixer.ngroups):

@@ -29,7 +29,7 @@ TEXT_TEACHERS = {
     "llama-gqa-llama3-rope": (LlamaForCausalLM, LlamaConfig, {"rope_parameters": LLAMA3_ROPE}),
     "llama-attention-bias": (LlamaForCausalLM, LlamaConfig, {"attention_bias": True}),
     "mistral": (MistralForCausalLM, MistralConfig, {"sliding_window": None}),
-    "qwen2": (Qwen2ForCausalLM, Qwen2Config, {}),
+    "qwen2-tied-embeddings": (Qwen2ForCausalLM, Qwen2Config, {"tie_word_embeddings": True}),
 }
 LAYERS = [1, 3]
 
@@ -55,11 +55,11 @@ def scramble(model, seed: int, only: str = "") -> None:
             param.add_(noise * scale)
 
 
-def text_hybrid(tmp_path, name: str, keep_bias: bool = False):
+def text_hybrid(tmp_path, name: str):
     model_class, config_class, extra = TEXT_TEACHERS[name]
     torch.manual_seed(0)
-    model = model_class(config_class(**TEXT, **extra)).eval()
-    convert_to_hybrid(model, LAYERS, keep_bias=keep_bias)
+    model = model_class(config_class(**{**TEXT, **extra})).eval()
+    convert_to_hybrid(model, LAYERS)
     scramble(model, seed=1)
     path = tmp_path / f"{name}-hybrid"
     save_hybrid(model, path)
@@ -71,9 +71,9 @@ def greedy(model, ids, **inputs):
     return out[:, ids.shape[1]:]
 
 
-@pytest.mark.parametrize("name,keep_bias", [(name, False) for name in TEXT_TEACHERS] + [("qwen2", True)])
-def test_text_hybrid_export_is_exact(tmp_path, name, keep_bias):
-    source_dir = text_hybrid(tmp_path, name, keep_bias)
+@pytest.mark.parametrize("name", list(TEXT_TEACHERS))
+def test_text_hybrid_export_is_exact(tmp_path, name):
+    source_dir = text_hybrid(tmp_path, name)
     out = export_hybrid(source_dir, tmp_path / "export")
     source = load_hybrid(source_dir)
     exported = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -81,17 +81,24 @@ def test_text_hybrid_export_is_exact(tmp_path, name, keep_bias):
     config = json.loads((out / "config.json").read_text())
     assert "matvlm" not in config and config["model_type"] == "granitemoehybrid"
     assert config["layer_types"] == ["attention", "mamba", "attention", "mamba"]
-    assert config["mamba_proj_bias"] is keep_bias
+    assert config["mamba_proj_bias"] is False
     assert hybrid_layers(exported) == LAYERS
+    tied = exported.lm_head.weight.data_ptr() == exported.model.embed_tokens.weight.data_ptr()
+    assert tied is config["tie_word_embeddings"] is source.config.tie_word_embeddings
     ids = torch.randint(3, TEXT["vocab_size"], (2, 37), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected, got = source(input_ids=ids).logits, exported(input_ids=ids).logits
     assert (expected - got).abs().max() < 1e-5
     assert torch.equal(greedy(source, ids), greedy(exported, ids))
+    mask = torch.ones_like(ids)
+    mask[0, :9] = 0  # left padding, as batched generation and evaluate send it
+    with torch.no_grad():
+        expected, got = source(input_ids=ids, attention_mask=mask).logits, exported(input_ids=ids, attention_mask=mask).logits
+    assert (expected - got)[mask.bool()].abs().max() < 1e-5
 
 
 def test_qwen2_attention_keeps_its_biases_and_gets_a_zero_o_bias(tmp_path):
-    source_dir = text_hybrid(tmp_path, "qwen2")
+    source_dir = text_hybrid(tmp_path, "qwen2-tied-embeddings")
     exported = AutoModelForCausalLM.from_pretrained(export_hybrid(source_dir, tmp_path / "export"))
     source = load_hybrid(source_dir)
     original, attention = find_decoder(source).attention(0), exported.model.layers[0].self_attn
@@ -223,34 +230,36 @@ def edit_mixer(path, **changes):
     (path / "config.json").write_text(json.dumps(config))
 
 
-def unfit_text_hybrid(tmp_path, model_class, config):
+def unfit_text_hybrid(tmp_path, model_class, config, keep_bias=False):
     torch.manual_seed(0)
     model = model_class(config).eval()
-    convert_to_hybrid(model, [1])
+    convert_to_hybrid(model, [1], keep_bias=keep_bias)
     path = tmp_path / "hybrid"
     save_hybrid(model, path)
     return path
 
 
+# (teacher class, its config, convert with --keep-bias, edits to the recorded mixer, the reason given)
 UNFIT = {
-    "phi": (PhiForCausalLM, PhiConfig(**TEXT), None, "Phi's parallel block"),
-    "qwen3-qk-norm": (Qwen3ForCausalLM, Qwen3Config(**TEXT, head_dim=16), None, "q/k norms"),
-    "explicit-head-dim": (LlamaForCausalLM, LlamaConfig(**TEXT, head_dim=24), None, r"head_dim 24 x 4 heads != hidden 64"),
-    "mlp-bias": (LlamaForCausalLM, LlamaConfig(**TEXT, mlp_bias=True), None, r"MLP biases \(mlp_bias\)"),
-    "sliding-window": (MistralForCausalLM, MistralConfig(**TEXT, sliding_window=16), None, "sliding-window attention"),
-    "gelu": (LlamaForCausalLM, LlamaConfig(**TEXT, hidden_act="gelu"), None, "hidden_act 'gelu'"),
-    "non-integer-expand": (LlamaForCausalLM, LlamaConfig(**TEXT), {"nheads": 6, "headdim": 16, "ngroups": 6},
+    "phi": (PhiForCausalLM, PhiConfig(**TEXT), False, {}, "Phi's parallel block"),
+    "qwen3-qk-norm": (Qwen3ForCausalLM, Qwen3Config(**TEXT, head_dim=16), False, {}, "q/k norms"),
+    "explicit-head-dim": (LlamaForCausalLM, LlamaConfig(**TEXT, head_dim=24), False, {}, r"head_dim 24 x 4 heads != hidden 64"),
+    "mlp-bias": (LlamaForCausalLM, LlamaConfig(**TEXT, mlp_bias=True), False, {}, r"MLP biases \(mlp_bias\)"),
+    "sliding-window": (MistralForCausalLM, MistralConfig(**TEXT, sliding_window=16), False, {}, "sliding-window attention"),
+    "gelu": (LlamaForCausalLM, LlamaConfig(**TEXT, hidden_act="gelu"), False, {}, "hidden_act 'gelu'"),
+    "non-integer-expand": (LlamaForCausalLM, LlamaConfig(**TEXT), False, {"nheads": 6, "headdim": 16, "ngroups": 6},
                            r"mamba_expand 96/64 is not an integer"),
-    "dt-limit": (LlamaForCausalLM, LlamaConfig(**TEXT), {"dt_limit": [0.0, 0.1]}, "does not clamp dt"),
+    "dt-limit": (LlamaForCausalLM, LlamaConfig(**TEXT), False, {"dt_limit": [0.0, 0.1]}, "does not clamp dt"),
+    "kept-mixer-bias": (Qwen2ForCausalLM, Qwen2Config(**TEXT), True, {}, "in_proj bias .* batched outputs would differ"),
 }
 
 
 @pytest.mark.parametrize("case", list(UNFIT))
 def test_hybrids_no_stock_class_holds_are_refused_with_nothing_written(tmp_path, case):
-    model_class, config, mixer_changes, reason = UNFIT[case]
-    path = unfit_text_hybrid(tmp_path, model_class, config)
-    if mixer_changes:
-        edit_mixer(path, **mixer_changes)
+    model_class, config, keep_bias, mixer_edits, reason = UNFIT[case]
+    path = unfit_text_hybrid(tmp_path, model_class, config, keep_bias)
+    if mixer_edits:
+        edit_mixer(path, **mixer_edits)
     with pytest.raises(MatvlmError, match=reason) as error:
         export_hybrid(path, tmp_path / "export")
     assert "\n" not in str(error.value) and "cannot export" in str(error.value)
