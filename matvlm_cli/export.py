@@ -44,7 +44,7 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 @dataclass(frozen=True)
 class TextFamily:
-    """What one teacher text family needs to be exact as GraniteMoeHybrid."""
+    """What one teacher text family needs to be exact as GraniteMoeHybrid, or why it cannot be."""
 
     # Attention projections that always carry a bias; GraniteMoeHybrid's single `attention_bias`
     # then gives all four one, and the others are written as zeros.
@@ -54,23 +54,23 @@ class TextFamily:
     # Config values the mapping needs, with what the family would otherwise have that GraniteMoeHybrid lacks.
     requires: dict[str, tuple[object, str]] = field(default_factory=dict)
     mlp: dict[str, str] = field(default_factory=lambda: LLAMA_MLP)
+    # Set for a family a hybrid can be converted from but no stock hybrid class holds: the reason.
+    unfit: str | None = None
 
 
+_NO_SLIDING_WINDOW = {"sliding_window": (None, "sliding-window attention")}
 FAMILIES = {
     "llama": TextFamily(bias_flag="attention_bias", requires={"mlp_bias": (False, "MLP biases (mlp_bias)")}),
-    "mistral": TextFamily(requires={"sliding_window": (None, "sliding-window attention")}),
-    "qwen2": TextFamily(biased=("q_proj", "k_proj", "v_proj"), requires={"sliding_window": (None, "sliding-window attention")}),
+    "mistral": TextFamily(requires=_NO_SLIDING_WINDOW),
+    "qwen2": TextFamily(biased=("q_proj", "k_proj", "v_proj"), requires=_NO_SLIDING_WINDOW),
+    "phi": TextFamily(unfit="Phi's parallel block (attention and MLP read one LayerNorm output), LayerNorm biases and partial rotary embedding"),
+    "qwen3": TextFamily(unfit="q/k norms (Qwen3 normalises queries and keys per head)"),
+    "gemma": TextFamily(unfit="Gemma's GeGLU MLP (GraniteMoeHybrid's one activation also drives its Mamba convolution, which is SiLU here)"),
+    "gemma2": TextFamily(unfit="Gemma-2's logit soft-capping, extra norms and sliding-window layers"),
+    "gemma3_text": TextFamily(unfit="q/k norms and sliding-window layers (Gemma-3)"),
+    "olmo2": TextFamily(unfit="q/k norms and norms after the mixer and the MLP instead of before (OLMo-2)"),
 }
-# Families a hybrid can be converted from but that no stock hybrid class holds, and why.
-UNFIT_FAMILIES = {
-    "phi": "Phi's parallel block (attention and MLP read the same LayerNorm output) and partial rotary embedding",
-    "phi3": "Phi-3's fused qkv_proj and gate_up_proj layout and its LongRoPE scaling",
-    "qwen3": "q/k norms (Qwen3 normalises queries and keys per head)",
-    "gemma": "Gemma's (1 + weight) RMSNorm and scaled embeddings",
-    "gemma2": "Gemma-2's extra norms, logit soft-capping and sliding-window layers",
-    "gemma3_text": "q/k norms and sliding-window layers (Gemma-3)",
-    "olmo2": "q/k norms and norms after the mixer and MLP (OLMo-2)",
-}
+EXPORTABLE = ", ".join(name for name, family in FAMILIES.items() if family.unfit is None)
 
 
 def _refuse(path: Path, reason: str) -> MatvlmError:
@@ -100,10 +100,9 @@ def check_exportable(path: Path, config) -> tuple[TextFamily, Mamba2Config]:
             f"{path}: not a matvlm hybrid (config.json has no '{HYBRID_KEY}' block); export takes what convert or distill wrote"
         )
     text = config.get_text_config(decoder=True)
-    family = FAMILIES.get(text.model_type)
-    if family is None:
-        reason = UNFIT_FAMILIES.get(text.model_type, "no mapping for this text model")
-        raise _refuse(path, f"text model {text.model_type!r}: {reason} (exportable: {', '.join(FAMILIES)})")
+    family = FAMILIES.get(text.model_type) or TextFamily(unfit="no mapping for this text model")
+    if family.unfit:
+        raise _refuse(path, f"text model {text.model_type!r}: {family.unfit} (exportable: {EXPORTABLE})")
     for key, (wanted, feature) in family.requires.items():
         if getattr(text, key, wanted) != wanted:
             raise _refuse(path, f"{feature}: {key} is {getattr(text, key)!r}, {TARGET} has no such thing")
@@ -188,21 +187,18 @@ def map_state_dict(
 ) -> dict[str, torch.Tensor]:
     """The source weights under GraniteMoeHybrid's names. Outside the text model's layers nothing is renamed."""
     mapped, mlp_parts = {}, {}
-    by_name = {name: role for role, name in family.mlp.items()}
+    role_of = {name: role for role, name in family.mlp.items()}
+    layers_prefix = f"{text_prefix}.layers."
     for key, tensor in state.items():
-        head, _, _ = key.partition(".layers.")
-        index = None
-        if head == text_prefix:
-            index = int(key[len(text_prefix) + len(".layers."):].split(".", 1)[0])
-        if index is None:
+        if not key.startswith(layers_prefix):  # vision tower, connector, embeddings, final norm, head
             mapped[key] = tensor
             continue
-        prefix = f"{text_prefix}.layers.{index}."
-        inner = key[len(prefix):]
-        if inner in by_name:
-            mlp_parts.setdefault(index, {})[by_name[inner]] = tensor
+        index, inner = key[len(layers_prefix):].split(".", 1)
+        index = int(index)
+        if inner in role_of:
+            mlp_parts.setdefault(index, {})[role_of[inner]] = tensor
         elif index in layers and inner.startswith("self_attn."):
-            mapped[prefix + "mamba." + inner.removeprefix("self_attn.")] = tensor
+            mapped[f"{layers_prefix}{index}.mamba.{inner.removeprefix('self_attn.')}"] = tensor
         else:
             mapped[key] = tensor
     for index in range(num_layers):
@@ -221,7 +217,7 @@ def map_state_dict(
 
 
 def build_export(path: Path):
-    """(stock model with the hybrid's weights, source directory config) - weights are shared, not copied."""
+    """The stock model, holding the hybrid's own weight tensors (only the MLP's gate and up are copied, into one)."""
     config = load_config(path)
     family, mixer = check_exportable(path, config)
     text = config.get_text_config(decoder=True)
@@ -252,7 +248,7 @@ def build_export(path: Path):
     target.load_state_dict(state, strict=True, assign=True)
     target.tie_weights()
     target.generation_config = source.generation_config
-    return target, layers
+    return target
 
 
 LEGACY_LAYER_NAMES = {"linear_attention": "mamba", "full_attention": "attention"}
@@ -276,7 +272,7 @@ def export_hybrid(hybrid: str | Path, output: str | Path, overwrite: bool = Fals
         raise MatvlmError(f"{output}: already exists (pass --overwrite to replace it)")
     if output.resolve() == hybrid.resolve():
         raise MatvlmError(f"{output}: is the hybrid itself; export to another directory")
-    target, _ = build_export(hybrid)
+    target = build_export(hybrid)
     with atomic_directory(output, overwrite) as tmp:
         target.save_pretrained(tmp, safe_serialization=True)
         _write_portable_config(tmp)
