@@ -32,6 +32,10 @@ TEXT_TEACHERS = {
     "qwen2-tied-embeddings": (Qwen2ForCausalLM, Qwen2Config, {"tie_word_embeddings": True}),
 }
 LAYERS = [1, 3]
+# transformers 5.17-5.22 (the GPU machine has 5.17): export refuses these hybrids there, tested below
+needs_per_group_norm = pytest.mark.skipif(
+    not stock.per_group_gated_norm_available(), reason="this transformers' GraniteMoeHybrid gated norm is not per group"
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -69,6 +73,7 @@ def greedy(model, ids, **inputs):
     return out[:, ids.shape[1]:]
 
 
+@needs_per_group_norm
 @pytest.mark.parametrize("name", list(TEXT_TEACHERS))
 def test_text_hybrid_export_is_exact(tmp_path, name):
     source_dir = text_hybrid(tmp_path, name)
@@ -95,6 +100,7 @@ def test_text_hybrid_export_is_exact(tmp_path, name):
     assert (expected - got)[mask.bool()].abs().max() < 1e-5
 
 
+@needs_per_group_norm
 def test_qwen2_attention_keeps_its_biases_and_gets_a_zero_o_bias(tmp_path):
     source_dir = text_hybrid(tmp_path, "qwen2-tied-embeddings")
     exported = AutoModelForCausalLM.from_pretrained(export_hybrid(source_dir, tmp_path / "export"))
@@ -163,6 +169,7 @@ torch.save({"class": type(model).__name__, "text_class": type(model.model.langua
 """
 
 
+@needs_per_group_norm
 def test_llava_export_loads_with_transformers_alone_and_matches(llava_hybrid, llava_export, tmp_path):
     result_file = tmp_path / "result.pt"
     run = subprocess.run([sys.executable, "-I", "-c", LOAD_WITHOUT_MATVLM, str(llava_export), str(result_file)],
@@ -180,6 +187,7 @@ def test_llava_export_loads_with_transformers_alone_and_matches(llava_hybrid, ll
     assert torch.equal(tokens, result["tokens"])
 
 
+@needs_per_group_norm
 def test_llava_export_keeps_processor_tokenizer_and_chat_template(llava_hybrid, llava_export):
     names = {p.name for p in llava_export.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "chat_template.jinja",
@@ -191,6 +199,7 @@ def test_llava_export_keeps_processor_tokenizer_and_chat_template(llava_hybrid, 
     assert config["text_config"]["architectures"] == ["GraniteMoeHybridForCausalLM"]
 
 
+@needs_per_group_norm
 def test_bench_engines_run_the_export_and_decode_like_the_source(llava_hybrid, llava_export):
     from matvlm_cli.bench import floor
     from matvlm_cli.bench.engines import GraphEngine, HFEngine
@@ -208,6 +217,7 @@ def test_bench_engines_run_the_export_and_decode_like_the_source(llava_hybrid, l
     assert static.state_bytes == reference.state_bytes > 0 and static.kv_bytes > 0
 
 
+@needs_per_group_norm
 def test_evaluate_scores_the_export_like_the_source(llava_hybrid, llava_export):
     from lm_eval.api.instance import Instance
 
@@ -264,17 +274,20 @@ def test_hybrids_no_stock_class_holds_are_refused_with_nothing_written(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hybrid"]  # no output, no temp directory
 
 
-def test_transformers_without_per_group_gated_norm_is_refused(llava_hybrid, llava_export, tmp_path, monkeypatch):
+def test_transformers_without_per_group_gated_norm_is_refused(llava_hybrid, tmp_path, monkeypatch):
     """transformers 5.17-5.22 load an export without error but normalise its gated norm over all of d_inner
     (measured on this hybrid with 5.17: logits off by 3.6, 32 of 80 greedy tokens different)."""
+    monkeypatch.setattr(stock, "per_group_gated_norm_available", lambda: True)
+    written = export_hybrid(llava_hybrid, tmp_path / "written-where-it-is-right")
     monkeypatch.setattr(stock, "per_group_gated_norm_available", lambda: False)
     with pytest.raises(MatvlmError, match=r"per group \(8 groups\).*>= 5\.23"):
         export_hybrid(llava_hybrid, tmp_path / "export")
     assert not (tmp_path / "export").exists()
     with pytest.raises(MatvlmError, match="per group"):
-        load_teacher(llava_export)  # what bench and evaluate load it with
+        load_teacher(written)  # what bench and evaluate load it with
 
 
+@needs_per_group_norm
 def test_overwrite_replaces_and_an_exported_model_is_not_exported_again(llava_hybrid, llava_export, tmp_path):
     target = tmp_path / "export"
     target.mkdir()
@@ -288,6 +301,7 @@ def test_overwrite_replaces_and_an_exported_model_is_not_exported_again(llava_hy
         export_hybrid(llava_export, tmp_path / "again")
 
 
+@needs_per_group_norm
 def test_cli_bad_input_is_one_line_and_exit_2(llava_hybrid, llava_export, tmp_path):
     run = subprocess.run([sys.executable, "-m", "matvlm_cli", "export", str(llava_hybrid), "--output", str(llava_export)],
                          capture_output=True, text=True)
