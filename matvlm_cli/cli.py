@@ -59,6 +59,18 @@ def convert(
 
 
 @app.command()
+def export(
+    hybrid: Path = typer.Argument(..., help="A hybrid directory written by convert or distill."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the stock transformers model."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+):
+    """Rewrite a hybrid as a stock transformers model (GraniteMoeHybrid text model) that loads without matvlm."""
+    from .export import run_export
+
+    run_export(hybrid, output, overwrite, console)
+
+
+@app.command()
 def distill(
     recipe: Path = typer.Argument(..., help="YAML recipe (see recipes/tiny-default.yaml)."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key: --set optimizer.lr=1e-4 (repeatable)."),

@@ -17,6 +17,7 @@ from ..errors import MatvlmError
 from .cache import PaddingMaskTap
 from .mamba2 import Mamba2Mixer
 from .mixer_config import Mamba2Config
+from .stock import STOCK_MAMBA_ATTRIBUTE
 
 HYBRID_KEY = "matvlm"  # the config block that marks a hybrid and records how it was made
 PLACEMENTS = ("even", "front", "middle", "back")
@@ -40,10 +41,14 @@ class DecoderLayout:
         return getattr(self.layers[idx], self.attention_name)
 
 
+def _is_stock_mamba_layer(layer: nn.Module) -> bool:
+    return getattr(layer, STOCK_MAMBA_ATTRIBUTE, None) is not None
+
+
 def _attention_name(layer: nn.Module) -> str | None:
     for name in ATTENTION_NAMES:
         attn = getattr(layer, name, None)
-        if isinstance(attn, Mamba2Mixer):
+        if isinstance(attn, Mamba2Mixer) or (attn is None and hasattr(layer, name) and _is_stock_mamba_layer(layer)):
             return name
         if attn is not None and all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj")) and any(
             hasattr(attn, p) for p in OUTPUT_PROJ_NAMES
@@ -199,8 +204,12 @@ def install_mixers(model: nn.Module, mixers: dict[int, Mamba2Mixer], layout: Dec
 
 
 def hybrid_layers(model: nn.Module) -> list[int]:
+    """The Mamba layers: this project's mixers, or a stock hybrid's (an exported model)."""
     layout = find_decoder(model)
-    return [i for i, layer in enumerate(layout.layers) if isinstance(getattr(layer, layout.attention_name), Mamba2Mixer)]
+    return [
+        i for i, layer in enumerate(layout.layers)
+        if isinstance(getattr(layer, layout.attention_name), Mamba2Mixer) or _is_stock_mamba_layer(layer)
+    ]
 
 
 def hybrid_block(layers: list[int], mixer: Mamba2Config, **provenance) -> dict:

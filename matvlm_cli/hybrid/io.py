@@ -23,6 +23,7 @@ from ..atomic import atomic_directory, write_atomic
 from ..errors import MatvlmError
 from .conversion import HYBRID_KEY, build_empty_mixers
 from .mixer_config import Mamba2Config
+from .stock import check_stock_hybrid
 
 # Everything a processor or tokenizer may need, copied next to the hybrid's weights.
 PROCESSOR_FILES = (
@@ -180,6 +181,7 @@ def load_teacher(path: str | os.PathLike, dtype: str | torch.dtype = "auto", tru
     config = load_config(path, trust_remote_code)
     if getattr(config, HYBRID_KEY, None):
         raise MatvlmError(f"{path}: is already a matvlm hybrid; give the original teacher")
+    check_stock_hybrid(path, config)
     auto_class = model_class_for(config)
     return _from_pretrained(auto_class, Path(path), dtype=dtype, trust_remote_code=trust_remote_code)
 
