@@ -296,7 +296,7 @@ def check_distill_recipe(recipe: DistillRecipe, source: str = "recipe") -> None:
         problems.append("'optimizer.warmup_steps' and 'optimizer.decay_steps' must be >= 0")
     if recipe.training.batch_size < 1 or recipe.training.gradient_accumulation < 1 or recipe.training.epochs < 1:
         problems.append("'training': batch_size, gradient_accumulation and epochs must be >= 1")
-    if recipe.training.num_workers < 0:
+    if recipe.training.num_workers is not None and recipe.training.num_workers < 0:
         problems.append(f"'training.num_workers' must be >= 0 (0 loads data in the training process), got {recipe.training.num_workers}")
     output = recipe.output
     if output.eval_every < 0 or (output.eval_every and output.eval_samples < 1):

@@ -313,3 +313,114 @@ def test_fsdp_matches_ddp_and_resumes_exactly(two_process_ddp, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
     assert all(torch.equal(resumed[k], sharded[k]) for k in sharded)
+
+
+def test_resume_is_exact_across_epochs(world, tmp_path):
+    # 48 records, 12 batches an epoch: stopped in epoch 1 after a checkpoint, resumed, ended in epoch 2
+    values = lambda out, **output: recipe_values(  # noqa: E731
+        world, out, training={"max_steps": 30}, optimizer={"warmup_steps": 2, "decay_steps": 5},
+        output={"save_every": 15, "keep_checkpoints": 1} | output)
+    straight = run_distill(make(values(tmp_path / "a")))
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at(step):
+        if step == 20:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_distill(make(values(tmp_path / "b")), on_step=stop_at)
+    state = json.loads((tmp_path / "b" / "checkpoints" / "step-0000015" / "state.json").read_text())
+    assert state["epoch"] == 1 and state["batch_in_epoch"] == 3
+    resumed = run_distill(make(values(tmp_path / "b", resume="auto")))
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log_a = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert log_a[-1]["epoch"] == 2 and log_a[-1]["loss"] == log_b[-1]["loss"]
+    assert 0 <= log_a[-1]["padding"] < 0.5
+
+
+def test_nan_stop_names_a_checkpoint_whose_weights_are_finite(world, tmp_path):
+    values = recipe_values(world, tmp_path / "run", optimizer={"lr": 1e30, "warmup_steps": 0, "schedule": "constant"},
+                           training={"max_steps": 6}, output={"save_every": 1, "keep_checkpoints": 5})
+    with pytest.raises(MatvlmError, match="Last good checkpoint") as stopped:
+        run_distill(make(values))
+    named = str(stopped.value).split("Last good checkpoint: ")[1].split(". ")[0]
+    if named != "none":
+        weights = load_file(Path(named) / "trainable.safetensors")
+        assert all(torch.isfinite(t).all() for t in weights.values())
+        optimizer = torch.load(Path(named) / "optimizer.pt", weights_only=True)
+        assert all(torch.isfinite(v).all() for s in optimizer["state"].values() for v in s.values() if torch.is_tensor(v) and v.is_floating_point())
+    for checkpoint in (tmp_path / "run" / "checkpoints").glob("step-*"):  # every checkpoint written is a good one
+        assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "trainable.safetensors").values())
+
+
+def test_a_failed_run_leaves_nothing_behind_and_can_be_run_again(world, tmp_path):
+    values = recipe_values(world, tmp_path / "run", optimizer={"lr": 1e30, "warmup_steps": 0, "schedule": "constant"},
+                           training={"max_steps": 4}, output={"save_every": 0})
+    with pytest.raises(MatvlmError):
+        run_distill(make(values))
+    assert not (tmp_path / "run").exists()
+    run_distill(make(recipe_values(world, tmp_path / "run", training={"max_steps": 1})))  # not "already exists"
+
+
+@pytest.mark.parametrize("damage", ["not a checkpoint", "truncated"])
+def test_resuming_from_a_bad_checkpoint_is_one_line(world, tmp_path, damage):
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_two(step):
+        if step == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_distill(make(recipe_values(world, tmp_path / "run")), on_step=stop_at_two)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-0000002"
+    if damage == "truncated":
+        data = (checkpoint / "optimizer.pt").read_bytes()
+        (checkpoint / "optimizer.pt").write_bytes(data[: len(data) // 2])
+        target, message = checkpoint, "truncated or corrupt"
+    else:
+        target, message = tmp_path / "elsewhere", "is not a checkpoint of matvlm distill"
+        target.mkdir()
+    with pytest.raises(MatvlmError, match=message):
+        run_distill(make(recipe_values(world, tmp_path / "run", output={"resume": str(target)})))
+
+
+def test_an_output_dir_that_is_a_file_is_refused_even_with_overwrite(world, tmp_path):
+    (tmp_path / "run").write_text("not a folder")
+    with pytest.raises(MatvlmError, match="exists and is not a directory"):
+        run_distill(make(recipe_values(world, tmp_path / "run", output={"overwrite": True})))
+    assert (tmp_path / "run").read_text() == "not a folder"
+
+
+def test_unreadable_images_are_counted_in_the_summary_and_all_unreadable_is_an_error(world, tmp_path):
+    records = json.loads((world / "train" / "conversations.json").read_text())[:12]
+    (tmp_path / "images").mkdir()
+    for i, record in enumerate(records):
+        (tmp_path / "images" / f"{i}.png").write_bytes((world / "train" / record["image"]).read_bytes() if i else b"GIF89a broken")
+        record["image"] = f"images/{i}.png"
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    values = recipe_values(world, tmp_path / "run", training={"max_steps": 4, "batch_size": 4})
+    values["data"] = [{"json": str(data), "image_root": str(tmp_path)}]
+    run_distill(make(values))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert sum(summary["unreadable_images"].values()) >= 1
+    for i in range(len(records)):
+        (tmp_path / "images" / f"{i}.png").write_bytes(b"GIF89a broken")
+    values["output"]["dir"] = str(tmp_path / "run2")
+    with pytest.raises(MatvlmError, match="a whole epoch gave no usable batch"):
+        run_distill(make(values))
+
+
+def test_the_gpu_throughput_script_runs_on_the_cpu(tmp_path):
+    out = tmp_path / "throughput.json"
+    subprocess.run([sys.executable, str(Path(__file__).parents[1] / "docs/gpu/distill_throughput.py"), "--tiny", "--batches", "2",
+                    "--checkpointing", "off", "--steps", "2", "--warmup", "1", "--output", str(out)],
+                   check=True, env=os.environ | {"MATVLM_CACHE": str(tmp_path / "cache")}, capture_output=True)
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert row["tokens_per_s"] > 0 and row["tokens_per_step"] > 2 * 15 and row["losses_last"]["kl"] >= 0

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..errors import MatvlmError
 from ..hybrid.conversion import choose_layers, convert_to_hybrid, find_decoder, hybrid_layers
-from ..hybrid.io import HYBRID_KEY, atomic_directory, load_hybrid, load_teacher, save_hybrid, write_atomic
+from ..hybrid.io import HYBRID_KEY, atomic_directory, load_hybrid, load_processor, load_teacher, save_hybrid, write_atomic
 from ..recipes import DataSource, DistillRecipe
 from .data import ConversationDataset, EpochShuffle, LengthGroupedShuffle, SkipReport, collate, prepare
 from .losses import chunked_logit_losses, layer_loss
@@ -261,19 +261,17 @@ class DistillRun:
                 self.created_output = True
             elif any(self.out.iterdir()):
                 raise MatvlmError(f"output.dir: {self.out} already exists (set output.resume: auto to continue, or output.overwrite: true)")
-        from transformers import AutoProcessor
-
         from ..tiny import default_teacher_dir
         from ..world import cache_dir
 
         self.teacher_dir = Path(r.teacher) if r.teacher else default_teacher_dir()
         processor_dir = Path(r.student.path or self.teacher_dir)
-        self.processor = AutoProcessor.from_pretrained(processor_dir)
+        self.processor = load_processor(processor_dir, trust_remote_code=r.trust_remote_code)
         # The main process generates the embedded world and prepares the data; the others then map its cache.
         with self.accelerator.main_process_first():
             sources = r.data or embedded_world_sources(self.console)
             prepared = prepare(sources, processor_dir, self.processor, r.model_max_length, cache_dir() / "prepared",
-                               skip_text_only=r.skip_text_only, console=self.console)
+                               skip_text_only=r.skip_text_only, trust_remote_code=r.trust_remote_code, console=self.console)
         self.dataset = ConversationDataset(prepared, sources, self.processor, seed=r.training.seed)
         self.unreadable = SkipReport()  # records whose image fails to decode when its batch is built
         if self.accelerator.is_main_process:
