@@ -36,7 +36,9 @@ from ..errors import MatvlmError
 from ..hybrid.conversion import choose_layers, convert_to_hybrid, find_decoder, hybrid_layers
 from ..hybrid.io import HYBRID_KEY, atomic_directory, load_hybrid, load_processor, load_teacher, save_hybrid, write_atomic
 from ..recipes import DataSource, DistillRecipe
-from .data import ConversationDataset, EpochShuffle, LengthGroupedShuffle, SkipReport, collate, prepare
+from .data import ConversationDataset, EpochShuffle, LengthGroupedShuffle, collate
+from .prepare import prepare
+from .records import SkipReport
 from .losses import chunked_logit_losses, layer_loss
 from .shared import SharedTeacherStudent
 
