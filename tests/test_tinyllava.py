@@ -58,7 +58,7 @@ def write_tokenizer(folder):
 def text_and_vision_configs(vocab_size):
     text = PhiConfig(vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=NUM_LAYERS,
                      num_attention_heads=HEADS, num_key_value_heads=HEADS, partial_rotary_factor=0.5,
-                     max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+                     max_position_embeddings=1024, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
     vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
                                 image_size=IMAGE_SIZE, patch_size=PATCH)
     return text, vision
@@ -274,16 +274,19 @@ def test_published_teacher_gets_a_real_processor_and_config(tinyllava):
     assert ids[-1] == processor.tokenizer.eos_token_id and processor.tokenizer.bos_token_id not in ids[:1]
 
 
-def test_matvlm_release_is_a_hybrid_equal_to_its_own_maths(matvlm_release, image):
+@pytest.mark.parametrize("d_xb", [HIDDEN, HIDDEN // 2], ids=["phi-1to1", "gqa-widened"])
+def test_matvlm_release_is_a_hybrid_equal_to_its_own_maths(matvlm_release, image, tmp_path, d_xb):
+    if d_xb != HIDDEN // 2:
+        matvlm_release = build_tinyllava(tmp_path / "release", seed=5, mamba=True, d_xb=d_xb)
     hybrid = load_model(matvlm_release)
     assert hybrid_layers(hybrid) == MAMBA_LAYERS and hybrid.config.matvlm["layers"] == MAMBA_LAYERS
     _, _, inputs = model_inputs(matvlm_release, image)
     ids, _ = reference_ids(matvlm_release, "What is in the picture?")
     with torch.no_grad():
         logits = hybrid(**inputs).logits
-    expected = reference_logits(matvlm_release, ids, reference_pixels(image), d_xb=HIDDEN // 2)
+    expected = reference_logits(matvlm_release, ids, reference_pixels(image), d_xb=d_xb)
     diff = (logits - expected).abs().max().item()
-    print(f"MaTVLM hybrid (d_xb = d_inner / 2): max |logit difference| {diff:.2e}")
+    print(f"MaTVLM hybrid (d_xb {d_xb} of d_inner {HIDDEN}): max |logit difference| {diff:.2e}")
     assert diff < 1e-4
     with pytest.raises(MatvlmError, match="already a matvlm hybrid"):
         load_teacher(matvlm_release)
@@ -350,6 +353,26 @@ def test_cpu_bench_on_teacher_and_converted(tinyllava, converted, tmp_path):
     assert result.returncode == 0, result.stderr
     rows = json.loads((out / "bench.json").read_text())["rows"]
     assert rows and all(row["error"] is None for row in rows)
+
+
+def test_distill_a_matvlm_release_further_from_the_published_teacher(tinyllava, matvlm_release, tmp_path, monkeypatch):
+    from matvlm_cli.distill.trainer import run_distill
+    from matvlm_cli.recipes import DistillRecipe, build_recipe, check_distill_recipe
+    from matvlm_cli.world import generate_world
+
+    monkeypatch.setenv("MATVLM_CACHE", str(tmp_path / "cache"))  # the prepared data stays out of ~/.cache
+    world = generate_world(tmp_path / "world", seed=3, train_size=8).root
+    recipe = build_recipe(DistillRecipe, {
+        "teacher": str(tinyllava), "student": {"path": str(matvlm_release)},
+        "data": [{"json": str(world / "train" / "conversations.json"), "image_root": str(world / "train")}],
+        "model_max_length": 1000, "optimizer": {"lr": 1e-3, "warmup_steps": 1, "decay_steps": 1},
+        "training": {"batch_size": 2, "max_steps": 2}, "output": {"dir": str(tmp_path / "run"), "save_every": 2},
+    })
+    check_distill_recipe(recipe)
+    final = run_distill(recipe)
+    student = load_hybrid(final)
+    assert hybrid_layers(student) == MAMBA_LAYERS and student.lm_head.bias.abs().sum() > 0
+    assert AutoProcessor.from_pretrained(final).chat_template == load_processor(tinyllava).chat_template
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import safe_open
 from transformers import AutoConfig, CodeGenTokenizer, LlavaConfig, LlavaProcessor, SiglipImageProcessorPil
 from transformers.tokenization_utils_base import AddedToken
@@ -109,7 +110,7 @@ def _sub_config(raw: dict, name: str, file: Path):
     fields = {k: v for k, v in sub.items() if k not in ("model_type", "transformers_version", "architectures")}
     try:
         return AutoConfig.for_model(sub["model_type"], **fields)
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, StrictDataclassError) as err:
         raise MatvlmError(f"{file}: {name}.model_type {sub['model_type']!r} cannot be read ({err})") from None
 
 
