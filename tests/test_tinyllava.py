@@ -64,6 +64,20 @@ def text_and_vision_configs(vocab_size):
     return text, vision
 
 
+def published_sub_configs(text, vision):
+    """The text and vision configs as TinyLLaVA's config.json holds them (written by transformers 4.39):
+    Phi's legacy rope fields and hub names, SigLIP's few fields and TinyLLaVA's own extras."""
+    text_fields = {k: v for k, v in text.to_dict().items() if k not in ("rope_parameters", "transformers_version", "dtype")}
+    text_fields |= {"_name_or_path": "microsoft/phi-2", "architectures": ["PhiForCausalLM"], "torch_dtype": "float32",
+                    "auto_map": {"AutoConfig": "microsoft/phi-2--configuration_phi.PhiConfig"},
+                    "rope_theta": 10000.0, "rope_scaling": None, "partial_rotary_factor": 0.5, "qk_layernorm": False}
+    vision_fields = {k: getattr(vision, k) for k in ("hidden_act", "hidden_size", "image_size", "intermediate_size",
+                                                     "layer_norm_eps", "num_attention_heads", "num_hidden_layers", "patch_size")}
+    vision_fields |= {"model_type": "siglip_vision_model", "model_name_or_path": "google/siglip-so400m-patch14-384",
+                      "model_name_or_path2": ""}
+    return text_fields, vision_fields
+
+
 def published_vision_keys(model):
     """SiglipVisionModel's weights under the names TinyLLaVA saves them with (`vision_model.` level)."""
     return {(k if k.startswith("vision_model.") else f"vision_model.{k}"): v for k, v in model.state_dict().items()}
@@ -115,7 +129,9 @@ def build_tinyllava(folder, seed=0, mamba=False, d_xb=HIDDEN // 2):
         "llm_model_name_or_path": "microsoft/phi-2", "vision_model_name_or_path": "google/siglip-so400m-patch14-384",
         "pad_token": "<|endoftext|>", "tokenizer_padding_side": "right", "tokenizer_model_max_length": 3072,
         "tokenizer_use_fast": False, "hidden_size": HIDDEN, "vocab_size": vocab, "torch_dtype": "float32",
-        "text_config": text.to_dict(), "vision_config": vision.to_dict(),
+        "tune_type_connector": "full", "tune_type_llm": "full", "tune_type_vision_tower": "frozen",
+        "vision_hidden_size": 16, "transformers_version": "4.39.3", "use_cache": True, "cache_dir": None,
+        **dict(zip(("text_config", "vision_config"), published_sub_configs(text, vision))),
     }))
     if mamba:
         (folder / "mamba_config.json").write_text(json.dumps({
