@@ -424,6 +424,26 @@ def test_bad_tinyllava_folders_are_one_line(tinyllava, tmp_path, case, message):
         load_teacher(folder)
 
 
+@pytest.mark.parametrize("fields,message", [
+    ({"d_xb": 8}, r"mamba_config.json: d_inner 32 and d_xb 8 disagree with the weights \(language_model.model.layers.1.mamba.in_proj.weight has 100 rows, expected 84\)"),
+    ({"n_layer": 6}, "mamba_config.json: n_layer 6 disagrees with config.json's text_config.num_hidden_layers 4"),
+    ({"attn_layers": [0, 1, 2, 3]}, "mamba_config.json: attn_layers lists every layer"),
+])
+def test_mamba_config_that_disagrees_is_one_line_naming_the_field(matvlm_release, tmp_path, fields, message):
+    folder = copy_folder(matvlm_release, tmp_path / "bad")
+    edit_json(folder / "mamba_config.json", **fields)
+    with pytest.raises(MatvlmError, match=message):
+        load_model(folder)
+
+
+def test_fp16_shards_load_as_fp16_unless_asked(tmp_path):
+    folder = build_tinyllava(tmp_path / "fp16")
+    for shard in folder.glob("*.safetensors"):
+        save_file({k: v.half() for k, v in load_file(shard).items()}, shard, metadata={"format": "pt"})
+    assert load_teacher(folder).dtype == torch.float16
+    assert load_teacher(folder, dtype=torch.float32).lm_head.bias.dtype == torch.float32
+
+
 def test_bad_input_exits_2_naming_file_and_field_and_writes_nothing(matvlm_release, tmp_path):
     folder = copy_folder(matvlm_release, tmp_path / "bad")
     edit_json(folder / "mamba_config.json", attn_layers=[0, 1])

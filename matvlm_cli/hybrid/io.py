@@ -226,7 +226,10 @@ def load_teacher(path: str | os.PathLike, dtype: str | torch.dtype = "auto", tru
 def _load_from_layout(reader: LayoutReader, path: Path, config, dtype, device_map=None) -> PreTrainedModel:
     """Build the transformers model (a hybrid's mixers included) from the config, then fill it with the
     reader's mapping of the folder's weights; every weight of the model must come from the folder."""
-    from transformers.initialization import no_init_weights
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older 5.x releases keep it here
+        from transformers.modeling_utils import no_init_weights
 
     files = weight_files(path)
     block = getattr(config, HYBRID_KEY, None)

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import safe_open
+from tokenizers import AddedToken
 from transformers import AutoConfig, CodeGenTokenizer, LlavaConfig, LlavaProcessor, SiglipImageProcessorPil
-from transformers.tokenization_utils_base import AddedToken
 
 from ..errors import MatvlmError
 from .conversion import HYBRID_KEY, hybrid_block
@@ -95,12 +95,17 @@ def is_matvlm_release_dir(path) -> bool:
     return _model_type(path) == TINYLLAVA_MODEL_TYPE and (Path(path) / MAMBA_CONFIG_FILE).is_file()
 
 
-def _weight_keys(files: list[Path]) -> list[str]:
-    keys = []
+def _weight_shapes(files: list[Path]) -> dict[str, list[int]]:
+    """Every weight's shape, from the files' headers alone."""
+    shapes = {}
     for file in files:
         with safe_open(file, framework="pt") as handle:
-            keys.extend(handle.keys())
-    return keys
+            shapes |= {key: handle.get_slice(key).get_shape() for key in handle.keys()}
+    return shapes
+
+
+def _weight_keys(files: list[Path]) -> list[str]:
+    return list(_weight_shapes(files))
 
 
 def _sub_config(raw: dict, name: str, file: Path):
@@ -181,8 +186,8 @@ def tinyllava_processor(path: Path) -> LlavaProcessor:
     """SigLIP's processor as TinyLLaVA builds it from the vision model's name (the folder has no
     preprocessor_config.json): a plain square resize, bicubic, 1/255, mean = std = 0.5."""
     path = Path(path)
-    vision = _sub_config(_read_json(path / "config.json"), "vision_config", path / "config.json")
     raw = _read_json(path / "config.json")
+    vision = _sub_config(raw, "vision_config", path / "config.json")
     size = vision.image_size
     image_processor = SiglipImageProcessorPil(
         size={"height": size, "width": size}, resample=3, do_rescale=True, rescale_factor=1 / 255,
@@ -238,11 +243,19 @@ def matvlm_release_mixer(path: Path, text_config) -> tuple[list[int], Mamba2Conf
 
 def matvlm_release_config(path: Path, files: list[Path]) -> LlavaConfig:
     config = tinyllava_config(path, files)
-    layers, mixer, _ = matvlm_release_mixer(path, config.text_config)
-    in_weights = _mamba_layers_in(_weight_keys(files))
+    layers, mixer, d_xb = matvlm_release_mixer(path, config.text_config)
+    file = Path(path) / MAMBA_CONFIG_FILE
+    shapes = _weight_shapes(files)
+    in_weights = _mamba_layers_in(shapes)
     if in_weights != layers:
-        raise MatvlmError(f"{Path(path) / MAMBA_CONFIG_FILE}: attn_layers leave Mamba layers {layers}, but the weights "
-                          f"hold Mamba layers {in_weights}")
+        raise MatvlmError(f"{file}: attn_layers leave Mamba layers {layers}, but the weights hold Mamba layers {in_weights}")
+    for layer in layers:
+        for name, expected in (("in_proj.weight", 2 * mixer.d_inner + 2 * d_xb + mixer.nheads),
+                               ("conv1d.weight", mixer.d_inner + 2 * d_xb)):
+            key = f"language_model.model.layers.{layer}.mamba.{name}"
+            if key in shapes and shapes[key][0] != expected:
+                raise MatvlmError(f"{file}: d_inner {mixer.d_inner} and d_xb {d_xb} disagree with the weights "
+                                  f"({key} has {shapes[key][0]} rows, expected {expected})")
     setattr(config, HYBRID_KEY, hybrid_block(layers, mixer, source=str(path), released_by="MaTVLM"))
     return config
 
