@@ -281,6 +281,18 @@ def test_teacher_equals_tinyllavas_forward(tinyllava, image):
     assert diff < 1e-4
 
 
+def test_teacher_saved_once_loads_back_exactly_with_its_processor(tinyllava, image, tmp_path):
+    teacher = load_teacher(tinyllava)
+    teacher.save_pretrained(tmp_path / "llava")
+    load_processor(tinyllava).save_pretrained(tmp_path / "llava")
+    again = load_teacher(tmp_path / "llava")
+    _, _, inputs = model_inputs(tinyllava, image)
+    _, _, saved_inputs = model_inputs(tmp_path / "llava", image)
+    assert torch.equal(inputs["input_ids"], saved_inputs["input_ids"])
+    with torch.no_grad():
+        assert torch.equal(again(**saved_inputs).logits, teacher(**inputs).logits)
+
+
 def test_published_teacher_gets_a_real_processor_and_config(tinyllava):
     processor = load_processor(tinyllava)
     assert type(processor).__name__ == "LlavaProcessor"

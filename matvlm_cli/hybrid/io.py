@@ -220,6 +220,10 @@ def load_teacher(path: str | os.PathLike, dtype: str | torch.dtype = "auto", tru
     if reader := layout_reader(path):
         return _load_from_layout(reader, Path(path), config, dtype)
     auto_class = model_class_for(config)
+    if getattr(config, HEAD_BIAS_KEY, False):
+        # A teacher saved after it was read from another layout: its class builds the head without the bias.
+        base = auto_class._model_mapping[type(config)]
+        return _from_pretrained(hybrid_class(base, [], None), Path(path), dtype=dtype).eval()
     return _from_pretrained(auto_class, Path(path), dtype=dtype, trust_remote_code=trust_remote_code)
 
 
@@ -254,8 +258,12 @@ def _load_from_layout(reader: LayoutReader, path: Path, config, dtype, device_ma
     except RuntimeError as err:
         raise MatvlmError(f"{path}: weights do not fit the model read from config.json: {_first_line(err)}") from None
     del state
-    if device_map is not None:
-        model = model.to(device_map if isinstance(device_map, (str, torch.device)) else next(iter(device_map.values())))
+    if device_map is not None:  # one device: the weights are already in memory, there is nothing to dispatch
+        devices = set(device_map.values()) if isinstance(device_map, dict) else {device_map}
+        if len(devices) != 1:
+            raise MatvlmError(f"{path}: a {reader.name} folder loads onto one device, not a device map over {sorted(map(str, devices))}")
+        device = devices.pop()
+        model = model.to(resolve_device(device) if device == "auto" else device)
     return model.eval()
 
 
