@@ -112,7 +112,8 @@ def _sub_config(raw: dict, name: str, file: Path):
     sub = raw.get(name)
     if not isinstance(sub, dict) or "model_type" not in sub:
         raise MatvlmError(f"{file}: {name} is missing or has no model_type (TinyLLaVA writes the whole config there)")
-    fields = {k: v for k, v in sub.items() if k not in ("model_type", "transformers_version", "architectures")}
+    # Its own auto_map points at the hub's remote code, which a saved hybrid must not inherit.
+    fields = {k: v for k, v in sub.items() if k not in ("model_type", "transformers_version", "architectures", "auto_map")}
     try:
         return AutoConfig.for_model(sub["model_type"], **fields)
     except (ValueError, KeyError, TypeError, StrictDataclassError) as err:
@@ -166,10 +167,10 @@ def tinyllava_config(path: Path, files: list[Path]) -> LlavaConfig:
     # Some vision towers are saved without SigLIP's pooling head, which the image features never use.
     if not any(".head." in k for k in keys if k.startswith("vision_tower.")):
         vision.vision_use_head = False
-    image_token_id = len(tinyllava_tokenizer(path)) - 1
+    image_token_id = tinyllava_tokenizer(path).convert_tokens_to_ids(IMAGE_TOKEN)
     if image_token_id >= text.vocab_size:
         raise MatvlmError(f"{file}: text_config.vocab_size {text.vocab_size} leaves no id for the image token "
-                          f"(the tokenizer already has {image_token_id} tokens)")
+                          f"(the tokenizer's {IMAGE_TOKEN} is id {image_token_id})")
     patches = (vision.image_size // vision.patch_size) ** 2
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=image_token_id,
