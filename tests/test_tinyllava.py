@@ -293,6 +293,20 @@ def test_teacher_saved_once_loads_back_exactly_with_its_processor(tinyllava, ima
         assert torch.equal(again(**saved_inputs).logits, teacher(**inputs).logits)
 
 
+def test_chat_template_writes_tinyllavas_training_conversation(tinyllava):
+    """TinyLLaVA's 'phi' template over two rounds: the system once, the image before the stripped first
+    question, each answer closed by <|endoftext|>."""
+    conversation = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " What is shown? "}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Where is it?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "On the left."}]},
+    ]
+    expected = (f"{SYSTEM} USER: <image>\nWhat is shown? ASSISTANT: A red circle.<|endoftext|>"
+                "USER: Where is it? ASSISTANT: On the left.<|endoftext|>")
+    assert load_processor(tinyllava).apply_chat_template(conversation) == expected
+
+
 def test_published_teacher_gets_a_real_processor_and_config(tinyllava):
     processor = load_processor(tinyllava)
     assert type(processor).__name__ == "LlavaProcessor"
@@ -376,11 +390,11 @@ def test_evaluate_teacher_and_matvlm_release(tinyllava, matvlm_release, tmp_path
 
 def test_cpu_bench_on_teacher_and_converted(tinyllava, converted, tmp_path):
     out = tmp_path / "bench"
-    result = matvlm("bench", "--teacher", tinyllava, "--student", converted, "--seq-len", 64, "--gen-len", 3,
-                    "--repeats", 1, "--engine", "hf", "--device", "cpu", "--output", out)
+    result = matvlm("bench", "--teacher", tinyllava, "--student", converted, "--ratio", 0.5, "--seq-len", 64,
+                    "--gen-len", 3, "--repeats", 1, "--engine", "hf", "--device", "cpu", "--output", out)
     assert result.returncode == 0, result.stderr
     rows = json.loads((out / "bench.json").read_text())["rows"]
-    assert rows and all(row["error"] is None for row in rows)
+    assert len({row["model"] for row in rows}) == 3 and all(row["error"] is None for row in rows)
 
 
 def test_distill_a_matvlm_release_further_from_the_published_teacher(tinyllava, matvlm_release, tmp_path, monkeypatch):

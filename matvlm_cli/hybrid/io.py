@@ -293,6 +293,8 @@ def hybrid_class(base: type[PreTrainedModel], layers: list[int], mixer_config: M
     Loading through this class lets `from_pretrained` do everything it does for the teacher
     (checkpoint key renaming, sharding, tied weights, dtype, device maps) for the hybrid too.
     It keeps the base's name, so a re-saved config still names the teacher's architecture.
+    The head gets the bias its config records (`add_head_bias`); with no layers the class is the
+    teacher's own with only that, for teachers read from another layout.
     """
 
     def __init__(self, config, *args, **kwargs):
