@@ -1,5 +1,8 @@
 """Reading teachers and reading/writing hybrids: local directories, safetensors only.
 
+Directories published in another layout (TinyLLaVA's, MaTVLM's releases) are read through a
+`LayoutReader`, here and nowhere else, so every subcommand takes them as it takes a transformers one.
+
 A hybrid directory is a normal `save_pretrained` directory of the teacher's architecture whose
 config carries a `matvlm` block (replaced layers, mixer dimensions, provenance) and whose
 safetensors hold Mamba-2 mixer weights where those layers had attention. `load_hybrid` loads it
@@ -238,10 +241,13 @@ def _load_from_layout(reader: LayoutReader, path: Path, config, dtype, device_ma
     files = weight_files(path)
     block = getattr(config, HYBRID_KEY, None)
     base = model_class_for(config)._model_mapping[type(config)]
-    cls = hybrid_class(base, block["layers"], Mamba2Config.from_dict(block["mixer"])) if block else hybrid_class(base, [], None)
+    layers, mixer = (block["layers"], Mamba2Config.from_dict(block["mixer"])) if block else ([], None)
+    cls = hybrid_class(base, layers, mixer)
     with torch.device("meta"):
         skeleton = cls(config)
-    attention_name, targets = find_decoder(skeleton).attention_name, set(skeleton.state_dict())
+    targets = set(skeleton.state_dict())
+    # Only a hybrid's mixer weights need the decoder's attention name; a teacher need not be convertible.
+    attention_name = find_decoder(skeleton).attention_name if block else None
     state = reader.state_dict(path, files, config, targets, attention_name)
     if dtype == "auto":
         dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)

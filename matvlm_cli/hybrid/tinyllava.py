@@ -289,12 +289,13 @@ def _mixer_tensor(name: str, tensor: torch.Tensor, mixer: Mamba2Config, d_xb: in
 
 # ------------------------------------------------------------------------------------------- weights
 
-def _target_name(key: str, targets: set[str], attention_name: str) -> str | None:
+def _target_name(key: str, targets: set[str], attention_name: str | None) -> str | None:
     """The LLaVA name of a TinyLLaVA weight, among the names the model has."""
     candidates = []
     if key.startswith("language_model.model."):
         rest = key[len("language_model.model."):]
-        rest = rest.replace(".mamba.", f".{attention_name}.", 1)
+        if attention_name is not None:
+            rest = rest.replace(".mamba.", f".{attention_name}.", 1)
         candidates = [f"model.language_model.{rest}"]
     elif key.startswith("language_model.lm_head."):
         candidates = [key[len("language_model."):]]
@@ -311,7 +312,7 @@ def _target_name(key: str, targets: set[str], attention_name: str) -> str | None
     return next((c for c in candidates if c in targets), None)
 
 
-def tinyllava_state_dict(path: Path, files: list[Path], config, targets: set[str], attention_name: str) -> dict:
+def tinyllava_state_dict(path: Path, files: list[Path], config, targets: set[str], attention_name: str | None) -> dict:
     """The folder's weights under the LLaVA model's names (mixers in this project's layout); a weight with
     no place in the model is an error naming it."""
     block = getattr(config, HYBRID_KEY, None)
