@@ -462,6 +462,18 @@ def test_mamba_config_that_disagrees_is_one_line_naming_the_field(matvlm_release
         load_model(folder)
 
 
+def test_a_vision_tower_saved_without_siglips_pooling_head(tinyllava, image, tmp_path):
+    folder = copy_folder(tinyllava, tmp_path / "headless")
+    shard = folder / "model-00002-of-00002.safetensors"
+    save_file({k: v for k, v in load_file(shard).items() if ".head." not in k}, shard, metadata={"format": "pt"})
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if ".head." not in k}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    _, _, inputs = model_inputs(tinyllava, image)
+    with torch.no_grad():  # the pooling head never reaches the image features
+        assert torch.equal(load_teacher(folder)(**inputs).logits, load_teacher(tinyllava)(**inputs).logits)
+
+
 def test_fp16_shards_load_as_fp16_unless_asked(tmp_path):
     folder = build_tinyllava(tmp_path / "fp16")
     for shard in folder.glob("*.safetensors"):
