@@ -32,6 +32,7 @@ from .hybrid.conversion import HYBRID_KEY, find_decoder
 from .hybrid.io import PROCESSOR_FILES, atomic_directory, load_config, load_hybrid, model_class_for
 from .hybrid.mixer_config import Mamba2Config
 from .hybrid.stock import PER_GROUP_NORM_SINCE, per_group_norm_problem
+from .hybrid.tinyllava import HEAD_BIAS_KEY
 
 TARGET = "GraniteMoeHybrid"
 
@@ -100,6 +101,8 @@ def check_exportable(path: Path, config) -> tuple[TextFamily, Mamba2Config]:
             f"{path}: not a matvlm hybrid (config.json has no '{HYBRID_KEY}' block); export takes what convert or distill wrote"
         )
     text = config.get_text_config(decoder=True)
+    if getattr(config, HEAD_BIAS_KEY, False):
+        raise _refuse(path, f"its output head has a bias ({HEAD_BIAS_KEY} in config.json), which {TARGET}'s head has not")
     family = FAMILIES.get(text.model_type) or TextFamily(unfit="no mapping for this text model")
     if family.unfit:
         raise _refuse(path, f"text model {text.model_type!r}: {family.unfit} (exportable: {EXPORTABLE})")

@@ -1,5 +1,8 @@
 """Reading teachers and reading/writing hybrids: local directories, safetensors only.
 
+Directories published in another layout (TinyLLaVA's, MaTVLM's releases) are read through a
+`LayoutReader`, here and nowhere else, so every subcommand takes them as it takes a transformers one.
+
 A hybrid directory is a normal `save_pretrained` directory of the teacher's architecture whose
 config carries a `matvlm` block (replaced layers, mixer dimensions, provenance) and whose
 safetensors hold Mamba-2 mixer weights where those layers had attention. `load_hybrid` loads it
@@ -12,7 +15,9 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
@@ -21,9 +26,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 
 from ..atomic import atomic_directory, write_atomic
 from ..errors import MatvlmError
-from .conversion import HYBRID_KEY, build_empty_mixers
+from . import tinyllava
+from .conversion import HYBRID_KEY, build_empty_mixers, find_decoder
 from .mixer_config import Mamba2Config
 from .stock import check_stock_hybrid
+from .tinyllava import HEAD_BIAS_KEY
 
 # Everything a processor or tokenizer may need, copied next to the hybrid's weights.
 PROCESSOR_FILES = (
@@ -32,6 +39,33 @@ PROCESSOR_FILES = (
     "processor_config.json", "preprocessor_config.json", "chat_template.json", "chat_template.jinja",
     "generation_config.json",
 )
+
+
+@dataclass(frozen=True)
+class LayoutReader:
+    """A model directory published in a layout other than transformers' own, read as a transformers model:
+    `config(path, weight_files)` gives its transformers config (with a matvlm block for a hybrid),
+    `state_dict(path, weight_files, config, model_keys, attention_name)` its weights under the model's names,
+    `processor(path)` its processor."""
+
+    name: str
+    identifies: Callable[[Path], bool]
+    config: Callable
+    state_dict: Callable
+    processor: Callable
+
+
+LAYOUT_READERS = (
+    LayoutReader("MaTVLM hybrid", tinyllava.is_matvlm_release_dir, tinyllava.matvlm_release_config,
+                 tinyllava.tinyllava_state_dict, tinyllava.tinyllava_processor),
+    LayoutReader("TinyLLaVA", tinyllava.is_tinyllava_dir, tinyllava.tinyllava_config,
+                 tinyllava.tinyllava_state_dict, tinyllava.tinyllava_processor),
+)
+
+
+def layout_reader(path: str | os.PathLike) -> LayoutReader | None:
+    """The reader for a directory in a published non-transformers layout, or None for a transformers one."""
+    return next((reader for reader in LAYOUT_READERS if reader.identifies(Path(path))), None)
 
 
 def check_model_dir(path: str | os.PathLike) -> Path:
@@ -62,6 +96,8 @@ PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt
 
 def load_config(path: str | os.PathLike, trust_remote_code: bool = False):
     path = check_model_dir(path)
+    if reader := layout_reader(path):
+        return reader.config(path, weight_files(path))
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except _FILE_ERRORS as err:
@@ -114,6 +150,8 @@ def load_processor(path: str | os.PathLike, trust_remote_code: bool = False):
     """The directory's processor (tokenizer, image processor, chat template)."""
     from transformers import AutoProcessor
 
+    if reader := layout_reader(path):
+        return reader.processor(Path(path))
     try:
         return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except _FILE_ERRORS as err:
@@ -182,8 +220,57 @@ def load_teacher(path: str | os.PathLike, dtype: str | torch.dtype = "auto", tru
     if getattr(config, HYBRID_KEY, None):
         raise MatvlmError(f"{path}: is already a matvlm hybrid; give the original teacher")
     check_stock_hybrid(path, config)
+    if reader := layout_reader(path):
+        return _load_from_layout(reader, Path(path), config, dtype)
     auto_class = model_class_for(config)
+    if getattr(config, HEAD_BIAS_KEY, False):
+        # A teacher saved after it was read from another layout: its class builds the head without the bias.
+        base = auto_class._model_mapping[type(config)]
+        return _from_pretrained(hybrid_class(base, [], None), Path(path), dtype=dtype).eval()
     return _from_pretrained(auto_class, Path(path), dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def _load_from_layout(reader: LayoutReader, path: Path, config, dtype, device_map=None) -> PreTrainedModel:
+    """Build the transformers model (a hybrid's mixers included) from the config, then fill it with the
+    reader's mapping of the folder's weights; every weight of the model must come from the folder."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older 5.x releases keep it here
+        from transformers.modeling_utils import no_init_weights
+
+    files = weight_files(path)
+    block = getattr(config, HYBRID_KEY, None)
+    base = model_class_for(config)._model_mapping[type(config)]
+    layers, mixer = (block["layers"], Mamba2Config.from_dict(block["mixer"])) if block else ([], None)
+    cls = hybrid_class(base, layers, mixer)
+    with torch.device("meta"):
+        skeleton = cls(config)
+    targets = set(skeleton.state_dict())
+    # Only a hybrid's mixer weights need the decoder's attention name; a teacher need not be convertible.
+    attention_name = find_decoder(skeleton).attention_name if block else None
+    state = reader.state_dict(path, files, config, targets, attention_name)
+    if dtype == "auto":
+        dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with no_init_weights():
+        model = cls._from_config(config, dtype=dtype)
+    missing = sorted(set(model.state_dict()) - set(state))
+    if missing:
+        raise MatvlmError(f"{path}: the weights lack {len(missing)} of the model's tensors, e.g. {missing[:3]} "
+                          f"(read as a {reader.name} folder)")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise MatvlmError(f"{path}: weights do not fit the model read from config.json: {_first_line(err)}") from None
+    del state
+    if device_map is not None:  # one device: the weights are already in memory, there is nothing to dispatch
+        devices = set(device_map.values()) if isinstance(device_map, dict) else {device_map}
+        if len(devices) != 1:
+            raise MatvlmError(f"{path}: a {reader.name} folder loads onto one device, not a device map over {sorted(map(str, devices))}")
+        device = devices.pop()
+        model = model.to(resolve_device(device) if device == "auto" else device)
+    return model.eval()
 
 
 def is_hybrid_dir(path: str | os.PathLike) -> bool:
@@ -198,17 +285,29 @@ def load_model(path: str | os.PathLike, **kwargs) -> PreTrainedModel:
     return load_hybrid(path, **kwargs) if is_hybrid_dir(path) else load_teacher(path, **kwargs)
 
 
+def add_head_bias(model: PreTrainedModel) -> None:
+    """Give the output head the bias its config records (HEAD_BIAS_KEY): a Phi head inside a LLaVA, whose
+    own head is built without one; dropping it would change every logit."""
+    head = model.get_output_embeddings()
+    if getattr(model.config, HEAD_BIAS_KEY, False) and head is not None and head.bias is None:
+        head.bias = torch.nn.Parameter(torch.zeros(head.out_features, device=head.weight.device, dtype=head.weight.dtype))
+
+
 def hybrid_class(base: type[PreTrainedModel], layers: list[int], mixer_config: Mamba2Config) -> type[PreTrainedModel]:
     """The teacher's class, with mixers installed at construction time.
 
     Loading through this class lets `from_pretrained` do everything it does for the teacher
     (checkpoint key renaming, sharding, tied weights, dtype, device maps) for the hybrid too.
     It keeps the base's name, so a re-saved config still names the teacher's architecture.
+    The head gets the bias its config records (`add_head_bias`); with no layers the class is the
+    teacher's own with only that, for teachers read from another layout.
     """
 
     def __init__(self, config, *args, **kwargs):
         base.__init__(self, config, *args, **kwargs)
-        build_empty_mixers(self, layers, mixer_config)
+        add_head_bias(self)
+        if layers:
+            build_empty_mixers(self, layers, mixer_config)
 
     return type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__})
 
@@ -221,6 +320,8 @@ def load_hybrid(
     block = getattr(config, HYBRID_KEY, None)
     if not block:
         raise MatvlmError(f"{path}: not a matvlm hybrid (config.json has no '{HYBRID_KEY}' block)")
+    if reader := layout_reader(path):
+        return _load_from_layout(reader, Path(path), config, dtype, device_map)
     base = model_class_for(config)._model_mapping[type(config)]
     cls = hybrid_class(base, block["layers"], Mamba2Config.from_dict(block["mixer"]))
     model, info = _from_pretrained(
@@ -242,7 +343,10 @@ def save_hybrid(model: PreTrainedModel, output: str | os.PathLike, source: str |
     output = Path(output)
     with atomic_directory(output, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-        if source is not None:
+        if source is not None and (reader := layout_reader(source)):
+            # The source has no processor files of its own: write the one it is read with.
+            reader.processor(Path(source)).save_pretrained(tmp)
+        elif source is not None:
             for name in PROCESSOR_FILES:
                 src = Path(source) / name
                 if src.is_file() and not (tmp / name).exists():
