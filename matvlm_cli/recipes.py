@@ -233,7 +233,7 @@ class TrainingSettings:
     gradient_checkpointing: bool = False
     distributed: str = "ddp"  # ddp | fsdp (FSDP2: weights, gradients and optimizer state sharded)
     seed: int = 0
-    num_workers: int | None = None  # DataLoader workers decoding images; null = one per spare core, up to 8
+    num_workers: int | None = None  # DataLoader workers decoding images; null = on a GPU one per spare core (up to 8), on a CPU none
     group_by_length: bool = True  # batches of similar length (less padding); false = plain shuffled batches
 
 

@@ -255,3 +255,11 @@ def test_chunked_losses_equal_the_full_logits_losses_and_their_gradients():
     response = labels != -100
     only_kl = chunked_logit_losses(head, head, student, teacher, response, None, chunk_elements=50 * 5)
     assert only_kl.keys() == {"kl"} and torch.allclose(only_kl["kl"], kl_loss(head(student), head(teacher), response), atol=1e-6)
+
+
+def test_data_loader_workers_by_default_only_beside_an_accelerator():
+    from matvlm_cli.distill.trainer import default_workers
+
+    assert default_workers(1, torch.device("cpu")) == 0  # the CPU step already uses every core
+    assert 0 <= default_workers(1, torch.device("cuda")) <= 8
+    assert default_workers(10**6, torch.device("cuda")) == 0  # no spare core per process

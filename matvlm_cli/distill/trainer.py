@@ -117,9 +117,13 @@ def build_models(recipe: DistillRecipe, teacher_dir: Path) -> tuple[SharedTeache
     return shared, block
 
 
-def default_workers(processes: int) -> int:
-    """DataLoader workers per process: the cores left after one per process, at most 8 (image decoding
-    and the processor's resize keep up with a GPU step with a few; more only cost memory)."""
+def default_workers(processes: int, device: torch.device) -> int:
+    """DataLoader workers per process. On an accelerator: the cores left after one per process, at most
+    8 (image decoding and the processor's resize then run beside the step). On a CPU the step already
+    uses every core: a worker only competes with it (the embedded recipe, 100 steps on 2 cores: 60 s
+    without a worker, 62 s with one)."""
+    if device.type == "cpu":
+        return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(0, min(8, cores // processes - 1))
 
@@ -297,7 +301,7 @@ class DistillRun:
         else:
             sampler = EpochShuffle(len(train_set), r.training.seed)
         pad = self.processor.tokenizer.pad_token_id
-        workers = r.training.num_workers if r.training.num_workers is not None else default_workers(self.accelerator.num_processes)
+        workers = r.training.num_workers if r.training.num_workers is not None else default_workers(self.accelerator.num_processes, self.accelerator.device)
         # Images are decoded in the workers, a few batches ahead of the step.
         loading = {"num_workers": workers, "persistent_workers": workers > 0, "prefetch_factor": 4 if workers else None}
         loader = DataLoader(train_set, batch_size=r.training.batch_size, sampler=sampler,
