@@ -39,6 +39,17 @@ def recipe_values(world, out, **sections):
     return values
 
 
+class Interrupt(Exception):
+    """Stands for a run killed after a step (Ctrl-C, a lost node)."""
+
+
+def stop_at(last: int):
+    def on_step(step):
+        if step == last:
+            raise Interrupt
+    return on_step
+
+
 def make(values):
     recipe = build_recipe(DistillRecipe, values)
     check_distill_recipe(recipe)
@@ -66,15 +77,8 @@ def test_one_copy_of_the_shared_weights_and_exact_teacher_path():
 def test_interrupted_run_resumed_gives_the_same_weights(world, tmp_path):
     straight = run_distill(make(recipe_values(world, tmp_path / "a")))
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_two(step):
-        if step == 2:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        run_distill(make(recipe_values(world, tmp_path / "b")), on_step=stop_at_two)
+        run_distill(make(recipe_values(world, tmp_path / "b")), on_step=stop_at(2))
     assert (tmp_path / "b" / "checkpoints" / "step-0000002" / "state.json").is_file()
     resumed = run_distill(make(recipe_values(world, tmp_path / "b", output={"resume": "auto"})))
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
@@ -322,15 +326,8 @@ def test_resume_is_exact_across_epochs(world, tmp_path):
         output={"save_every": 15, "keep_checkpoints": 1} | output)
     straight = run_distill(make(values(tmp_path / "a")))
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_at(step):
-        if step == 20:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        run_distill(make(values(tmp_path / "b")), on_step=stop_at)
+        run_distill(make(values(tmp_path / "b")), on_step=stop_at(20))
     state = json.loads((tmp_path / "b" / "checkpoints" / "step-0000015" / "state.json").read_text())
     assert state["epoch"] == 1 and state["batch_in_epoch"] == 3
     resumed = run_distill(make(values(tmp_path / "b", resume="auto")))
@@ -368,15 +365,8 @@ def test_a_failed_run_leaves_nothing_behind_and_can_be_run_again(world, tmp_path
 
 @pytest.mark.parametrize("damage", ["not a checkpoint", "truncated"])
 def test_resuming_from_a_bad_checkpoint_is_one_line(world, tmp_path, damage):
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_two(step):
-        if step == 2:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        run_distill(make(recipe_values(world, tmp_path / "run")), on_step=stop_at_two)
+        run_distill(make(recipe_values(world, tmp_path / "run")), on_step=stop_at(2))
     checkpoint = tmp_path / "run" / "checkpoints" / "step-0000002"
     if damage == "truncated":
         data = (checkpoint / "optimizer.pt").read_bytes()
