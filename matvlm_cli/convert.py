@@ -10,7 +10,9 @@ from rich.table import Table
 
 from .errors import MatvlmError
 from .hybrid.cache import cache_bytes_per_token
-from .hybrid.conversion import PLACEMENTS, attention_geometry, choose_layers, convert_to_hybrid, find_decoder
+from .hybrid.conversion import (
+    PLACEMENTS, attention_geometry, choose_layers, convert_to_hybrid, find_decoder, uncarried_parameters,
+)
 from .hybrid.io import check_output_dir, load_config, load_teacher, model_class_for, save_hybrid, weight_files
 from .recipes import DTYPES, ConvertRecipe
 
@@ -56,6 +58,7 @@ def run_convert(recipe: ConvertRecipe, console: Console | None = None) -> Path:
         model = load_teacher(teacher_dir, dtype=dtype, trust_remote_code=recipe.trust_remote_code)
     layout = find_decoder(model)
     geometry = attention_geometry(layout.attention(layers[0]), config.get_text_config(decoder=True))
+    not_carried = uncarried_parameters(layout.attention(layers[0]), keep_bias=recipe.keep_bias)
     params_before = sum(p.numel() for p in model.parameters())
 
     with console.status(f"Converting {len(layers)} of {num_layers} layers"):
@@ -81,5 +84,11 @@ def run_convert(recipe: ConvertRecipe, console: Console | None = None) -> Path:
     report.add_row("KV cache bytes / token", f"{num_layers * kv_layer:,}", f"{(num_layers - len(layers)) * kv_layer:,}")
     report.add_row("fixed state bytes / sequence", "0", f"{len(layers) * state:,}")
     console.print(report)
+    biases = [name for name in not_carried if name.endswith(".bias")]
+    others = [name for name in not_carried if name not in biases]
+    if biases:
+        console.print(f"[yellow]not carried:[/yellow] {', '.join(biases)} (MaTVLM drops attention biases; --keep-bias carries them)")
+    if others:
+        console.print(f"[yellow]not carried:[/yellow] {', '.join(others)} (learned parts of the teacher's attention with no place in the Mamba-2 mixer)")
     console.print(f"Saved hybrid to [bold]{output}[/bold]")
     return output

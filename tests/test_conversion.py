@@ -133,3 +133,25 @@ def test_unsupported_architecture_names_the_supported_layouts():
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(MatvlmError, match="unsupported architecture GPT2LMHeadModel.*q_proj"):
         convert_to_hybrid(model, [0])
+
+
+def test_convert_names_what_it_does_not_carry(tiny_teachers, tmp_path):
+    from rich.console import Console
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from matvlm_cli.convert import run_convert
+    from matvlm_cli.recipes import ConvertRecipe
+
+    qwen3 = tmp_path / "qwen3"
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=8)).save_pretrained(qwen3)
+    console = Console(record=True, width=300)
+    run_convert(ConvertRecipe(teacher=str(qwen3), output=str(tmp_path / "h3"), layers=[1]), console)
+    assert "not carried: q_norm.weight, k_norm.weight (learned parts" in console.export_text()
+    console = Console(record=True, width=300)
+    run_convert(ConvertRecipe(teacher=str(tiny_teachers["qwen2"]), output=str(tmp_path / "h2"), layers=[1]), console)
+    text = console.export_text()
+    assert "not carried: q_proj.bias, k_proj.bias, v_proj.bias (MaTVLM drops" in text and "learned parts" not in text
+    console = Console(record=True, width=300)
+    run_convert(ConvertRecipe(teacher=str(tiny_teachers["qwen2"]), output=str(tmp_path / "h2b"), layers=[1], keep_bias=True), console)
+    assert "not carried" not in console.export_text()

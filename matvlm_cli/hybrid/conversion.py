@@ -150,6 +150,15 @@ def _output_projection(attn: nn.Module) -> nn.Linear:
     raise MatvlmError(f"unsupported attention module {type(attn).__name__}: no o_proj or dense")
 
 
+def uncarried_parameters(attn: nn.Module, keep_bias: bool = False) -> list[str]:
+    """The attention's learned parameters that `mixer_from_attention` does not carry into the mixer, e.g.
+    Qwen3's and Gemma 3's per-head q_norm / k_norm, or the q/k/v/o biases without `keep_bias`; convert's
+    report names them, so nothing is dropped silently."""
+    projections = {"q_proj", "k_proj", "v_proj"} | {name for name in OUTPUT_PROJ_NAMES if hasattr(attn, name)}
+    carried = {f"{name}.weight" for name in projections} | ({f"{name}.bias" for name in projections} if keep_bias else set())
+    return [name for name, _ in attn.named_parameters() if name not in carried]
+
+
 @torch.no_grad()
 def mixer_from_attention(
     attn: nn.Module, geometry: AttentionGeometry, config: Mamba2Config, layer_idx: int, seed: int = 0
