@@ -40,18 +40,6 @@ def _reason(err: BaseException) -> str:
     return str(err).strip() or type(err).__name__
 
 
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) from the file's header alone, with the same checks as `open_rgb` minus the pixel
-    data: cheap enough for every record of a 665k data set (decoding them all would take an hour)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(Path(path)) as image:
-                return image.size
-    except (*_DECODE_ERRORS, Image.DecompressionBombWarning) as err:
-        raise ImageError(str(path), _reason(err)) from None
-
-
 def open_rgb(source: str | os.PathLike | bytes | bytearray, where: str | None = None) -> Image.Image:
     """Decode a path or encoded bytes fully into an RGB image; raise ImageError naming `where` (the path
     by default) on anything PIL cannot decode, including images over PIL's decompression-bomb limit."""

@@ -35,12 +35,7 @@ NUM_LAYERS, HIDDEN, HEADS, KV_HEADS = 4, 32, 4, 2
 HEAD_DIM = HIDDEN // HEADS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_tokenizer(folder):
