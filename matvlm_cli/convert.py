@@ -11,7 +11,7 @@ from rich.table import Table
 from .errors import MatvlmError
 from .hybrid.cache import cache_bytes_per_token
 from .hybrid.conversion import (
-    PLACEMENTS, attention_geometry, choose_layers, convert_to_hybrid, find_decoder, uncarried_parameters,
+    PLACEMENTS, attention_geometry, attention_windows, choose_layers, convert_to_hybrid, find_decoder, not_carried,
 )
 from .hybrid.io import check_output_dir, load_config, load_teacher, model_class_for, save_hybrid, weight_files
 from .recipes import DTYPES, ConvertRecipe
@@ -50,15 +50,16 @@ def run_convert(recipe: ConvertRecipe, console: Console | None = None) -> Path:
     output = check_output_dir(output, "--output", exists_ok=recipe.overwrite, inputs=(teacher_dir,))
     with torch.device("meta"):  # the architecture's layout, without reading or allocating weights
         find_decoder(model_class_for(config).from_config(config, trust_remote_code=recipe.trust_remote_code))
-    num_layers = config.get_text_config(decoder=True).num_hidden_layers
-    layers = choose_layers(num_layers, recipe.ratio, recipe.placement, recipe.layers)
+    text_config = config.get_text_config(decoder=True)
+    num_layers, windows = text_config.num_hidden_layers, attention_windows(text_config)
+    layers = choose_layers(num_layers, recipe.ratio, recipe.placement, recipe.layers, windows)
 
     dtype = recipe.dtype if recipe.dtype == "auto" else getattr(torch, recipe.dtype)
     with console.status(f"Loading teacher {teacher_dir}"):
         model = load_teacher(teacher_dir, dtype=dtype, trust_remote_code=recipe.trust_remote_code)
     layout = find_decoder(model)
-    geometry = attention_geometry(layout.attention(layers[0]), config.get_text_config(decoder=True))
-    not_carried = uncarried_parameters(layout.attention(layers[0]), keep_bias=recipe.keep_bias)
+    geometry = attention_geometry(layout.attention(layers[0]), text_config)
+    dropped = not_carried(layout, layers, keep_bias=recipe.keep_bias)
     params_before = sum(p.numel() for p in model.parameters())
 
     with console.status(f"Converting {len(layers)} of {num_layers} layers"):
@@ -73,22 +74,36 @@ def run_convert(recipe: ConvertRecipe, console: Console | None = None) -> Path:
 
     dtype_bytes = next(model.parameters()).element_size()
     kv_layer = cache_bytes_per_token(geometry.num_kv_heads, geometry.head_dim, dtype_bytes)
+    context = text_config.max_position_embeddings
+    kv_tokens = [context if window is None else min(window, context) for window in windows]
+    kept = [i for i in range(num_layers) if i not in layers]
     state = mixer_config.state_bytes(conv_bytes=dtype_bytes)
     report = Table(title=f"matvlm convert: {teacher_dir.name} -> {output}")
     report.add_column("")
     report.add_column("teacher", justify="right")
     report.add_column("hybrid", justify="right")
-    report.add_row("attention layers", str(num_layers), str(num_layers - len(layers)))
+    report.add_row("attention layers", str(num_layers), str(len(kept)))
     report.add_row("Mamba-2 layers", "0", f"{len(layers)}  {layers}")
     report.add_row("parameters", f"{params_before:,}", f"{params_after:,}")
-    report.add_row("KV cache bytes / token", f"{num_layers * kv_layer:,}", f"{(num_layers - len(layers)) * kv_layer:,}")
+    full = [i for i, window in enumerate(windows) if window is None]
+    report.add_row(
+        "KV cache bytes / token" + (" (global layers)" if len(full) < num_layers else ""),
+        f"{len(full) * kv_layer:,}", f"{len([i for i in kept if i in full]) * kv_layer:,}",
+    )
+    report.add_row(
+        f"KV cache bytes / sequence at {context:,} tokens",
+        f"{sum(kv_tokens) * kv_layer:,}", f"{sum(kv_tokens[i] for i in kept) * kv_layer:,}",
+    )
     report.add_row("fixed state bytes / sequence", "0", f"{len(layers) * state:,}")
     console.print(report)
-    biases = [name for name in not_carried if name.endswith(".bias")]
-    others = [name for name in not_carried if name not in biases]
-    if biases:
-        console.print(f"[yellow]not carried:[/yellow] {', '.join(biases)} (MaTVLM drops attention biases; --keep-bias carries them)")
-    if others:
-        console.print(f"[yellow]not carried:[/yellow] {', '.join(others)} (learned parts of the teacher's attention with no place in the Mamba-2 mixer)")
+    if len(full) < num_layers:
+        on_global = sum(1 for i in layers if i in full)
+        console.print(
+            f"sliding-window teacher: {on_global} of the {len(layers)} converted layers are global layers "
+            f"({len(full)} of {num_layers} are); a window layer's KV cache is at most {max(w for w in windows if w):,} tokens"
+            + (", so --placement even takes the global layers first" if recipe.layers is None and recipe.placement == "even" else "")
+        )
+    for line in dropped:
+        console.print(f"[yellow]not carried:[/yellow] {line}")
     console.print(f"Saved hybrid to [bold]{output}[/bold]")
     return output

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from rich.console import Console
 from transformers import GraniteMoeHybridConfig
 
 from .errors import MatvlmError
+from .families import GENERIC_TEXT, TEXT_FAMILIES, ExportMapping
 from .hybrid.conversion import HYBRID_KEY, find_decoder
 from .hybrid.io import PROCESSOR_FILES, atomic_directory, load_config, load_hybrid, model_class_for
 from .hybrid.mixer_config import Mamba2Config
@@ -36,42 +36,10 @@ from .hybrid.tinyllava import HEAD_BIAS_KEY
 
 TARGET = "GraniteMoeHybrid"
 
-# A Llama-style decoder layer's MLP, as GraniteMoeHybrid's dense `shared_mlp` holds it: gate and up
-# stacked in one matrix (it splits them in that order), down as the output projection.
-LLAMA_MLP = {"gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight", "down": "mlp.down_proj.weight"}
 TARGET_MLP = {"gate_up": "shared_mlp.input_linear.weight", "down": "shared_mlp.output_linear.weight"}
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-@dataclass(frozen=True)
-class TextFamily:
-    """What one teacher text family needs to be exact as GraniteMoeHybrid, or why it cannot be."""
-
-    # Attention projections that always carry a bias; GraniteMoeHybrid's single `attention_bias`
-    # then gives all four one, and the others are written as zeros.
-    biased: tuple[str, ...] = ()
-    # A config key that switches biases on for all four projections.
-    bias_flag: str | None = None
-    # Config values the mapping needs, with what the family would otherwise have that GraniteMoeHybrid lacks.
-    requires: dict[str, tuple[object, str]] = field(default_factory=dict)
-    mlp: dict[str, str] = field(default_factory=lambda: LLAMA_MLP)
-    # Set for a family a hybrid can be converted from but no stock hybrid class holds: the reason.
-    unfit: str | None = None
-
-
-_NO_SLIDING_WINDOW = {"sliding_window": (None, "sliding-window attention")}
-FAMILIES = {
-    "llama": TextFamily(bias_flag="attention_bias", requires={"mlp_bias": (False, "MLP biases (mlp_bias)")}),
-    "mistral": TextFamily(requires=_NO_SLIDING_WINDOW),
-    "qwen2": TextFamily(biased=("q_proj", "k_proj", "v_proj"), requires=_NO_SLIDING_WINDOW),
-    "phi": TextFamily(unfit="Phi's parallel block (attention and MLP read one LayerNorm output), LayerNorm biases and partial rotary embedding"),
-    "qwen3": TextFamily(unfit="q/k norms (Qwen3 normalises queries and keys per head)"),
-    "gemma": TextFamily(unfit="Gemma's GeGLU MLP (GraniteMoeHybrid's one activation also drives its Mamba convolution, which is SiLU here)"),
-    "gemma2": TextFamily(unfit="Gemma-2's logit soft-capping, extra norms and sliding-window layers"),
-    "gemma3_text": TextFamily(unfit="q/k norms and sliding-window layers (Gemma-3)"),
-    "olmo2": TextFamily(unfit="q/k norms and norms after the mixer and the MLP instead of before (OLMo-2)"),
-}
-EXPORTABLE = ", ".join(name for name, family in FAMILIES.items() if family.unfit is None)
+# How each text family maps onto GraniteMoeHybrid is in its family description (matvlm_cli/families).
+EXPORTABLE = ", ".join(name for name, family in TEXT_FAMILIES.items() if isinstance(family.export, ExportMapping))
 
 
 def _refuse(path: Path, reason: str) -> MatvlmError:
@@ -87,13 +55,13 @@ def _rotary_fraction(text_config) -> float:
     return float(rope.get("partial_rotary_factor", getattr(text_config, "partial_rotary_factor", None) or 1.0))
 
 
-def biased_projections(family: TextFamily, text_config) -> tuple[str, ...]:
-    if family.bias_flag and getattr(text_config, family.bias_flag, False):
+def biased_projections(mapping: ExportMapping, text_config) -> tuple[str, ...]:
+    if mapping.bias_flag and getattr(text_config, mapping.bias_flag, False):
         return ATTENTION_PROJECTIONS
-    return family.biased
+    return mapping.biased
 
 
-def check_exportable(path: Path, config) -> tuple[TextFamily, Mamba2Config]:
+def check_exportable(path: Path, config) -> tuple[ExportMapping, Mamba2Config]:
     """Everything the config alone can rule out, before any weight is read."""
     block = getattr(config, HYBRID_KEY, None)
     if not block:
@@ -103,10 +71,10 @@ def check_exportable(path: Path, config) -> tuple[TextFamily, Mamba2Config]:
     text = config.get_text_config(decoder=True)
     if getattr(config, HEAD_BIAS_KEY, False):
         raise _refuse(path, f"its output head has a bias ({HEAD_BIAS_KEY} in config.json), which {TARGET}'s head has not")
-    family = FAMILIES.get(text.model_type) or TextFamily(unfit="no mapping for this text model")
-    if family.unfit:
-        raise _refuse(path, f"text model {text.model_type!r}: {family.unfit} (exportable: {EXPORTABLE})")
-    for key, (wanted, feature) in family.requires.items():
+    mapping = TEXT_FAMILIES.get(text.model_type, GENERIC_TEXT).export
+    if not isinstance(mapping, ExportMapping):
+        raise _refuse(path, f"text model {text.model_type!r}: {mapping} (exportable: {EXPORTABLE})")
+    for key, (wanted, feature) in mapping.requires.items():
         if getattr(text, key, wanted) != wanted:
             raise _refuse(path, f"{feature}: {key} is {getattr(text, key)!r}, {TARGET} has no such thing")
     layer_types = getattr(text, "layer_types", None) or []
@@ -136,7 +104,7 @@ def check_exportable(path: Path, config) -> tuple[TextFamily, Mamba2Config]:
         raise _refuse(path, f"dt_limit {list(mixer.dt_limit)}: {TARGET}'s one-token decode step does not clamp dt")
     if problem := per_group_norm_problem(mixer.ngroups):
         raise _refuse(path, problem)
-    return family, mixer
+    return mapping, mixer
 
 
 def residual_scale(text_config, mixer: Mamba2Config) -> float:
@@ -185,12 +153,12 @@ def _module_path(model: torch.nn.Module, module: torch.nn.Module) -> str:
 
 
 def map_state_dict(
-    path: Path, state: dict[str, torch.Tensor], text_prefix: str, layers: list[int], family: TextFamily,
+    path: Path, state: dict[str, torch.Tensor], text_prefix: str, layers: list[int], mapping: ExportMapping,
     biased: tuple[str, ...], num_layers: int,
 ) -> dict[str, torch.Tensor]:
     """The source weights under GraniteMoeHybrid's names. Outside the text model's layers nothing is renamed."""
     mapped, mlp_parts = {}, {}
-    role_of = {name: role for role, name in family.mlp.items()}
+    role_of = {name: role for role, name in mapping.mlp.items()}
     layers_prefix = f"{text_prefix}.layers."
     for key, tensor in state.items():
         if not key.startswith(layers_prefix):  # vision tower, connector, embeddings, final norm, head
@@ -208,7 +176,7 @@ def map_state_dict(
         prefix = f"{text_prefix}.layers.{index}."
         parts = mlp_parts.get(index, {})
         if set(parts) != {"gate", "up", "down"}:
-            raise _refuse(path, f"layer {index}: expected a gated MLP ({', '.join(family.mlp.values())}), found {sorted(parts) or 'none'}")
+            raise _refuse(path, f"layer {index}: expected a gated MLP ({', '.join(mapping.mlp.values())}), found {sorted(parts) or 'none'}")
         mapped[prefix + TARGET_MLP["gate_up"]] = torch.cat([parts["gate"], parts["up"]])
         mapped[prefix + TARGET_MLP["down"]] = parts["down"]
         if index in layers or not biased:
@@ -222,7 +190,7 @@ def map_state_dict(
 def build_export(path: Path):
     """The stock model, holding the hybrid's own weight tensors (only the MLP's gate and up are copied, into one)."""
     config = load_config(path)
-    family, mixer = check_exportable(path, config)
+    mapping, mixer = check_exportable(path, config)
     text = config.get_text_config(decoder=True)
     layers = list(getattr(config, HYBRID_KEY)["layers"])
     source = load_hybrid(path)
@@ -233,10 +201,10 @@ def build_export(path: Path):
             continue
         attention = layout.attention(index)
         present = tuple(p for p in ATTENTION_PROJECTIONS if getattr(getattr(attention, p, None), "bias", None) is not None)
-        if set(present) - set(biased_projections(family, text)):
+        if set(present) - set(biased_projections(mapping, text)):
             raise _refuse(path, f"layer {index}: attention biases on {present}, which a {text.model_type} decoder does not have")
-    biased = biased_projections(family, text)
-    state = map_state_dict(path, source.state_dict(), text_prefix, layers, family, biased, text.num_hidden_layers)
+    biased = biased_projections(mapping, text)
+    state = map_state_dict(path, source.state_dict(), text_prefix, layers, mapping, biased, text.num_hidden_layers)
     new_config = target_config(config, target_text_config(text, mixer, layers, attention_bias=bool(biased)))
     auto_class = model_class_for(new_config)
     with torch.device("meta"):  # no second copy of the weights: the source tensors are assigned below

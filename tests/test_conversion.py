@@ -137,17 +137,19 @@ def test_unsupported_architecture_names_the_supported_layouts():
 
 def test_convert_names_what_it_does_not_carry(tiny_teachers, tmp_path):
     from rich.console import Console
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Olmo2Config, Olmo2ForCausalLM
 
     from matvlm_cli.convert import run_convert
     from matvlm_cli.recipes import ConvertRecipe
 
-    qwen3 = tmp_path / "qwen3"
-    Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, head_dim=8)).save_pretrained(qwen3)
+    olmo2 = tmp_path / "olmo2"  # q/k norms over all heads at once: no per-head mapping
+    Olmo2ForCausalLM(Olmo2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2)).save_pretrained(olmo2)
     console = Console(record=True, width=300)
-    run_convert(ConvertRecipe(teacher=str(qwen3), output=str(tmp_path / "h3"), layers=[1]), console)
-    assert "not carried: q_norm.weight, k_norm.weight (learned parts" in console.export_text()
+    run_convert(ConvertRecipe(teacher=str(olmo2), output=str(tmp_path / "h3"), layers=[1]), console)
+    text = console.export_text()
+    assert "not carried: q_norm.weight, k_norm.weight (learned parts" in text
+    assert "not carried: q_norm/k_norm over the whole projection" in text
     console = Console(record=True, width=300)
     run_convert(ConvertRecipe(teacher=str(tiny_teachers["qwen2"]), output=str(tmp_path / "h2"), layers=[1]), console)
     text = console.export_text()

@@ -17,7 +17,7 @@ from transformers import AutoConfig
 
 from ..errors import MatvlmError
 from ..hybrid import choose_layers, convert_to_hybrid, load_model
-from ..hybrid.conversion import find_decoder
+from ..hybrid.conversion import attention_windows
 from ..hybrid.io import check_model, load_config, model_class_for
 from ..tiny import default_teacher_dir
 from .engines import BenchInputs
@@ -85,7 +85,8 @@ def model_specs(
     def converted(ratio: float):
         def build():
             model = teacher_model()
-            layers = choose_layers(len(find_decoder(model).layers), ratio=ratio, placement=placement)
+            windows = attention_windows(model.config.get_text_config(decoder=True))
+            layers = choose_layers(len(windows), ratio=ratio, placement=placement, windows=windows)
             convert_to_hybrid(model, layers, seed=seed)
             return model
 

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from ..errors import MatvlmError
-from ..hybrid.conversion import choose_layers, convert_to_hybrid, find_decoder, hybrid_layers
+from ..hybrid.conversion import attention_windows, choose_layers, convert_to_hybrid, find_decoder, hybrid_layers
 from ..hybrid.io import HYBRID_KEY, atomic_directory, load_hybrid, load_processor, load_teacher, save_hybrid, write_atomic
 from ..recipes import DataSource, DistillRecipe
 from .data import ConversationDataset, EpochShuffle, LengthGroupedShuffle, collate
@@ -103,7 +103,8 @@ def build_models(recipe: DistillRecipe, teacher_dir: Path) -> tuple[SharedTeache
         # The teacher's attention modules are kept aside before conversion replaces them: no copy.
         student = load_teacher(teacher_dir, **kwargs)
         layout = find_decoder(student)
-        layers = choose_layers(len(layout.layers), recipe.student.ratio, recipe.student.placement, recipe.student.layers)
+        layers = choose_layers(len(layout.layers), recipe.student.ratio, recipe.student.placement, recipe.student.layers,
+                               attention_windows(student.config.get_text_config(decoder=True)))
         attentions = {i: layout.attention(i) for i in layers}
         convert_to_hybrid(student, layers, seed=recipe.student.seed, source=str(teacher_dir),
                           ratio=len(layers) / len(layout.layers),

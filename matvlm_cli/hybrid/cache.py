@@ -10,7 +10,9 @@ and config stay the teacher's, so this works for any decoder family without a pr
 positions.
 
 The mixer also needs the 2-D padding mask, which decoder layers do not pass on (they pass a 4-D
-attention mask, or nothing). `PaddingMaskTap` records it from the text model's forward call.
+attention mask, or nothing), and which some text models never see: Gemma 3's and PaliGemma's wrappers
+hand theirs a dict of 4-D masks. `PaddingMaskTap` records it from the whole model's forward call and
+from the text model's, whichever is called, the innermost 2-D mask winning.
 """
 
 from __future__ import annotations
@@ -38,21 +40,37 @@ def cache_bytes_per_token(num_kv_heads: int, head_dim: int, dtype_bytes: int) ->
 
 
 class PaddingMaskTap:
-    """Holds the 2-D attention mask of the text model's current forward call."""
+    """The 2-D attention mask of the current forward call of the hooked modules (the whole model and its
+    text model): each call pushes its mask, or inherits its caller's when it has no 2-D one, and pops it
+    on return. After the outermost call the last mask stays readable: gradient checkpointing reruns
+    the layers during backward, and the trainer's layer loss reruns mixers on the same batch."""
 
     def __init__(self):
-        self.mask: torch.Tensor | None = None
-        self._handle = None
+        self._masks: list[torch.Tensor | None] = []
+        self._last: torch.Tensor | None = None
 
-    def attach(self, text_model: nn.Module) -> None:
-        self._handle = text_model.register_forward_pre_hook(self._record, with_kwargs=True)
+    def attach(self, *modules: nn.Module) -> None:
+        for module in dict.fromkeys(modules):  # once each, even when the model is its own text model
+            module.register_forward_pre_hook(self._enter, with_kwargs=True)
+            module.register_forward_hook(self._exit, always_call=True)
 
-    def _record(self, module, args, kwargs):
+    def _enter(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")
-        self.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            mask = self._masks[-1] if self._masks else None  # the caller's, never a finished call's
+        self._masks.append(mask)
+
+    def _exit(self, module, args, output):
+        if self._masks:
+            self._last = self._masks.pop()
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        return self._masks[-1] if self._masks else self._last
 
     def for_last(self, length: int) -> torch.Tensor | None:
         """The mask over the last `length` positions, or None when there is nothing to mask."""
-        if self.mask is None or self.mask.shape[1] < length:
+        mask = self.mask
+        if mask is None or mask.shape[1] < length:
             return None
-        return self.mask[:, -length:]
+        return mask[:, -length:]

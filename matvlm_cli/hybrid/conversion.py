@@ -8,12 +8,14 @@ plain causal LM or the language model inside a VLM.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import MatvlmError
+from ..families import GENERIC_TEXT, TextFamily, described_models, model_family, text_family
 from .cache import PaddingMaskTap
 from .mamba2 import Mamba2Mixer
 from .mixer_config import Mamba2Config
@@ -33,9 +35,11 @@ SUPPORTED_LAYOUT = (
 class DecoderLayout:
     """Where the replaceable attention modules of a model live."""
 
-    text_model: nn.Module  # the module that owns `layers`; its forward receives the 2-D mask
+    model: nn.Module  # the whole model: its forward receives the 2-D padding mask
+    text_model: nn.Module  # the module that owns `layers`
     layers: nn.ModuleList
     attention_name: str
+    family: TextFamily
 
     def attention(self, idx: int) -> nn.Module:
         return getattr(self.layers[idx], self.attention_name)
@@ -57,31 +61,71 @@ def _attention_name(layer: nn.Module) -> str | None:
     return None
 
 
-def find_decoder(model: nn.Module) -> DecoderLayout:
-    """Locate the text decoder's layer list; vision towers are never touched."""
-    roots = []
+def _text_model(model: nn.Module) -> nn.Module:
+    """The module owning the decoder layers: the path its family description names, or for a text-only
+    model (or an undescribed one, with a warning) `get_decoder()`. The whole model is never searched: a
+    vision tower's layers have q/k/v/o projections too."""
+    arch = ", ".join(getattr(model.config, "architectures", None) or [type(model).__name__])
+    described = model_family(model.config)
+    if described is not None:
+        try:
+            return model.get_submodule(described.decoder)
+        except AttributeError:
+            raise MatvlmError(f"{arch}: no decoder at {described.decoder!r}, where its family description puts it") from None
     get_decoder = getattr(model, "get_decoder", None)
+    decoder = None
     if callable(get_decoder):
         try:
-            roots.append(get_decoder())
+            decoder = get_decoder()
         except Exception:
-            pass
-    roots.append(model)
-    for root in roots:
-        for module in root.modules():
-            layers = getattr(module, "layers", None)
-            if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-                names = {_attention_name(layer) for layer in layers}
-                if len(names) == 1 and None not in names:
-                    return DecoderLayout(module, layers, names.pop())
+            decoder = None
+    if decoder is None or decoder is model and getattr(model.config, "vision_config", None) is not None:
+        raise MatvlmError(
+            f"{arch}: cannot tell its text decoder from its vision tower (no get_decoder() and no family "
+            f"description; described: {described_models()})"
+        )
+    if getattr(model.config, "vision_config", None) is not None:
+        warnings.warn(f"{arch}: no family description; converting the layers of get_decoder() ({type(decoder).__name__})", stacklevel=3)
+    return decoder
+
+
+def find_decoder(model: nn.Module) -> DecoderLayout:
+    """Locate the text decoder's layer list; vision towers are never touched."""
+    text_model = _text_model(model)
+    layers = getattr(text_model, "layers", None)
+    if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+        names = {_attention_name(layer) for layer in layers}
+        if len(names) == 1 and None not in names:
+            family = text_family(model.config.get_text_config(decoder=True))
+            return DecoderLayout(model, text_model, layers, names.pop(), family)
     arch = ", ".join(getattr(model.config, "architectures", None) or [type(model).__name__])
     raise MatvlmError(f"unsupported architecture {arch}: expected {SUPPORTED_LAYOUT}")
 
 
+def attention_windows(text_config) -> list[int | None]:
+    """Each decoder layer's attention window in tokens, None for full attention. Read from `layer_types`
+    (Gemma 2 and 3, Qwen2's max_window_layers) or from a model-wide `sliding_window` (Mistral v0.1)."""
+    num_layers = text_config.num_hidden_layers
+    window = getattr(text_config, "sliding_window", None)
+    kinds = getattr(text_config, "layer_types", None)
+    if kinds is None:
+        return [window] * num_layers
+    return [window if kind == "sliding_attention" else None for kind in kinds]
+
+
+def _spread(candidates: list[int], k: int) -> list[int]:
+    return [candidates[i * len(candidates) // k] for i in range(k)]
+
+
 def choose_layers(
-    num_layers: int, ratio: float | None = None, placement: str = "even", layers: list[int] | None = None
+    num_layers: int, ratio: float | None = None, placement: str = "even", layers: list[int] | None = None,
+    windows: list[int | None] | None = None,
 ) -> list[int]:
-    """Indices of the layers to replace: explicit `layers`, or k = round(ratio * N) placed by `placement`."""
+    """Indices of the layers to replace: explicit `layers`, or k = round(ratio * N) placed by `placement`.
+
+    With `windows` (see `attention_windows`) that mix sliding-window and global layers, `even` spreads
+    the k layers over the global layers first, then over the window layers: a converted global layer
+    frees the whole context's KV cache, a window layer at most its window."""
     if layers is not None:
         if len(layers) == 0:
             raise MatvlmError("layers: the list is empty")
@@ -100,7 +144,13 @@ def choose_layers(
     if k < 1:
         raise MatvlmError(f"ratio: {ratio} of {num_layers} layers rounds to 0 layers; use at least {1 / num_layers:.3g}")
     if placement == "even":
-        return [i * num_layers // k for i in range(k)]
+        globals_ = [i for i, window in enumerate(windows or []) if window is None]
+        if windows is None or not globals_ or len(globals_) == num_layers:
+            return _spread(list(range(num_layers)), k)
+        if k <= len(globals_):
+            return _spread(globals_, k)
+        windowed = [i for i in range(num_layers) if i not in globals_]
+        return sorted(globals_ + _spread(windowed, k - len(globals_)))
     if placement == "front":
         return list(range(k))
     if placement == "back":
@@ -130,7 +180,9 @@ def attention_geometry(attn: nn.Module, text_config) -> AttentionGeometry:
     return AttentionGeometry(q_out // head_dim, kv_out // head_dim, head_dim, hidden)
 
 
-def mixer_config_for(geometry: AttentionGeometry, keep_bias: bool = False, chunk_size: int = 128) -> Mamba2Config:
+def mixer_config_for(
+    geometry: AttentionGeometry, keep_bias: bool = False, chunk_size: int = 128, bc_norm_eps: float | None = None
+) -> Mamba2Config:
     """nheads = attention heads, headdim = d_state = head_dim, ngroups = nheads (method.md §4)."""
     return Mamba2Config(
         d_model=geometry.hidden_size,
@@ -140,30 +192,69 @@ def mixer_config_for(geometry: AttentionGeometry, keep_bias: bool = False, chunk
         ngroups=geometry.num_heads,
         bias=keep_bias,
         chunk_size=chunk_size,
+        bc_norm_eps=bc_norm_eps,
     )
 
 
-def _output_projection(attn: nn.Module) -> nn.Linear:
-    for name in OUTPUT_PROJ_NAMES:
+def _output_projection_name(attn: nn.Module, family: TextFamily) -> str:
+    for name in (family.output_projection, *OUTPUT_PROJ_NAMES):
         if hasattr(attn, name):
-            return getattr(attn, name)
+            return name
     raise MatvlmError(f"unsupported attention module {type(attn).__name__}: no o_proj or dense")
 
 
-def uncarried_parameters(attn: nn.Module, keep_bias: bool = False) -> list[str]:
+def _output_projection(attn: nn.Module, family: TextFamily) -> nn.Linear:
+    return getattr(attn, _output_projection_name(attn, family))
+
+
+def qk_norm_eps(attn: nn.Module, family: TextFamily) -> float | None:
+    """The epsilon of the family's per-head q/k norms in this attention module, or None without them."""
+    if family.qk_norms is None or not all(hasattr(attn, name) for name in family.qk_norms):
+        return None
+    norm = getattr(attn, family.qk_norms[0])
+    return float(next(getattr(norm, name) for name in ("variance_epsilon", "eps", "epsilon") if hasattr(norm, name)))
+
+
+def uncarried_parameters(attn: nn.Module, family: TextFamily, keep_bias: bool = False, qk_norms: bool = True) -> list[str]:
     """The attention's learned parameters that `mixer_from_attention` does not carry into the mixer, e.g.
-    Qwen3's and Gemma 3's per-head q_norm / k_norm, or the q/k/v/o biases without `keep_bias`; convert's
-    report names them, so nothing is dropped silently."""
-    projections = {"q_proj", "k_proj", "v_proj"} | {name for name in OUTPUT_PROJ_NAMES if hasattr(attn, name)}
+    the q/k/v/o biases without `keep_bias`, or q/k norms no family description maps; convert's report
+    names them, so nothing is dropped silently."""
+    projections = {"q_proj", "k_proj", "v_proj", _output_projection_name(attn, family)}
     carried = {f"{name}.weight" for name in projections} | ({f"{name}.bias" for name in projections} if keep_bias else set())
+    if qk_norms and qk_norm_eps(attn, family) is not None:
+        carried |= {f"{name}.weight" for name in family.qk_norms}
     return [name for name, _ in attn.named_parameters() if name not in carried]
+
+
+def not_carried(layout: DecoderLayout, layers: list[int], keep_bias: bool = False, qk_norms: bool = True) -> list[str]:
+    """One line per part of the teacher that converting `layers` drops: learned attention parameters with
+    no place in the mixer, and what the family's attention (or its VLM wrapper) does that a causal Mamba
+    layer does not. Convert's report prints them, so nothing is dropped silently."""
+    config = layout.model.config
+    params = uncarried_parameters(layout.attention(layers[0]), layout.family, keep_bias, qk_norms)
+    biases = [name for name in params if name.endswith(".bias")]
+    others = [name for name in params if name not in biases]
+    lines = []
+    if biases:
+        lines.append(f"{', '.join(biases)} (MaTVLM drops attention biases; --keep-bias carries them)")
+    if others:
+        lines.append(f"{', '.join(others)} (learned parts of the teacher's attention with no place in the Mamba-2 mixer)")
+    lines += layout.family.not_carried(config.get_text_config(decoder=True))
+    if (wrapper := model_family(config)) is not None:
+        lines += wrapper.not_carried(config)
+    return lines
 
 
 @torch.no_grad()
 def mixer_from_attention(
-    attn: nn.Module, geometry: AttentionGeometry, config: Mamba2Config, layer_idx: int, seed: int = 0
+    attn: nn.Module, geometry: AttentionGeometry, config: Mamba2Config, layer_idx: int, seed: int = 0,
+    family: TextFamily = GENERIC_TEXT,
 ) -> Mamba2Mixer:
     """A Mamba-2 mixer initialised from one attention module: x <- V, B <- K, C <- Q, out <- O.
+
+    A teacher that RMS-normalises queries and keys per head (q_norm, k_norm) gets the same norms on C
+    and B, after the convolution, with the same gains (`bc_norm_eps` set): C and B then reach the scan
+    at the scale q and k reached the attention scores.
 
     GQA keys and values are repeated so every head has its own copy. The z and dt rows, dt_bias,
     A_log, D, the conv and the norm get the standard Mamba-2 initialisation, from a generator
@@ -190,8 +281,12 @@ def mixer_from_attention(
     mixer.in_proj.weight[x_rows] = per_head(attn.v_proj.weight.float())
     mixer.in_proj.weight[b_rows] = per_head(attn.k_proj.weight.float())
     mixer.in_proj.weight[c_rows] = attn.q_proj.weight.float()
-    out_proj = _output_projection(attn)
+    out_proj = _output_projection(attn, family)
     mixer.out_proj.weight.copy_(out_proj.weight.float())
+    if config.bc_norm_eps is not None:
+        q_norm, k_norm = (getattr(attn, name) for name in family.qk_norms)
+        mixer.C_norm.weight.copy_(family.norm_gain(q_norm).float().repeat(config.ngroups))
+        mixer.B_norm.weight.copy_(family.norm_gain(k_norm).float().repeat(config.ngroups))
     if config.bias:
         mixer.in_proj.bias.zero_()
         for rows, proj, repeat_rows in ((x_rows, attn.v_proj, True), (b_rows, attn.k_proj, True), (c_rows, attn.q_proj, False)):
@@ -208,7 +303,7 @@ def install_mixers(model: nn.Module, mixers: dict[int, Mamba2Mixer], layout: Dec
     for idx, mixer in mixers.items():
         mixer.padding_mask_tap = tap
         setattr(layout.layers[idx], layout.attention_name, mixer)
-    tap.attach(layout.text_model)
+    tap.attach(layout.model, layout.text_model)
     return layout
 
 
@@ -231,18 +326,21 @@ def convert_to_hybrid(
     keep_bias: bool = False,
     seed: int = 0,
     chunk_size: int = 128,
+    qk_norms: bool = True,
     **provenance,
 ) -> Mamba2Config:
     """Replace the attention of `layers` in `model` (in place) and record the conversion in
-    `model.config.matvlm` (with `provenance`, e.g. source=...). Returns the mixer config used."""
+    `model.config.matvlm` (with `provenance`, e.g. source=...). Returns the mixer config used.
+    `qk_norms=False` drops a teacher's q/k norms instead of carrying them (for measuring what they give)."""
     if getattr(model.config, HYBRID_KEY, None) or hybrid_layers(model):
         raise MatvlmError("this model is already a hybrid; convert the original teacher instead")
     layout = find_decoder(model)
     text_config = model.config.get_text_config(decoder=True)
     geometry = attention_geometry(layout.attention(layers[0]), text_config)
-    config = mixer_config_for(geometry, keep_bias=keep_bias, chunk_size=chunk_size)
+    eps = qk_norm_eps(layout.attention(layers[0]), layout.family) if qk_norms else None
+    config = mixer_config_for(geometry, keep_bias=keep_bias, chunk_size=chunk_size, bc_norm_eps=eps)
     mixers = {
-        idx: mixer_from_attention(layout.attention(idx), geometry, config, idx, seed) for idx in layers
+        idx: mixer_from_attention(layout.attention(idx), geometry, config, idx, seed, layout.family) for idx in layers
     }
     install_mixers(model, mixers, layout)
     setattr(model.config, HYBRID_KEY, hybrid_block(layers, config, keep_bias=keep_bias, seed=seed, **provenance))

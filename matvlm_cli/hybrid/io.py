@@ -24,7 +24,7 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedModel
 
-from ..atomic import atomic_directory, write_atomic
+from ..atomic import atomic_directory, write_atomic  # noqa: F401 (the subcommands take it from here)
 from ..errors import MatvlmError
 from . import tinyllava
 from .conversion import HYBRID_KEY, build_empty_mixers, find_decoder

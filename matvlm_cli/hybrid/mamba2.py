@@ -41,6 +41,22 @@ class GatedRMSNorm(nn.Module):
         return (grouped.flatten(-2) * self.weight.float()).to(dtype)
 
 
+class GroupRMSNorm(nn.Module):
+    """RMSNorm over each group of `group_size` channels of the last dimension, with a gain per channel."""
+
+    def __init__(self, hidden_size: int, group_size: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.group_size = group_size
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        grouped = x.float().unflatten(-1, (-1, self.group_size))
+        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (grouped.flatten(-2) * self.weight.float()).to(dtype)
+
+
 class Mamba2Mixer(nn.Module):
     _no_weight_decay = ("A_log", "D", "dt_bias")
 
@@ -61,6 +77,10 @@ class Mamba2Mixer(nn.Module):
             config.d_inner, config.d_inner // config.ngroups, eps=config.norm_eps, **factory
         )
         self.out_proj = nn.Linear(config.d_inner, config.d_model, bias=config.bias, **factory)
+        if config.bc_norm_eps is not None:  # a teacher's q_norm / k_norm, as norms on C / B (conversion.py)
+            width = config.ngroups * config.d_state
+            self.B_norm = GroupRMSNorm(width, config.d_state, config.bc_norm_eps, **factory)
+            self.C_norm = GroupRMSNorm(width, config.d_state, config.bc_norm_eps, **factory)
         # Set by the conversion; not a submodule, so it is neither saved nor moved.
         self.padding_mask_tap: PaddingMaskTap | None = None
         if self.dt_bias.device.type != "meta":
@@ -98,7 +118,8 @@ class Mamba2Mixer(nn.Module):
 
         projected = self.in_proj(hidden_states)
         conv_weight = self.conv1d.weight.squeeze(1)
-        fused_step = kernels.kernel("mixer_step", projected) if has_state and length == 1 else None
+        # The fused one-token step has no B/C norms.
+        fused_step = kernels.kernel("mixer_step", projected) if has_state and length == 1 and cfg.bc_norm_eps is None else None
         if fused_step is not None:
             y = fused_step(
                 projected[:, 0], slot.conv_states[0], conv_weight, self.conv1d.bias, self.dt_bias, self.A_log,
@@ -144,6 +165,8 @@ class Mamba2Mixer(nn.Module):
     def _split_xBC(self, xBC: torch.Tensor):
         cfg = self.config
         x, B, C = xBC.split([cfg.d_inner, cfg.ngroups * cfg.d_state, cfg.ngroups * cfg.d_state], dim=-1)
+        if cfg.bc_norm_eps is not None:
+            B, C = self.B_norm(B), self.C_norm(C)
         lead = x.shape[:-1]
         return (
             x.reshape(*lead, cfg.nheads, cfg.headdim),

@@ -27,6 +27,9 @@ class Mamba2Config:
     bias: bool = False
     conv_bias: bool = True
     norm_eps: float = 1e-5
+    # Per-group RMSNorms on B and C (after the convolution), carrying a teacher's per-head q/k norms
+    # (Qwen3, Gemma 3); their epsilon, or None for none (Llama, Phi, MaTVLM's layout).
+    bc_norm_eps: float | None = None
 
     def __post_init__(self):
         if self.nheads % self.ngroups:
