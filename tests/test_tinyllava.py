@@ -284,6 +284,7 @@ def test_teacher_saved_once_loads_back_exactly_with_its_processor(tinyllava, ima
     _, _, inputs = model_inputs(tinyllava, image)
     _, _, saved_inputs = model_inputs(tmp_path / "llava", image)
     assert torch.equal(inputs["input_ids"], saved_inputs["input_ids"])
+    assert torch.equal(inputs["pixel_values"], saved_inputs["pixel_values"])
     with torch.no_grad():
         assert torch.equal(again(**saved_inputs).logits, teacher(**inputs).logits)
 
