@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -10,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import MatvlmError
+from .errors import MatvlmError, MatvlmWarning
 
 app = typer.Typer(
     help="Turn a vision-language model into a faster hybrid Mamba-2/Transformer (MaTVLM).",
@@ -20,6 +21,17 @@ app = typer.Typer(
 )
 console = Console()
 errors = Console(stderr=True)
+_show_warning = warnings.showwarning
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    if issubclass(category, MatvlmWarning):
+        errors.print(f"[yellow]warning:[/yellow] {escape(str(message))}")
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+warnings.showwarning = _one_line_warning
 # typer >= 0.2x vendors click, whose errors then derive from typer.TyperException; older ones raise click's.
 _CLICK_ERROR = getattr(typer, "TyperException", None) or importlib.import_module("click").ClickException
 

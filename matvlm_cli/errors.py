@@ -3,3 +3,7 @@
 
 class MatvlmError(Exception):
     """A problem with the user's input: a path, a recipe key, a ratio, a data record."""
+
+
+class MatvlmWarning(UserWarning):
+    """Something matvlm goes on with but the user should know: the CLI prints it as one line."""

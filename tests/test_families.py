@@ -167,3 +167,21 @@ def test_an_undescribed_vlm_with_get_decoder_converts_with_a_warning():
         layout = find_decoder(model)
     assert layout.text_model is model.get_decoder()
     assert any("no family description" in str(w.message) for w in caught)
+
+
+def test_an_undescribed_text_family_converts_with_a_one_line_warning(tmp_path):
+    import subprocess
+    import sys
+
+    from transformers import Starcoder2Config, Starcoder2ForCausalLM
+
+    Starcoder2ForCausalLM(Starcoder2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "sc2")
+    result = subprocess.run(
+        [sys.executable, "-m", "matvlm_cli", "convert", "--teacher", str(tmp_path / "sc2"), "--layers", "1",
+         "--output", str(tmp_path / "h")], capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "warning: no family description for text model 'starcoder2'" in result.stderr
+    assert "Traceback" not in result.stderr and "UserWarning" not in result.stderr
+    assert (tmp_path / "h" / "model.safetensors").is_file()

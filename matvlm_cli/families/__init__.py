@@ -24,6 +24,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..errors import MatvlmWarning
+
 # The per-family files, in the order their descriptions are registered.
 _MODULES = (
     "llama", "mistral", "qwen2", "qwen3", "phi", "gemma", "gemma2", "gemma3", "olmo2",
@@ -109,7 +111,7 @@ def text_family(text_config) -> TextFamily:
         warnings.warn(
             f"no family description for text model {model_type!r}: its attention is mapped as Llama's "
             f"(q/k/v/o); described families: {', '.join(sorted(TEXT_FAMILIES))}",
-            stacklevel=2,
+            MatvlmWarning, stacklevel=2,
         )
         return GENERIC_TEXT
     return family

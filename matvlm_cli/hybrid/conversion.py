@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import MatvlmError
+from ..errors import MatvlmError, MatvlmWarning
 from ..families import GENERIC_TEXT, TextFamily, described_models, model_family, text_family
 from .cache import PaddingMaskTap
 from .mamba2 import Mamba2Mixer
@@ -85,7 +85,8 @@ def _text_model(model: nn.Module) -> nn.Module:
             f"description; described: {described_models()})"
         )
     if getattr(model.config, "vision_config", None) is not None:
-        warnings.warn(f"{arch}: no family description; converting the layers of get_decoder() ({type(decoder).__name__})", stacklevel=3)
+        warnings.warn(f"{arch}: no family description; converting the layers of get_decoder() ({type(decoder).__name__})",
+                      MatvlmWarning, stacklevel=3)
     return decoder
 
 
