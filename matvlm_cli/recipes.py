@@ -231,6 +231,7 @@ class TrainingSettings:
     gradient_accumulation: int = 1
     precision: str = "fp32"  # fp32 | bf16 | fp16
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder layer (GPU: fused elementwise work around the matmuls)
     distributed: str = "ddp"  # ddp | fsdp (FSDP2: weights, gradients and optimizer state sharded)
     seed: int = 0
     num_workers: int | None = None  # DataLoader workers decoding images; null = on a GPU one per spare core (up to 8), on a CPU none

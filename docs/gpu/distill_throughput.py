@@ -98,7 +98,8 @@ def build_data(root: Path, records: int, text_tokens: int, image_size: int) -> P
     return path
 
 
-def measure(teacher: Path, data: Path, out: Path, batch: int, checkpointing: bool, steps: int, warmup: int) -> dict:
+def measure(teacher: Path, data: Path, out: Path, batch: int, checkpointing: bool, steps: int, warmup: int,
+            compile: bool = False, profile: Path | None = None) -> dict:
     from matvlm_cli.distill.trainer import run_distill
 
     recipe = build_recipe(DistillRecipe, {
@@ -108,7 +109,7 @@ def measure(teacher: Path, data: Path, out: Path, batch: int, checkpointing: boo
         "losses": {"kl_weight": 1.0, "kl_positions": "all", "layer_weight": 1.0, "ce_weight": 0.0},
         "optimizer": {"lr": 2e-4, "max_grad_norm": 0.1},
         "training": {"batch_size": batch, "max_steps": warmup + steps + 1, "precision": "bf16" if torch.cuda.is_available() else "fp32",
-                     "gradient_checkpointing": checkpointing, "group_by_length": False},
+                     "gradient_checkpointing": checkpointing, "group_by_length": False, "compile": compile},
         "output": {"dir": str(out), "log_every": 1, "overwrite": True},
     })
     check_distill_recipe(recipe)
@@ -117,10 +118,20 @@ def measure(teacher: Path, data: Path, out: Path, batch: int, checkpointing: boo
     if cuda:
         torch.cuda.reset_peak_memory_stats()
 
+    profiler = None
+
     def on_step(step):
+        nonlocal profiler
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter())
+        if profile is not None and step == warmup:
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+            profiler.__enter__()
+        if profiler is not None and step == warmup + 2:
+            profiler.__exit__(None, None, None)
+            profile.write_text(kernel_table(profiler, steps=2))
+            profiler = None
         if step == warmup + steps:
             log.extend(json.loads(line) for line in (out / "log.jsonl").read_text().splitlines())
             raise Stop  # the run's output is discarded: nothing to keep
@@ -132,10 +143,41 @@ def measure(teacher: Path, data: Path, out: Path, batch: int, checkpointing: boo
     # times[i] and log[i] are taken at the end of step i + 1; the window is the steps after the warm-up.
     seconds = times[-1] - times[warmup]
     tokens = log[-1]["tokens"] - log[warmup]["tokens"]
-    return {"batch": batch, "gradient_checkpointing": checkpointing, "seconds_per_step": seconds / (steps - 1),
+    return {"batch": batch, "gradient_checkpointing": checkpointing, "compile": compile, "seconds_per_step": seconds / (steps - 1),
             "tokens_per_step": tokens / (steps - 1), "tokens_per_s": tokens / seconds,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             "losses_last": {k: log[-1][k] for k in ("kl", "layer")}, "padding": log[-1]["padding"]}
+
+
+# Kernel-name patterns of each kind of GPU work, for the profile's summary.
+KINDS = {
+    "matmul": ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "cublas"),
+    "attention": ("flash", "fmha", "attention", "sdpa", "efficient"),
+    "mamba scan": ("chunk", "state_passing", "bmm", "ssd", "scan", "cumsum"),
+    "conv1d": ("conv1d", "causal_conv"),
+    "softmax / loss": ("softmax", "log_softmax", "nll", "kl_div"),
+    "norm": ("layer_norm", "rms", "norm"),
+    "copy / cast": ("copy", "cast", "to_copy", "cat", "fill"),
+}
+
+
+def kernel_table(profiler, steps: int) -> str:
+    """GPU time per step by kind of kernel, then the 30 costliest kernels."""
+    events = [e for e in profiler.key_averages() if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA")]
+    if not events:  # older torch: every event, with its device time
+        events = [e for e in profiler.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    total = sum(e.self_device_time_total for e in events) or 1
+    kinds: dict[str, float] = {}
+    for e in events:
+        name = e.key.lower()
+        kind = next((k for k, pats in KINDS.items() if any(p in name for p in pats)), "other elementwise")
+        kinds[kind] = kinds.get(kind, 0) + e.self_device_time_total
+    lines = [f"GPU time per step: {total / steps / 1e3:.1f} ms"]
+    lines += [f"  {k:18s} {v / steps / 1e3:8.1f} ms  {100 * v / total:5.1f} %" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])]
+    lines.append("costliest kernels (ms per step, calls per step):")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:30]:
+        lines.append(f"  {e.self_device_time_total / steps / 1e3:8.2f}  {e.count // steps:5d}  {e.key[:110]}")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -147,6 +189,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--text-tokens", type=int, default=296, help="text tokens per record (728 image tokens come on top)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model of the same structure (CPU smoke test)")
+    parser.add_argument("--compile", default="off", help="off | on | off,on: training.compile (regional torch.compile)")
+    parser.add_argument("--profile", help="write a GPU kernel-time table of two steps of the first row here")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="distill-throughput-"))
     teacher, params = build_teacher(root, args.tiny)
@@ -154,19 +198,20 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     data = build_data(root, max(batches) * (args.steps + args.warmup + 2), args.text_tokens, image_size)
     rows = []
-    for checkpointing in [c == "on" for c in args.checkpointing.split(",")]:
-        for batch in batches:
-            try:
-                row = measure(teacher, data, root / "run", batch, checkpointing, args.steps, args.warmup)
-            except torch.cuda.OutOfMemoryError:
-                row = {"batch": batch, "gradient_checkpointing": checkpointing, "error": "out of memory"}
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if "tokens_per_s" in row:
-                row["mfu"] = row["tokens_per_s"] * 6 * params / DENSE_BF16_FLOPS
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+    combos = [(c == "on", b, k == "on") for c in args.checkpointing.split(",") for k in args.compile.split(",") for b in batches]
+    for checkpointing, batch, compiled in combos:
+        profile = Path(args.profile) if args.profile and not rows else None
+        try:
+            row = measure(teacher, data, root / "run", batch, checkpointing, args.steps, args.warmup, compiled, profile)
+        except torch.cuda.OutOfMemoryError:
+            row = {"batch": batch, "gradient_checkpointing": checkpointing, "compile": compiled, "error": "out of memory"}
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if "tokens_per_s" in row:
+            row["mfu"] = row["tokens_per_s"] * 6 * params / DENSE_BF16_FLOPS
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     result = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "teacher_parameters": params,

@@ -42,6 +42,7 @@ class SharedTeacherStudent:
             raise ValueError(f"trainable must be one of {TRAINABLE}")
         self.model, self.layers, self.trainable = student, sorted(attentions), trainable
         layout = find_decoder(student)
+        self.decoder_layers = layout.layers
         self._slots = [(layout.layers[i], layout.attention_name) for i in self.layers]
         self.duals = []
         for (layer, name), idx in zip(self._slots, self.layers):
@@ -54,6 +55,18 @@ class SharedTeacherStudent:
         if trainable == "mamba+connector" and self.connector_path:
             self.teacher_connector = copy.deepcopy(student.get_submodule(self.connector_path))
         self._set_trainable()
+
+    def compile_frozen_parts(self) -> None:
+        """torch.compile each decoder layer's attention, MLP and norms on their own, dynamic in the sequence
+        length (regional compilation: one small graph per module, shared by the teacher and the student
+        pass). It fuses the elementwise work around the matmuls (Phi-2's tanh GELU is eight kernels
+        eager). The Mamba-2 mixers stay eager: their scans are already fused kernels."""
+        for layer in self.decoder_layers:
+            for child in layer.children():
+                if isinstance(child, TeacherStudentMixer):
+                    child.attention.compile(dynamic=True)
+                elif not isinstance(child, Mamba2Mixer):
+                    child.compile(dynamic=True)
 
     def _set_trainable(self) -> None:
         self.model.requires_grad_(self.trainable == "all")

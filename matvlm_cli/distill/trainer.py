@@ -292,6 +292,8 @@ class DistillRun:
         if r.training.gradient_checkpointing:
             # transformers 5.24 calls it activation checkpointing and warns on the old name; versions without it keep that.
             getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+        if r.training.compile:
+            self.shared.compile_frozen_parts()
         model.train()
         held_out = r.output.eval_samples if r.output.eval_every else 0
         if held_out >= len(self.dataset):
