@@ -10,7 +10,7 @@ import torch
 
 from matvlm_cli.bench import floor, fusion
 from matvlm_cli.bench.engines import GraphEngine, HFEngine, cache_sizes
-from matvlm_cli.bench.models import bench_inputs, build_teacher, image_token_count, model_specs
+from matvlm_cli.bench.models import bench_inputs, build_teacher, image_input, model_specs
 from matvlm_cli.bench.report import comparisons, paper_style, throughput_gains
 from matvlm_cli.hybrid import choose_layers, convert_to_hybrid
 
@@ -26,7 +26,7 @@ def test_static_engine_decodes_like_generate(tiny_teachers, family, ratio):
     model = build_teacher(str(tiny_teachers[family]), CPU, torch.float32)
     if ratio:
         convert_to_hybrid(model, choose_layers(4, ratio=ratio))
-    inputs = bench_inputs(model, 150, 2, image_token_count(model))
+    inputs = bench_inputs(model, 150, 2, image_input(model))
     # prefill in chunks of 64 tokens: later chunks attend to the cached ones through the registered mask
     static = GraphEngine(model, prefill_chunk=64).run(inputs, 16, repeats=1, warmup=0)
     plain = HFEngine(model).run(inputs, 16, repeats=1, warmup=0)
@@ -38,7 +38,7 @@ def test_static_engine_decodes_like_generate(tiny_teachers, family, ratio):
 def test_cache_bytes_match_the_floor_arithmetic(tiny_teachers):
     model = build_teacher(str(tiny_teachers["llama"]), CPU, torch.float32)
     engine = GraphEngine(model)
-    inputs = bench_inputs(model, 100, 3, image_token_count(model))
+    inputs = bench_inputs(model, 100, 3, image_input(model))
     cache, _ = engine.prefill(inputs, max_len=120)
     kv, state = cache_sizes(cache)
     assert kv == floor.kv_bytes(model, 120, batch=3, dtype_bytes=4) and state == 0
@@ -145,7 +145,7 @@ def test_bench_user_errors_are_one_line(args, message, tmp_path):
 
 def test_qkv_fusion_keeps_outputs_and_holds_the_weights_once(tiny_teachers):
     model = build_teacher(str(tiny_teachers["llama"]), CPU, torch.float32)
-    inputs = bench_inputs(model, 40, 2, image_token_count(model))
+    inputs = bench_inputs(model, 40, 2, image_input(model))
     before = model(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values).logits
     weight_bytes = floor.decode_weight_bytes(model)
     attention = model.model.language_model.layers[0].self_attn
