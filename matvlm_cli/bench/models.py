@@ -26,8 +26,12 @@ from ..tiny import default_teacher_dir
 from .engines import BenchInputs
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
-# Config-only presets: architectures to time, not models to use.
-PRESETS = ("tinyllava-phi2-siglip-3b", "llava-1.5-7b")
+# Config-only presets: architectures to time, not models to use (each a config.json, and the published
+# preprocessor_config.json where the family has one; sources in presets/README.md).
+PRESETS = (
+    "tinyllava-phi2-siglip-3b", "llava-1.5-7b", "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen3-vl-4b", "internvl3-2b",
+    "smolvlm2-2.2b", "gemma-3-4b",
+)
 
 
 @dataclass
@@ -51,12 +55,14 @@ def check_teacher(spec: str) -> None:
 
 
 def check_models(teacher: str, students: list[str], lengths: list[int], trust_remote_code: bool = False) -> None:
-    """Before anything is timed: every model directory is readable (config, weight headers, processor) and
+    """Before anything is timed: every model directory is readable (config, weight headers, image processor) and
     holds the longest context asked for. A preset is exempt from the length check: its random weights are an
     architecture to time at any length, not a model whose answers beyond its trained positions matter."""
     directories = ([] if teacher in PRESETS else [teacher]) + list(students)
     for path in directories:
-        check_model(path, trust_remote_code)
+        # bench prompts are token ids, so only the image processor is needed (read in `image_input`)
+        check_model(path, trust_remote_code, processor=False)
+        image_processor(load_config(path, trust_remote_code), path)
         limit = getattr(load_config(path, trust_remote_code).get_text_config(decoder=True), "max_position_embeddings", None)
         if limit is not None and max(lengths) > limit:
             raise MatvlmError(
