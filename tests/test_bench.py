@@ -256,3 +256,52 @@ def test_preset_floors_match_a_hand_computation(name):
         assert {k: got[k] for k in want} == want, (ratio, got, want)
     if name == "gemma-3-4b":  # 5 global layers of 34; at 0.25 (8 layers) all 5 are converted first
         assert {5, 11, 17, 23, 29} <= set(hybrid_layers(meta_preset(name, 0.25)))
+
+
+# --- end to end on tiny random models of other families (tests/zoo.py), through the CLI ---
+
+from tests import zoo  # noqa: E402
+
+
+def _image_processor(family: str, config):
+    """Each family's real image processor class, sized for a tiny tower (a 640x480 image becomes a few
+    dozen image tokens)."""
+    import transformers as T
+
+    vision = config.vision_config
+    if family == "qwen2_vl":
+        merged = (vision.patch_size * vision.spatial_merge_size) ** 2
+        return T.Qwen2VLImageProcessor(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                                       temporal_patch_size=vision.temporal_patch_size,
+                                       size={"shortest_edge": 4 * merged, "longest_edge": 24 * merged})
+    if family == "idefics3":
+        return T.Idefics3ImageProcessor(size={"longest_edge": 2 * vision.image_size}, max_image_size={"longest_edge": vision.image_size})
+    if family == "gemma3":
+        return T.Gemma3ImageProcessor(size={"height": vision.image_size, "width": vision.image_size})
+    if family == "llava_next":
+        side = vision.image_size
+        return T.LlavaNextImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                                         image_grid_pinpoints=config.image_grid_pinpoints)
+    raise ValueError(family)
+
+
+@pytest.mark.parametrize("family,tokens", [("qwen2_vl", 20), ("idefics3", 20), ("gemma3", 4), ("llava_next", 44)])
+def test_bench_cli_on_other_families(tmp_path, family, tokens):
+    model = zoo.build(family)
+    directory = tmp_path / family
+    model.save_pretrained(directory)
+    _image_processor(family, model.config).save_pretrained(directory)
+    image = image_input(model, directory)
+    assert image.tokens == tokens  # what the model's own get_image_features gives for the processed image
+    out = tmp_path / "bench"
+    result = run_cli("bench", "--teacher", directory, "--seq-len", 80, "--gen-len", 4, "--repeats", 1, "--output", out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "bench.json").read_text())
+    rows = {(r["model"], r["engine"]): r for r in report["rows"]}
+    assert set(rows) == {(m, e) for m in ("teacher", "hybrid-0.25", "hybrid-0.5") for e in ("graphs", "hf")}
+    for (_, engine), row in rows.items():
+        # hf's per-token time is (generate(n) - generate(1)) / (n - 1): on a busy 2-core CPU with one repeat
+        # that difference can fall below zero, so only the static engine's timings are required positive
+        assert row["error"] is None and row["decode_ms"] is not None and (engine == "hf" or row["x_floor"] > 0)
+    assert rows["hybrid-0.5", "graphs"]["kv_cache_bytes"] < rows["teacher", "graphs"]["kv_cache_bytes"]
+    assert rows["hybrid-0.5", "graphs"]["state_bytes"] > 0
