@@ -10,7 +10,7 @@ import torch
 
 from matvlm_cli.bench import floor, fusion
 from matvlm_cli.bench.engines import GraphEngine, HFEngine, cache_sizes
-from matvlm_cli.bench.models import bench_inputs, build_teacher, image_token_count, model_specs
+from matvlm_cli.bench.models import bench_inputs, build_teacher, image_input, model_specs
 from matvlm_cli.bench.report import comparisons, paper_style, throughput_gains
 from matvlm_cli.hybrid import choose_layers, convert_to_hybrid
 
@@ -26,7 +26,7 @@ def test_static_engine_decodes_like_generate(tiny_teachers, family, ratio):
     model = build_teacher(str(tiny_teachers[family]), CPU, torch.float32)
     if ratio:
         convert_to_hybrid(model, choose_layers(4, ratio=ratio))
-    inputs = bench_inputs(model, 150, 2, image_token_count(model))
+    inputs = bench_inputs(model, 150, 2, image_input(model))
     # prefill in chunks of 64 tokens: later chunks attend to the cached ones through the registered mask
     static = GraphEngine(model, prefill_chunk=64).run(inputs, 16, repeats=1, warmup=0)
     plain = HFEngine(model).run(inputs, 16, repeats=1, warmup=0)
@@ -38,7 +38,7 @@ def test_static_engine_decodes_like_generate(tiny_teachers, family, ratio):
 def test_cache_bytes_match_the_floor_arithmetic(tiny_teachers):
     model = build_teacher(str(tiny_teachers["llama"]), CPU, torch.float32)
     engine = GraphEngine(model)
-    inputs = bench_inputs(model, 100, 3, image_token_count(model))
+    inputs = bench_inputs(model, 100, 3, image_input(model))
     cache, _ = engine.prefill(inputs, max_len=120)
     kv, state = cache_sizes(cache)
     assert kv == floor.kv_bytes(model, 120, batch=3, dtype_bytes=4) and state == 0
@@ -145,7 +145,7 @@ def test_bench_user_errors_are_one_line(args, message, tmp_path):
 
 def test_qkv_fusion_keeps_outputs_and_holds_the_weights_once(tiny_teachers):
     model = build_teacher(str(tiny_teachers["llama"]), CPU, torch.float32)
-    inputs = bench_inputs(model, 40, 2, image_token_count(model))
+    inputs = bench_inputs(model, 40, 2, image_input(model))
     before = model(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values).logits
     weight_bytes = floor.decode_weight_bytes(model)
     attention = model.model.language_model.layers[0].self_attn
@@ -163,3 +163,145 @@ def test_qkv_fusion_keeps_outputs_and_holds_the_weights_once(tiny_teachers):
     # the restored modules read views of the fused weight: no copy was kept
     assert attention.k_proj.weight.untyped_storage().data_ptr() == attention.q_proj.weight.untyped_storage().data_ptr()
     torch.testing.assert_close(model(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values).logits, before)
+
+
+# --- presets of real shapes: built, converted and floored on the meta device (no weights allocated) ---
+
+import copy  # noqa: E402
+import json as _json  # noqa: E402
+
+from transformers import AutoConfig  # noqa: E402
+
+from matvlm_cli.bench.models import PRESETS, PRESETS_DIR  # noqa: E402
+from matvlm_cli.hybrid import hybrid_layers  # noqa: E402
+from matvlm_cli.hybrid.conversion import attention_windows  # noqa: E402
+from matvlm_cli.hybrid.io import model_class_for  # noqa: E402
+
+NEW_PRESETS = ("qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen3-vl-4b", "internvl3-2b", "smolvlm2-2.2b", "gemma-3-4b")
+CONTEXT = 8192
+
+
+def meta_preset(name: str, ratio: float | None = None):
+    """A preset built with stock transformers on the meta device, converted at `ratio` (the same
+    conversion code, structure only), in bf16 as the GPU bench runs it."""
+    config = AutoConfig.from_pretrained(PRESETS_DIR / name)
+    with torch.device("meta"):
+        model = model_class_for(config).from_config(copy.deepcopy(config), dtype=torch.bfloat16)
+    if ratio:
+        windows = attention_windows(model.config.get_text_config(decoder=True))
+        convert_to_hybrid(model, choose_layers(len(windows), ratio=ratio, windows=windows))
+    return model
+
+
+@pytest.mark.parametrize("name", NEW_PRESETS)
+def test_presets_build_convert_and_report_their_floor(name):
+    assert name in PRESETS and (PRESETS_DIR / name / "preprocessor_config.json").is_file()
+    floors = {}
+    for ratio in (None, 0.25, 0.5):
+        model = meta_preset(name, ratio)
+        assert all(p.is_meta for p in model.parameters())
+        text = model.config.get_text_config(decoder=True)
+        windows = attention_windows(text)
+        expected = choose_layers(len(windows), ratio=ratio, windows=windows) if ratio else []
+        assert hybrid_layers(model) == expected
+        floors[ratio] = floor.decode_floor(model, CONTEXT)
+    assert floors[None]["state_bytes"] == 0
+    assert floors[0.5]["kv_bytes"] < floors[0.25]["kv_bytes"] < floors[None]["kv_bytes"]
+    assert 0 < floors[0.25]["state_bytes"] < floors[0.5]["state_bytes"]
+    print(name, {r: {k: round(v / 2**20, 1) for k, v in f.items()} for r, f in floors.items()})  # MiB, for the README
+
+
+def _hand_floor(name: str, ratio_layers: list[int]):
+    """Decode-step bytes at CONTEXT tokens, batch 1, bf16, from the preset's config.json by hand:
+    the language model's weights (head read in full, one embedding row), KV of the attention layers
+    (a sliding layer at most its window), and MaTVLM mixers' state (x from V and B from K, both
+    repeated to every query head; C from Q; d_state = head_dim; fp32 SSM state)."""
+    raw = _json.loads((PRESETS_DIR / name / "config.json").read_text())
+    text = raw.get("text_config", raw)
+    defaults = {"gemma-3-4b": dict(num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=262208)}.get(name, {})
+    c = {**defaults, **text}
+    hidden, layers, heads, kv = c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["num_key_value_heads"]
+    head_dim = c.get("head_dim") or hidden // heads
+    inter, vocab = c["intermediate_size"], c["vocab_size"]
+    qk_norms = name == "gemma-3-4b"
+    bias = name.startswith("qwen2.5")  # q/k/v biases
+    attn = hidden * heads * head_dim + 2 * hidden * kv * head_dim + heads * head_dim * hidden
+    attn += (heads * head_dim + 2 * kv * head_dim) if bias else 0
+    attn += 2 * head_dim if qk_norms else 0
+    norms = (4 if qk_norms else 2) * hidden  # Gemma 3 has pre/post norms around both sublayers
+    layer = attn + 3 * hidden * inter + norms
+    d_inner, bc = heads * head_dim, heads * head_dim  # ngroups = heads, d_state = head_dim
+    conv_dim = d_inner + 2 * bc
+    mixer = hidden * (2 * d_inner + 2 * bc + heads) + d_inner * hidden + conv_dim * 4 + conv_dim + 3 * heads + d_inner
+    mixer += 2 * bc if qk_norms else 0
+    params = layers * layer + hidden + vocab * hidden + hidden + len(ratio_layers) * (mixer - attn)
+    kv_window = c.get("sliding_window") if qk_norms else None
+    pattern = 6  # Gemma 3: every 6th layer global
+    slots = 0
+    for i in range(layers):
+        if i in ratio_layers:
+            continue
+        sliding = kv_window and (i + 1) % pattern != 0
+        slots += min(CONTEXT, kv_window) if sliding else CONTEXT
+    state = len(ratio_layers) * (conv_dim * 4 * 2 + heads * head_dim * head_dim * 4)
+    return {"weight_bytes": 2 * params, "kv_bytes": 2 * kv * head_dim * 2 * slots, "state_bytes": state}
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-vl-3b", "gemma-3-4b"])
+def test_preset_floors_match_a_hand_computation(name):
+    for ratio in (None, 0.25, 0.5):
+        model = meta_preset(name, ratio)
+        got = floor.decode_floor(model, CONTEXT)
+        want = _hand_floor(name, hybrid_layers(model))
+        assert {k: got[k] for k in want} == want, (ratio, got, want)
+    if name == "gemma-3-4b":  # 5 global layers of 34; at 0.25 (8 layers) all 5 are converted first
+        assert {5, 11, 17, 23, 29} <= set(hybrid_layers(meta_preset(name, 0.25)))
+
+
+# --- end to end on tiny random models of other families (tests/zoo.py), through the CLI ---
+
+from tests import zoo  # noqa: E402
+
+
+def _image_processor(family: str, config):
+    """Each family's real image processor class, sized for a tiny tower (a 640x480 image becomes a few
+    dozen image tokens)."""
+    import transformers as T
+
+    vision = config.vision_config
+    if family == "qwen2_vl":
+        merged = (vision.patch_size * vision.spatial_merge_size) ** 2
+        return T.Qwen2VLImageProcessor(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                                       temporal_patch_size=vision.temporal_patch_size,
+                                       size={"shortest_edge": 4 * merged, "longest_edge": 24 * merged})
+    if family == "idefics3":
+        return T.Idefics3ImageProcessor(size={"longest_edge": 2 * vision.image_size}, max_image_size={"longest_edge": vision.image_size})
+    if family == "gemma3":
+        return T.Gemma3ImageProcessor(size={"height": vision.image_size, "width": vision.image_size})
+    if family == "llava_next":
+        side = vision.image_size
+        return T.LlavaNextImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                                         image_grid_pinpoints=config.image_grid_pinpoints)
+    raise ValueError(family)
+
+
+@pytest.mark.parametrize("family,tokens", [("qwen2_vl", 20), ("idefics3", 20), ("gemma3", 4), ("llava_next", 44)])
+def test_bench_cli_on_other_families(tmp_path, family, tokens):
+    model = zoo.build(family)
+    directory = tmp_path / family
+    model.save_pretrained(directory)
+    _image_processor(family, model.config).save_pretrained(directory)
+    image = image_input(model, directory)
+    assert image.tokens == tokens  # what the model's own get_image_features gives for the processed image
+    out = tmp_path / "bench"
+    result = run_cli("bench", "--teacher", directory, "--seq-len", 80, "--gen-len", 4, "--repeats", 1, "--output", out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "bench.json").read_text())
+    rows = {(r["model"], r["engine"]): r for r in report["rows"]}
+    assert set(rows) == {(m, e) for m in ("teacher", "hybrid-0.25", "hybrid-0.5") for e in ("graphs", "hf")}
+    for (_, engine), row in rows.items():
+        # hf's per-token time is (generate(n) - generate(1)) / (n - 1): on a busy 2-core CPU with one repeat
+        # that difference can fall below zero, so only the static engine's timings are required positive
+        assert row["error"] is None and row["decode_ms"] is not None and (engine == "hf" or row["x_floor"] > 0)
+    assert rows["hybrid-0.5", "graphs"]["kv_cache_bytes"] < rows["teacher", "graphs"]["kv_cache_bytes"]
+    assert rows["hybrid-0.5", "graphs"]["state_bytes"] > 0

@@ -149,13 +149,13 @@ def test_graph_engine_decodes_like_generate_on_cuda(tiny_teachers, ratio):
     produces the tokens plain generate() produces, for a teacher and a hybrid. Eager step: a random
     tiny model has near-ties that an inductor-fused step may resolve differently."""
     from matvlm_cli.bench.engines import GraphEngine, HFEngine
-    from matvlm_cli.bench.models import bench_inputs, build_teacher, image_token_count
+    from matvlm_cli.bench.models import bench_inputs, build_teacher, image_input
     from matvlm_cli.hybrid import choose_layers, convert_to_hybrid
 
     model = build_teacher(str(tiny_teachers["llama"]), torch.device("cuda"), torch.float32)
     if ratio:
         convert_to_hybrid(model, choose_layers(4, ratio=ratio))
-    inputs = bench_inputs(model, 200, 2, image_token_count(model))
+    inputs = bench_inputs(model, 200, 2, image_input(model))
     graphs = GraphEngine(model, prefill_chunk=64, compile=False).run(inputs, 24, repeats=1)
     plain = HFEngine(model).run(inputs, 24, repeats=1)
     assert torch.equal(graphs.tokens, plain.tokens)
@@ -165,12 +165,12 @@ def test_graph_engine_decodes_like_generate_on_cuda(tiny_teachers, ratio):
 def test_compiled_graph_engine_decodes_the_embedded_hybrid_like_generate_on_cuda():
     """The compiled step on a trained model (the embedded teacher's 0.5 hybrid): same tokens as generate()."""
     from matvlm_cli.bench.engines import GraphEngine, HFEngine
-    from matvlm_cli.bench.models import bench_inputs, image_token_count, model_specs
+    from matvlm_cli.bench.models import bench_inputs, image_input, model_specs
     from matvlm_cli.tiny import default_teacher_dir
 
     (spec,) = model_specs(str(default_teacher_dir()), [], [0.5], "even", torch.device("cuda"), torch.float32)[1:]
     model = spec.build()
-    inputs = bench_inputs(model, 300, 2, image_token_count(model))
+    inputs = bench_inputs(model, 300, 2, image_input(model))
     graphs = GraphEngine(model).run(inputs, 24, repeats=1)
     assert torch.equal(graphs.tokens, HFEngine(model).run(inputs, 24, repeats=1).tokens)
 

@@ -197,13 +197,13 @@ def test_llava_export_keeps_processor_tokenizer_and_chat_template(llava_hybrid, 
 def test_bench_engines_run_the_export_and_decode_like_the_source(llava_hybrid, llava_export):
     from matvlm_cli.bench import floor
     from matvlm_cli.bench.engines import GraphEngine, HFEngine
-    from matvlm_cli.bench.models import bench_inputs, build_teacher, image_token_count
+    from matvlm_cli.bench.models import bench_inputs, build_teacher, image_input
 
     cpu = torch.device("cpu")
     exported, source = build_teacher(str(llava_export), cpu, torch.float32), load_hybrid(llava_hybrid)
     assert hybrid_layers(exported) == [1, 7]
     assert floor.kv_bytes(exported, 100) == floor.kv_bytes(source, 100)
-    inputs = bench_inputs(exported, 90, 1, image_token_count(exported))  # 64 image tokens, in the first chunk
+    inputs = bench_inputs(exported, 90, 1, image_input(exported))  # 64 image tokens, in the first chunk
     static = GraphEngine(exported, prefill_chunk=72).run(inputs, 6, repeats=1, warmup=0)
     plain = HFEngine(exported).run(inputs, 6, repeats=1, warmup=0)
     reference = HFEngine(source).run(inputs, 6, repeats=1, warmup=0)

@@ -95,7 +95,7 @@ def gemv_rates():
 def step_profiles(contexts=(8192,)):
     from torch.profiler import ProfilerActivity, profile
     from matvlm_cli.bench.engines import GraphEngine
-    from matvlm_cli.bench.models import bench_inputs, build_teacher, image_token_count
+    from matvlm_cli.bench.models import bench_inputs, build_teacher, image_input
     from matvlm_cli.bench import floor
     from matvlm_cli.hybrid import choose_layers, convert_to_hybrid, kernels
     print("mixer kernels", kernels.resolved())
@@ -103,7 +103,7 @@ def step_profiles(contexts=(8192,)):
         model = build_teacher("tinyllava-phi2-siglip-3b", dev, torch.bfloat16)
         if ratio:
             convert_to_hybrid(model, choose_layers(32, ratio=ratio, placement="even"))
-        images = image_token_count(model)
+        images = image_input(model)
         engine = GraphEngine(model)
         weights = floor.decode_weight_bytes(model)
         for ctx in contexts:

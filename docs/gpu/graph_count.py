@@ -12,7 +12,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from matvlm_cli.bench.engines import GraphEngine
-from matvlm_cli.bench.models import bench_inputs, image_token_count, model_specs
+from matvlm_cli.bench.models import bench_inputs, image_input, model_specs
 from matvlm_cli.hybrid import kernels
 
 if os.environ.get("OLD"):
@@ -30,7 +30,7 @@ for spec in model_specs("tinyllava-phi2-siglip-3b", [], [0.25], "even", torch.de
     model = spec.build()
     counters.clear()
     engine = GraphEngine(model)
-    inputs = bench_inputs(model, seq, 1, image_token_count(model))
+    inputs = bench_inputs(model, seq, 1, image_input(model))
     cache, first = engine.prefill(inputs, seq + 64)
     torch.cuda.synchronize(); log(spec.label, "prefilled")
     advance, tokens = engine.decoder(cache, first, seq, seq + 64, 64)

@@ -3,7 +3,7 @@ import gc
 import torch
 from torch._dynamo.utils import counters
 from matvlm_cli.bench.engines import GraphEngine
-from matvlm_cli.bench.models import bench_inputs, build_teacher, image_token_count
+from matvlm_cli.bench.models import bench_inputs, build_teacher, image_input
 from matvlm_cli.hybrid import choose_layers, convert_to_hybrid
 
 dev = torch.device("cuda")
@@ -22,7 +22,7 @@ for ratio in (0, 0.5):
             convert_to_hybrid(model, choose_layers(32, ratio=ratio, placement="even"))
         params = sum(p.numel() * p.element_size() for p in model.parameters())
         engine = GraphEngine(model)
-        timing = engine.run(bench_inputs(model, 16384, 1, image_token_count(model)), 32, repeats=2)
+        timing = engine.run(bench_inputs(model, 16384, 1, image_input(model)), 32, repeats=2)
         print(f"ratio {ratio} gc {COLLECT}: peak {timing.peak_bytes/2**20:.0f} MiB = params {params/2**20:.0f} + cache "
               f"{(timing.kv_bytes+timing.state_bytes)/2**20:.0f} + {(timing.peak_bytes-params-timing.kv_bytes-timing.state_bytes)/2**20:.0f}; "
               f"{timing.decode_ms_per_token:.2f} ms/token", flush=True)

@@ -18,21 +18,40 @@ from __future__ import annotations
 import inspect
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import StaticCache
 
 from ..hybrid import kernels
+from ..hybrid.conversion import attention_windows
 from . import fusion
 from .attention import DECODE_ATTENTION
 
 @dataclass
 class BenchInputs:
-    """A batch of prompts of exactly `seq_len` tokens, the image's tokens first."""
+    """A batch of prompts of exactly `seq_len` tokens, the image's tokens first, and every tensor the
+    model's forward takes for the image (built by `models.bench_inputs` from the family's processor)."""
 
     input_ids: torch.Tensor  # (batch, seq_len)
-    pixel_values: torch.Tensor | None  # (batch, 3, H, W), None for text-only models
+    pixel_values: torch.Tensor | None  # as the processor gives them; None for text-only models
+    # The image's tensors by forward keyword (pixel_values, image_grid_thw, image_sizes, pixel_attention_mask...)
+    image: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Per-token tensors (batch, seq_len) by forward keyword: which tokens are the image's (mm_token_type_ids...)
+    token_types: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The prompt's position ids where they are not 0..n-1 (M-RoPE: (3, batch, seq_len)), and the (batch, 1)
+    # offset of a decoded token's position from its cache position
+    position_ids: torch.Tensor | None = None
+    position_offsets: torch.Tensor | None = None
+    image_tokens: int = 0  # the image's tokens at the start of each row
+
+    def model_inputs(self, start: int = 0, end: int | None = None) -> dict[str, torch.Tensor]:
+        """The image's keywords for a forward over tokens start..end (the image's tensors in the one that
+        starts the prompt)."""
+        if start > 0:
+            return {}
+        end = self.input_ids.shape[1] if end is None else end
+        return {**self.image, **{k: v[:, :end] for k, v in self.token_types.items()}}
 
 
 @dataclass
@@ -111,6 +130,10 @@ class GraphEngine:
         self.use_graphs = self.device.type == "cuda"
         self.prefill_chunk = prefill_chunk
         self.text_config = model.config.get_text_config(decoder=True)
+        # Sliding-window layers keep only their window in the static cache, so one 4-D mask over every
+        # slot fits none of them: such models get a 2-D padding mask, from which transformers builds each
+        # layer kind's own mask inside the step.
+        self.per_layer_masks = any(window is not None for window in attention_windows(self.text_config))
         if self.use_graphs and compile:
             # A decode step is ~30 tiny kernels per layer (norms, rotary, activations, residuals); inductor
             # fuses them, the CUDA graph then removes launch gaps. One compile per model and shape family.
@@ -152,30 +175,38 @@ class GraphEngine:
         batch, length = ids.shape
         cache = StaticCache(config=self.model.config, max_cache_len=max_len)
         chunk = self.prefill_chunk
-        for start in range(0, length, chunk):
-            end = min(start + chunk, length)
+        # the first chunk holds the whole image (its features are scattered in one forward)
+        bounds = [0, *range(max(chunk, inputs.image_tokens), length, chunk), length]
+        for start, end in zip(bounds, bounds[1:]):
             positions = torch.arange(start, end, device=self.device)
+            position_ids = positions.unsqueeze(0).expand(batch, -1) if inputs.position_ids is None else inputs.position_ids[..., start:end]
             out = self._forward(
-                cache, input_ids=ids[:, start:end], pixel_values=inputs.pixel_values if start == 0 else None,
-                position_ids=positions.unsqueeze(0).expand(batch, -1), cache_position=positions, logits_to_keep=1,
+                cache, input_ids=ids[:, start:end], position_ids=position_ids, cache_position=positions, logits_to_keep=1,
+                **inputs.model_inputs(start, end),
             )
         return cache, self._greedy(out.logits[:, -1])[:, 0]
 
     @torch.no_grad()
-    def decoder(self, cache, first_token: torch.Tensor, position: int, max_len: int, gen_len: int):
+    def decoder(self, cache, first_token: torch.Tensor, position: int, max_len: int, gen_len: int,
+                position_offsets: torch.Tensor | None = None):
         """(advance, tokens): each `advance()` moves every sequence one greedy token on (a replayed
-        CUDA graph on GPU) and writes it into `tokens` (batch, gen_len), whose column 0 is `first_token`."""
+        CUDA graph on GPU) and writes it into `tokens` (batch, gen_len), whose column 0 is `first_token`.
+        `position_offsets` (batch, 1): a decoded token's position minus its cache position (M-RoPE)."""
         batch = first_token.shape[0]
         tokens = torch.zeros(batch, gen_len, dtype=torch.long, device=self.device)
         tokens[:, 0] = first_token
         count = torch.ones(1, dtype=torch.long, device=self.device)
         cache_position = torch.tensor([position], device=self.device)
-        mask = torch.zeros(batch, 1, 1, max_len, dtype=torch.bool, device=self.device)
+        shape = (batch, max_len) if self.per_layer_masks else (batch, 1, 1, max_len)
+        mask = torch.zeros(shape, dtype=torch.bool, device=self.device)
         mask[..., :position] = True
 
         def step():
             mask.index_fill_(-1, cache_position, True)
-            token = self._next_token(cache, tokens.index_select(1, count - 1), mask, cache_position.expand(batch, 1), cache_position)
+            position_ids = cache_position.expand(batch, 1)
+            if position_offsets is not None:
+                position_ids = position_ids + position_offsets
+            token = self._next_token(cache, tokens.index_select(1, count - 1), mask, position_ids, cache_position)
             tokens.index_copy_(1, count, token)
             cache_position.add_(1)
             count.add_(1)
@@ -237,7 +268,7 @@ class GraphEngine:
             cache, first = self.prefill(inputs, max_len)
             _sync(self.device)
             prefill_time = time.perf_counter() - start
-            advance, tokens = self.decoder(cache, first, length, max_len, gen_len)
+            advance, tokens = self.decoder(cache, first, length, max_len, gen_len, inputs.position_offsets)
             _sync(self.device)
             start = time.perf_counter()
             for _ in range(gen_len - 1):
@@ -264,7 +295,7 @@ class HFEngine:
 
     @torch.no_grad()
     def _generate(self, inputs: BenchInputs, new_tokens: int):
-        kwargs = {"pixel_values": inputs.pixel_values} if inputs.pixel_values is not None else {}
+        kwargs = inputs.model_inputs()  # generate() positions M-RoPE itself from the token types
         return self.model.generate(
             input_ids=inputs.input_ids, attention_mask=torch.ones_like(inputs.input_ids), max_new_tokens=new_tokens,
             min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True, **kwargs,

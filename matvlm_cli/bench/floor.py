@@ -14,7 +14,8 @@ import time
 import torch
 from torch import nn
 
-from ..hybrid.conversion import find_decoder, hybrid_layers
+from ..hybrid.conversion import attention_windows, find_decoder, hybrid_layers
+from ..hybrid.mamba2 import Mamba2Mixer
 
 
 def measure_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 10) -> float:
@@ -53,14 +54,33 @@ def decode_weight_bytes(model: nn.Module, batch: int = 1) -> int:
 
 
 def kv_bytes(model: nn.Module, context: int, batch: int = 1, dtype_bytes: int | None = None) -> int:
-    """KV-cache bytes of the attention layers at `context` tokens (in the model's dtype unless given)."""
+    """KV-cache bytes of the attention layers at `context` tokens (in the model's dtype unless given). A
+    sliding-window layer holds, and a decode step reads, at most its window (Gemma 2 and 3); a Mamba
+    layer none."""
     dtype_bytes = dtype_bytes or next(model.parameters()).element_size()
     text_config = model.config.get_text_config(decoder=True)
     heads = text_config.num_attention_heads
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
-    attention_layers = text_config.num_hidden_layers - len(hybrid_layers(model))
-    return 2 * kv_heads * head_dim * dtype_bytes * context * attention_layers * batch
+    mamba = set(hybrid_layers(model))
+    slots = sum(min(context, window or context) for i, window in enumerate(attention_windows(text_config)) if i not in mamba)
+    return 2 * kv_heads * head_dim * dtype_bytes * slots * batch
+
+
+def state_bytes(model: nn.Module, batch: int = 1, conv_bytes: int | None = None) -> int:
+    """The Mamba layers' decode state, from their configs: conv windows in the model's dtype (unless
+    given) and fp32 SSM states, as the cache allocates them."""
+    conv_bytes = conv_bytes or next(model.parameters()).element_size()
+    layout = find_decoder(model)
+    mixers = [layout.attention(i) for i in hybrid_layers(model)]
+    return sum(m.config.state_bytes(batch, conv_bytes=conv_bytes) for m in mixers if isinstance(m, Mamba2Mixer))
+
+
+def decode_floor(model: nn.Module, context: int, batch: int = 1) -> dict[str, int]:
+    """What one decode step at `context` tokens must move, computed from the model's parameters' shapes
+    and dtypes only (a model on the meta device will do): weights, KV, Mamba state, and their total."""
+    weights, kv, state = decode_weight_bytes(model, batch), kv_bytes(model, context, batch), state_bytes(model, batch)
+    return {"weight_bytes": weights, "kv_bytes": kv, "state_bytes": state, "total_bytes": floor_bytes(weights, kv, state)}
 
 
 def floor_bytes(weights: int, kv: int, state: int) -> int:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+import inspect
 from typing import Callable
 
+import numpy as np
 import torch
 from transformers import AutoConfig
 
 from ..errors import MatvlmError
+from ..families import model_family
 from ..hybrid import choose_layers, convert_to_hybrid, load_model
 from ..hybrid.conversion import attention_windows
 from ..hybrid.io import check_model, load_config, model_class_for
@@ -23,14 +26,19 @@ from ..tiny import default_teacher_dir
 from .engines import BenchInputs
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
-# Config-only presets: architectures to time, not models to use.
-PRESETS = ("tinyllava-phi2-siglip-3b", "llava-1.5-7b")
+# Config-only presets: architectures to time, not models to use (each a config.json, and the published
+# preprocessor_config.json where the family has one; sources in presets/README.md).
+PRESETS = (
+    "tinyllava-phi2-siglip-3b", "llava-1.5-7b", "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen3-vl-4b", "internvl3-2b",
+    "smolvlm2-2.2b", "gemma-3-4b",
+)
 
 
 @dataclass
 class ModelSpec:
     label: str  # "teacher", "hybrid-0.25", or a directory name
     build: Callable[[], torch.nn.Module]
+    directory: Path | None = None  # where its image processor is read from (a converted hybrid: the teacher's)
 
 
 def default_teacher(device: torch.device) -> str:
@@ -47,18 +55,25 @@ def check_teacher(spec: str) -> None:
 
 
 def check_models(teacher: str, students: list[str], lengths: list[int], trust_remote_code: bool = False) -> None:
-    """Before anything is timed: every model directory is readable (config, weight headers, processor) and
+    """Before anything is timed: every model directory is readable (config, weight headers, image processor) and
     holds the longest context asked for. A preset is exempt from the length check: its random weights are an
     architecture to time at any length, not a model whose answers beyond its trained positions matter."""
     directories = ([] if teacher in PRESETS else [teacher]) + list(students)
     for path in directories:
-        check_model(path, trust_remote_code)
+        # bench prompts are token ids, so only the image processor is needed (read in `image_input`)
+        check_model(path, trust_remote_code, processor=False)
+        image_processor(load_config(path, trust_remote_code), path)
         limit = getattr(load_config(path, trust_remote_code).get_text_config(decoder=True), "max_position_embeddings", None)
         if limit is not None and max(lengths) > limit:
             raise MatvlmError(
                 f"{path}: a context of {max(lengths)} tokens (--seq-len plus --gen-len) is beyond its "
                 f"max_position_embeddings of {limit}: shorten --seq-len (or --gen-len), or time a preset teacher"
             )
+
+
+def teacher_dir(spec: str) -> Path:
+    """A preset's bundled directory, or the model directory itself."""
+    return PRESETS_DIR / spec if spec in PRESETS else Path(spec)
 
 
 def build_teacher(spec: str, device: torch.device, dtype: torch.dtype, seed: int = 0, trust_remote_code: bool = False):
@@ -95,44 +110,136 @@ def model_specs(
     def from_dir(path: str):
         return lambda: load_model(path, dtype=dtype, trust_remote_code=trust_remote_code).to(device).eval()
 
-    specs = [ModelSpec("teacher", teacher_model)]
+    source = teacher_dir(teacher)
+    specs = [ModelSpec("teacher", teacher_model, source)]
     # distill writes OUT/final, so a directory called "final" is labelled by its run
-    specs += [ModelSpec(Path(path).name if Path(path).name != "final" else Path(path).resolve().parent.name, from_dir(path))
+    specs += [ModelSpec(Path(path).name if Path(path).name != "final" else Path(path).resolve().parent.name, from_dir(path), Path(path))
               for path in students]
-    specs += [ModelSpec(f"hybrid-{ratio:g}", converted(ratio)) for ratio in ratios]
+    specs += [ModelSpec(f"hybrid-{ratio:g}", converted(ratio), source) for ratio in ratios]
     return specs
 
 
-def image_token_count(model) -> int:
-    """How many tokens one image becomes in the prompt (run the vision tower once to be sure)."""
+SYNTHETIC_IMAGE = (640, 480)  # width, height of the image every prompt holds: a 4:3 camera frame
+
+
+@dataclass
+class ImageInput:
+    """One image as the model's own processor makes it, and the tokens it takes in the prompt."""
+
+    tensors: dict[str, torch.Tensor]  # the image processor's output for the image, the forward's keywords only
+    tokens: int  # image-token ids the prompt must hold for it (what get_image_features returns)
+
+
+def _preprocessor_files(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in ("preprocessor_config.json", "processor_config.json"))
+
+
+def image_processor(config, directory: str | Path | None = None):
+    """The image processor of a model: the directory's own (preprocessor_config.json, or the one inside
+    processor_config.json) when it has one, otherwise its family's with defaults derived from the
+    config; None for a family not described (then a square tensor of the tower's size is used)."""
+    if directory is not None and _preprocessor_files(Path(directory)):
+        from transformers import AutoImageProcessor
+
+        try:
+            return AutoImageProcessor.from_pretrained(directory)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise MatvlmError(f"{directory}: its image processor cannot be built: {str(err).splitlines()[0]}") from None
+    family = model_family(config)
+    return family.image_processor(config) if family is not None and family.image_processor is not None else None
+
+
+def synthetic_image(size: tuple[int, int] = SYNTHETIC_IMAGE, seed: int = 0):
+    from PIL import Image
+
+    generator = np.random.default_rng(seed)
+    return Image.fromarray(generator.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _keywords(function) -> set[str]:
+    return set(inspect.signature(function).parameters)
+
+
+def _count_features(features) -> int:
+    """Rows of what get_image_features returns: a tensor, a list of per-image tensors, or an output
+    whose pooler_output is one of those."""
+    features = getattr(features, "pooler_output", None) if not isinstance(features, (torch.Tensor, list, tuple)) else features
+    tensors = [features] if isinstance(features, torch.Tensor) else list(features)
+    return sum(t.reshape(-1, t.shape[-1]).shape[0] for t in tensors)
+
+
+@torch.no_grad()
+def image_input(model, directory: str | Path | None = None, size: tuple[int, int] = SYNTHETIC_IMAGE, seed: int = 0) -> ImageInput | None:
+    """The model's image input for one synthetic image of `size`, from its real image processor; None for
+    a text-only model. The token count is what the model's own get_image_features gives for it."""
     config = model.config
     vision = getattr(config, "vision_config", None)
     if vision is None:
-        return 0
+        return None
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    pixels = torch.zeros(1, 3, vision.image_size, vision.image_size, device=device, dtype=dtype)
-    with torch.no_grad():
-        features = model.get_image_features(pixel_values=pixels)
-    features = features.pooler_output if hasattr(features, "pooler_output") else features
-    features = features[0] if isinstance(features, (list, tuple)) else features
-    return features.reshape(-1, features.shape[-1]).shape[0]
+    family = model_family(config)
+    processor = image_processor(config, directory)
+    if processor is None:  # an undescribed family: a square image of the tower's size
+        side = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
+        tensors = {"pixel_values": torch.zeros(1, 3, side, side)}
+    else:
+        extra = family.image_kwargs if family is not None else {}
+        output = processor(images=[synthetic_image(size, seed)], return_tensors="pt", **extra)
+        accepted = _keywords(model.forward)
+        tensors = {k: v for k, v in output.items() if isinstance(v, torch.Tensor) and k in accepted}
+    tensors = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in tensors.items()}
+    wanted = _keywords(model.get_image_features)
+    features = model.get_image_features(**{k: v for k, v in tensors.items() if k in wanted})
+    return ImageInput({k: v.cpu() for k, v in tensors.items()}, _count_features(features))
 
 
-def bench_inputs(model, seq_len: int, batch: int, image_tokens: int, seed: int = 0) -> BenchInputs:
-    """`batch` prompts of `seq_len` tokens: the image's tokens, then random text tokens."""
+def image_token_count(model, directory: str | Path | None = None) -> int:
+    """How many tokens one image becomes in the prompt."""
+    image = image_input(model, directory)
+    return 0 if image is None else image.tokens
+
+
+def special_token_ids(config) -> set[int]:
+    """Every id the config names as a special token (image, video, boundaries, padding...)."""
+    ids = set()
+    for cfg in (config, config.get_text_config(decoder=True)):
+        for key, value in cfg.to_dict().items():
+            if key.endswith(("_token_id", "_token_index")) and isinstance(value, int):
+                ids.add(value)
+    return ids
+
+
+def bench_inputs(model, seq_len: int, batch: int, image: ImageInput | None, seed: int = 0) -> BenchInputs:
+    """`batch` prompts of `seq_len` tokens: the image's tokens, then random text tokens; each row's image
+    tensors are the same image's, batched as the processor batches them (concatenated on dim 0)."""
     config = model.config
     text_config = config.get_text_config(decoder=True)
     device = next(model.parameters()).device
-    if image_tokens >= seq_len:
-        raise MatvlmError(f"--seq-len {seq_len} is too short: one image alone takes {image_tokens} tokens")
+    tokens = image.tokens if image is not None else 0
+    if tokens >= seq_len:
+        raise MatvlmError(f"--seq-len {seq_len} is too short: one image alone takes {tokens} tokens")
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(10, text_config.vocab_size, (batch, seq_len), generator=generator)
+    special = special_token_ids(config)
+    filler = next(i for i in range(10, text_config.vocab_size) if i not in special)
+    ids[torch.isin(ids, torch.tensor(sorted(special) or [-1]))] = filler
     image_token = getattr(config, "image_token_id", None)
-    if image_token is not None:
-        ids[ids == image_token] = 10
-        ids[:, :image_tokens] = image_token
-    pixels = None
-    if image_tokens:
-        size = config.vision_config.image_size
-        pixels = torch.randn(batch, 3, size, size, generator=generator).to(device, next(model.parameters()).dtype)
-    return BenchInputs(ids.to(device), pixels)
+    if image_token is None:
+        image_token = getattr(config, "image_token_index", None)
+    extra: dict[str, torch.Tensor] = {}
+    token_types: dict[str, torch.Tensor] = {}
+    positions = offsets = None
+    if tokens:
+        ids[:, :tokens] = image_token
+        for key, value in image.tensors.items():
+            value = torch.cat([value] * batch) if value.dim() else value
+            if key == "pixel_values" and image.tensors.keys() == {"pixel_values"}:  # no processor: noise, as before
+                value = torch.randn(value.shape, generator=generator).to(value.dtype)
+            extra[key] = value.to(device)
+        family = model_family(config)
+        if family is not None and family.image_token_types:
+            token_types[family.image_token_types] = (ids == image_token).int().to(device)
+        ids = ids.to(device)
+        if family is not None and family.positions is not None:
+            positions, offsets = family.positions(model, ids, {**extra, **token_types})
+    return BenchInputs(ids.to(device), extra.get("pixel_values"), extra, token_types, positions, offsets, tokens)

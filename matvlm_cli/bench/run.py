@@ -19,7 +19,7 @@ from ..hybrid.io import check_output_dir, resolve_device
 from ..recipes import BenchRecipe, check_bench_recipe
 from . import floor
 from .engines import ENGINES, GraphEngine, Timing
-from .models import bench_inputs, check_models, check_teacher, default_teacher, image_token_count, model_specs
+from .models import bench_inputs, check_models, check_teacher, default_teacher, image_input, model_specs
 
 THROUGHPUT_GEN_LEN = 32  # tokens decoded per attempt of the largest-batch search
 
@@ -73,10 +73,10 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def measure_row(model, label: str, engine, seq_len: int, batch: int, recipe: BenchRecipe, image_tokens: int,
+def measure_row(model, label: str, engine, seq_len: int, batch: int, recipe: BenchRecipe, image,
                 bandwidth: float) -> BenchRow:
     row = BenchRow(label, len(hybrid_layers(model)), engine.name, seq_len, batch, recipe.gen_len)
-    inputs = bench_inputs(model, seq_len, batch, image_tokens, recipe.seed)
+    inputs = bench_inputs(model, seq_len, batch, image, recipe.seed)
     try:
         timing: Timing = engine.run(inputs, recipe.gen_len, repeats=recipe.repeats)
     except torch.cuda.OutOfMemoryError:
@@ -96,7 +96,7 @@ def measure_row(model, label: str, engine, seq_len: int, batch: int, recipe: Ben
 
 
 @torch.no_grad()
-def largest_batch(engine: GraphEngine, label: str, recipe: BenchRecipe, image_tokens: int, device: torch.device) -> ThroughputRow | None:
+def largest_batch(engine: GraphEngine, label: str, recipe: BenchRecipe, image, device: torch.device) -> ThroughputRow | None:
     """The largest batch whose chunked prefill and graph decoding fit at `throughput_seq_len`, and its
     decode tokens/s. Memory per sequence is measured at batches 1 and 2, then the estimate is tried
     and lowered by 10 % until it fits."""
@@ -104,11 +104,11 @@ def largest_batch(engine: GraphEngine, label: str, recipe: BenchRecipe, image_to
     model = engine.model
 
     def attempt(batch: int):
-        inputs = bench_inputs(model, seq_len, batch, image_tokens, recipe.seed)
+        inputs = bench_inputs(model, seq_len, batch, image, recipe.seed)
         _free(device)
         torch.cuda.reset_peak_memory_stats(device)
         cache, first = engine.prefill(inputs, seq_len + gen_len)
-        advance, _ = engine.decoder(cache, first, seq_len, seq_len + gen_len, gen_len)
+        advance, _ = engine.decoder(cache, first, seq_len, seq_len + gen_len, gen_len, inputs.position_offsets)
         torch.cuda.synchronize(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -187,18 +187,18 @@ def run_bench(recipe: BenchRecipe, console: Console | None = None) -> Path:
         for spec in specs:
             progress.update(task, description=f"building {spec.label}")
             model = spec.build()
-            image_tokens = image_token_count(model)
+            image = image_input(model, spec.directory)
             engines = {name: ENGINES[name](model) for name in recipe.engines}
             for engine_name, engine in engines.items():
                 for seq_len in recipe.seq_lens:
                     for batch in recipe.batches:
                         progress.update(task, description=f"{spec.label} · {engine_name} · {seq_len} tokens · batch {batch}")
-                        rows.append(measure_row(model, spec.label, engine, seq_len, batch, recipe, image_tokens, bandwidth))
+                        rows.append(measure_row(model, spec.label, engine, seq_len, batch, recipe, image, bandwidth))
                         progress.advance(task)
                         _free(device)
             if recipe.throughput_seq_len and device.type == "cuda":
                 progress.update(task, description=f"{spec.label} · largest batch at {recipe.throughput_seq_len} tokens")
-                found = largest_batch(engines.get("graphs") or GraphEngine(model), spec.label, recipe, image_tokens, device)
+                found = largest_batch(engines.get("graphs") or GraphEngine(model), spec.label, recipe, image, device)
                 if found:
                     throughput.append(found)
             del model, engines

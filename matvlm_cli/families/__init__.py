@@ -84,6 +84,33 @@ class ModelFamily:
     # Attribute path from the ...ForConditionalGeneration model to the text model that owns `layers`.
     decoder: str = "model.language_model"
     not_carried: Callable[[object], list[str]] = _nothing
+    # What `matvlm bench` needs to build a real image prompt (see `bench.models`):
+    # - the family's image processor with defaults derived from the config, for a directory without a
+    #   preprocessor_config.json (bench's config-only presets, tests' tiny models);
+    image_processor: Callable[[object], object] | None = None
+    # - the forward's keyword for "which tokens are image tokens" (1 there, 0 elsewhere), if it takes one
+    #   (Qwen-VL's M-RoPE reads `mm_token_type_ids`, Gemma 3's bidirectional image mask `token_type_ids`);
+    image_token_types: str | None = None
+    # - for position ids that are not 0..n-1 (M-RoPE): (model, input_ids, model inputs) -> (the prompt's
+    #   position ids, (batch, 1) offset that decoded tokens' positions have from their cache position).
+    positions: Callable | None = None
+    # - keywords the family's processor passes to its image processor (InternVL's tiling is switched on there).
+    image_kwargs: dict = field(default_factory=dict)
+
+
+def square(vision_config) -> dict:
+    """An image processor's `size` for a tower of square inputs."""
+    side = vision_config.image_size
+    side = side[0] if isinstance(side, (list, tuple)) else side
+    return {"height": side, "width": side}
+
+
+def mrope_positions(model, input_ids: torch.Tensor, inputs: dict):
+    """Qwen-VL's M-RoPE: the model's own 3-D position ids for the prompt and each row's text offset."""
+    positions, deltas = model.model.get_rope_index(
+        input_ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+    )
+    return positions, deltas.reshape(input_ids.shape[0], 1)
 
 
 TEXT_FAMILIES: dict[str, TextFamily] = {}

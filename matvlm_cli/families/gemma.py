@@ -4,7 +4,7 @@ PaliGemma's language model attends as a prefix LM: the image and the prompt see 
 ways, and only the answer is causal. A converted layer reads them causally.
 """
 
-from . import ModelFamily, TextFamily
+from . import ModelFamily, TextFamily, square
 
 
 def gemma_gain(norm):
@@ -22,4 +22,10 @@ TEXT = (
         export="Gemma's GeGLU MLP (GraniteMoeHybrid's one activation also drives its Mamba convolution, which is SiLU here)",
     ),
 )
-MODELS = (ModelFamily(model_types=("paligemma",), not_carried=_paligemma),)
+def _image_processor(config):
+    from transformers import SiglipImageProcessor
+
+    return SiglipImageProcessor(size=square(config.vision_config))
+
+
+MODELS = (ModelFamily(model_types=("paligemma",), not_carried=_paligemma, image_processor=_image_processor),)

@@ -1,7 +1,7 @@
 """Gemma 3: q/k norms with Gemma's (1 + weight) gains, 5:1 sliding-window/global layers (read from
 `layer_types` by the core), and, in the VLM, bidirectional attention among each image's tokens."""
 
-from . import ModelFamily, TextFamily
+from . import ModelFamily, TextFamily, square
 from .gemma import gemma_gain
 
 
@@ -24,4 +24,15 @@ TEXT = (
         export="q/k norms and sliding-window layers (Gemma-3)",
     ),
 )
-MODELS = (ModelFamily(model_types=("gemma3",), not_carried=_vlm_not_carried),)
+def _image_processor(config):
+    from transformers import Gemma3ImageProcessor
+
+    return Gemma3ImageProcessor(size=square(config.vision_config))
+
+
+MODELS = (
+    ModelFamily(
+        model_types=("gemma3",), not_carried=_vlm_not_carried, image_processor=_image_processor,
+        image_token_types="token_type_ids",
+    ),
+)

@@ -1,6 +1,37 @@
 """LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision (and TinyLLaVA, which `hybrid.tinyllava` reads as a
-LLaVA): a vision tower, a projector, and any text backbone."""
+LLaVA): a vision tower, a projector, and any text backbone. LLaVA-1.5 sees one square crop; NeXT and
+OneVision add tiles at the best of `image_grid_pinpoints` (`image_sizes` says each image's size), so an
+image's token count depends on its size."""
 
-from . import ModelFamily
+from . import ModelFamily, square
 
-MODELS = (ModelFamily(model_types=("llava", "llava_next", "llava_onevision", "llava_next_video")),)
+
+def _side(config) -> int:
+    return square(config.vision_config)["height"]
+
+
+def _llava(config):
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": _side(config)}, crop_size=square(config.vision_config))
+
+
+def _next(config):
+    from transformers import LlavaNextImageProcessor
+
+    return LlavaNextImageProcessor(
+        size={"shortest_edge": _side(config)}, crop_size=square(config.vision_config), image_grid_pinpoints=config.image_grid_pinpoints,
+    )
+
+
+def _onevision(config):
+    from transformers import LlavaOnevisionImageProcessor
+
+    return LlavaOnevisionImageProcessor(size=square(config.vision_config), image_grid_pinpoints=config.image_grid_pinpoints)
+
+
+MODELS = (
+    ModelFamily(model_types=("llava",), image_processor=_llava),
+    ModelFamily(model_types=("llava_next", "llava_next_video"), image_processor=_next),
+    ModelFamily(model_types=("llava_onevision",), image_processor=_onevision),
+)

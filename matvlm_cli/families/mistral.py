@@ -7,7 +7,17 @@ and headdim, so that needs nothing special.
 
 from . import ExportMapping, ModelFamily, TextFamily
 
+
+def _image_processor(config):
+    """Pixtral's: the image kept at its aspect ratio, its longest edge at most the tower's size, both edges
+    multiples of a merged patch."""
+    from transformers import PixtralImageProcessor
+
+    vision = config.vision_config
+    return PixtralImageProcessor(size={"longest_edge": vision.image_size}, patch_size=vision.patch_size * config.spatial_merge_size)
+
+
 TEXT = (
     TextFamily(model_types=("mistral",), export=ExportMapping(requires={"sliding_window": (None, "sliding-window attention")})),
 )
-MODELS = (ModelFamily(model_types=("mistral3",)),)
+MODELS = (ModelFamily(model_types=("mistral3",), image_processor=_image_processor),)

@@ -5,7 +5,8 @@ and B with the same gains. Qwen3-VL's DeepStack adds visual features to the hidd
 decoder layers, outside attention, so a converted layer keeps it.
 """
 
-from . import ModelFamily, TextFamily
+from . import ModelFamily, TextFamily, mrope_positions
+from .qwen2 import qwen_vl_image_processor
 
 TEXT = (
     TextFamily(
@@ -14,4 +15,9 @@ TEXT = (
         export="q/k norms (Qwen3 normalises queries and keys per head)",
     ),
 )
-MODELS = (ModelFamily(model_types=("qwen3_vl",)),)
+MODELS = (
+    ModelFamily(
+        model_types=("qwen3_vl",), image_processor=qwen_vl_image_processor,
+        image_token_types="mm_token_type_ids", positions=mrope_positions,
+    ),
+)

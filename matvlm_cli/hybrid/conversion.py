@@ -262,6 +262,8 @@ def mixer_from_attention(
     seeded by (seed, layer_idx) so a conversion is reproducible.
     """
     weight = attn.q_proj.weight
+    if weight.is_meta:  # a model built on the meta device converts to the hybrid's structure, with no values
+        return Mamba2Mixer(config, layer_idx, device="meta", dtype=weight.dtype)
     generator = torch.Generator().manual_seed(seed * 100_003 + layer_idx)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))

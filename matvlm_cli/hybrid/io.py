@@ -158,9 +158,10 @@ def load_processor(path: str | os.PathLike, trust_remote_code: bool = False):
         raise MatvlmError(f"{path}: no usable processor (preprocessor_config.json, tokenizer files): {_first_line(err)}") from None
 
 
-def check_model(path: str | os.PathLike, trust_remote_code: bool = False) -> None:
+def check_model(path: str | os.PathLike, trust_remote_code: bool = False, processor: bool = True) -> None:
     """Everything about a teacher or hybrid directory that can be checked without reading its weights:
-    the config, the architecture built on the meta device, the weight files' headers and the processor."""
+    the config, the architecture built on the meta device, the weight files' headers and (unless
+    `processor` is False: bench reads no text, only images) the processor."""
     config = load_config(path, trust_remote_code)
     try:
         with torch.device("meta"):
@@ -168,7 +169,8 @@ def check_model(path: str | os.PathLike, trust_remote_code: bool = False) -> Non
     except (*_FILE_ERRORS, RuntimeError) as err:
         raise MatvlmError(f"{path}/config.json: the model cannot be built from it: {_first_line(err)}") from None
     weight_files(path)
-    load_processor(path, trust_remote_code)
+    if processor:
+        load_processor(path, trust_remote_code)
 
 
 def check_output_dir(output: str | os.PathLike, what: str = "--output", exists_ok: bool = False,
