@@ -1,0 +1,96 @@
+"""Every VLM family of tests/zoo.py with its real processor, through distill, evaluate and generate: image
+tokens counted per image from the processor's own output (their number depends on the image's size for
+Qwen-VL, Idefics3, InternVL and LLaVA-NeXT/OneVision), the processor's every tensor carried to the model's
+forward, and each family's chat template."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import zoo
+from matvlm_cli.distill.data import RecordReader, collate
+from matvlm_cli.distill.records import ImageInputs, RecordEncoder, image_token_count, to_messages
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# (width, height) of the records' images: different sizes and aspect ratios
+SIZES = [(32, 32), (80, 48), (40, 96), (64, 64)]
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
+QUESTIONS = ["what is in the image ?", "how many circles are there ?", "which shape is shown ?", "is there a red star ?"]
+ANSWERS = ["a red circle .", "there are two .", "a blue square .", "no ."]
+
+
+def write_records(root: Path, text_only: bool = True) -> Path:
+    """LLaVA-format records with images of different sizes (and one text-only record) under `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, (size, colour) in enumerate(zip(SIZES, COLOURS)):
+        image = Image.new("RGB", size, colour)
+        image.paste((255, 255, 255), (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2))
+        image.save(root / f"image-{i}.png")
+        records.append({"id": f"r{i}", "image": f"image-{i}.png", "conversations": [
+            {"from": "human", "value": f"<image>\n{QUESTIONS[i]}"}, {"from": "gpt", "value": ANSWERS[i]},
+            {"from": "human", "value": "what colour is it ?"}, {"from": "gpt", "value": "it is red ."}]})
+    if text_only:
+        records.append({"id": "t0", "conversations": [{"from": "human", "value": "what is a circle ?"}, {"from": "gpt", "value": "a shape ."}]})
+    (root / "data.json").write_text(json.dumps(records))
+    return root / "data.json"
+
+
+def expected_count(processor, record: dict, root: Path) -> int:
+    """The image tokens of the record's image as the processor's own call counts them (on its placeholder)."""
+    image = Image.open(root / record["image"]).convert("RGB")
+    placeholder = ImageInputs(processor).placeholder
+    out = processor(images=[image], text=[placeholder], return_tensors="pt")
+    return int((out["input_ids"] == model_image_token(processor)).sum())
+
+
+def model_image_token(processor) -> int:
+    return getattr(processor, "image_token_id", None) or processor.tokenizer.convert_tokens_to_ids("<image>")
+
+
+def read(processor, path: Path, max_length: int = 1000):
+    encoder = RecordEncoder(processor, max_length, image_token_count(processor))
+    reader = RecordReader(processor, image_token_count(processor), max_length)
+    records = json.loads(path.read_text())
+    items = []
+    for record in records:
+        encoded = encoder.encode(record, path.parent)
+        stored = {"id": record["id"], "image": encoded["image"], "input_ids": encoded["input_ids"],
+                  "label_spans": encoded["label_spans"].reshape(-1, 2)}
+        items.append(reader.read(stored, path.parent))
+    return records, items
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3"])
+def test_two_records_with_different_image_sizes_collate_and_match_the_processor_alone(family, tmp_path):
+    """Each row of a batch of two records whose images differ in size scores as the processor's own call on
+    that record alone: the expansion, the image tensors (Qwen-VL's concatenated patches and grids,
+    Idefics3's crop stacks padded to the batch's most) and the M-RoPE positions Qwen-VL derives from them."""
+    processor, model = zoo.processor(family), zoo.build(family)
+    path = write_records(tmp_path, text_only=False)
+    records, items = read(processor, path)
+    pair = [items[0], items[2]]  # 32x32 and 40x96
+    assert len(pair[0]["input_ids"]) != len(pair[1]["input_ids"]) or family == "idefics3"
+    batch = collate(pair, pad_id=processor.tokenizer.pad_token_id)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", *batch["model_inputs"])}
+    with torch.no_grad():
+        batched = model(**inputs).logits
+        for row, index in enumerate((0, 2)):
+            record = records[index]
+            text = processor.apply_chat_template(to_messages(record["conversations"], True))
+            image = Image.open(path.parent / record["image"]).convert("RGB")
+            alone = processor(images=[image], text=[text], return_tensors="pt")
+            alone.pop("labels", None)
+            n = alone["input_ids"].shape[1]
+            assert torch.equal(batch["input_ids"][row, :n], alone["input_ids"][0])
+            assert (model(**alone).logits[0] - batched[row, :n]).abs().max() < 1e-4
+            labels = batch["labels"][row]
+            answer = processor.tokenizer(ANSWERS[index], add_special_tokens=False)["input_ids"]
+            assert labels[labels != -100][: len(answer)].tolist() == answer  # the spans moved with the expansion
