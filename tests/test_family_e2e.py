@@ -147,12 +147,13 @@ def distill_recipe(teacher: Path, student: Path, data: Path, out: Path):
 
 
 @pytest.mark.parametrize("family", E2E_FAMILIES)
-def test_convert_distill_and_evaluate_end_to_end(family, data, tmp_path, monkeypatch):
+def test_convert_distill_evaluate_and_generate_end_to_end(family, data, tmp_path, monkeypatch):
     from rich.console import Console
 
     from matvlm_cli.convert import run_convert
     from matvlm_cli.distill.trainer import run_distill
     from matvlm_cli.evaluate.run import run_evaluate
+    from matvlm_cli.generate import run_generate
     from matvlm_cli.recipes import ConvertRecipe, EvaluateRecipe
 
     monkeypatch.setenv("MATVLM_CACHE", str(data.parent / "cache"))
@@ -174,3 +175,34 @@ def test_convert_distill_and_evaluate_end_to_end(family, data, tmp_path, monkeyp
     for task in ("pope", "mmmu_val", "textvqa_val"):
         samples = [json.loads(line) for line in (out / "final" / f"samples_{task}.jsonl").read_text().splitlines()]
         assert len(samples) == 2
+    answer = run_generate(final, data.parent / "image-1.png", "what is in the image ?", max_new_tokens=4, console=console)
+    assert isinstance(answer, str)
+
+
+def test_an_image_record_whose_template_gives_no_placeholder_is_skipped_with_a_reason(tmp_path):
+    """A chat template that renders no image placeholder: each image record is skipped, counted under one
+    reason that names the placeholder, and the text-only record is kept."""
+    from matvlm_cli.distill.prepare import _encode_task
+    import matvlm_cli.distill.prepare as prepare_module
+
+    processor = zoo.processor("qwen2_vl")
+    processor.chat_template = zoo.chat_template("qwen2_vl", placeholder="")
+    processor.tokenizer.chat_template = processor.chat_template
+    path = write_records(tmp_path)
+    prepare_module._worker = RecordEncoder(processor, 1000, image_token_count(processor))
+    try:
+        batch, skipped = _encode_task((str(tmp_path), json.loads(path.read_text())))
+    finally:
+        prepare_module._worker = None
+    assert batch.num_rows == 1 and skipped.total == 4
+    (line,) = skipped.lines()
+    assert line.startswith("skipped 4 record(s): the chat template gave 0 image placeholders (<|image_pad|>) for one image")
+
+
+def test_an_image_the_processor_refuses_is_a_broken_record_not_a_crash(tmp_path):
+    processor = zoo.processor("qwen2_vl")
+    path = write_records(tmp_path, text_only=False)
+    Image.new("RGB", (2, 500)).save(tmp_path / "image-0.png")  # Qwen-VL refuses an aspect ratio over 200
+    _, items = read(processor, path)
+    assert items[0]["broken"].startswith("the processor failed on its image (ValueError")
+    assert all("broken" not in item for item in items[1:])
