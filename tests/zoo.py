@@ -93,3 +93,179 @@ def build(family: str, seed: int = 0, gains: bool = True):
                     offset = 1.0 if "gemma" in type(model).__name__.lower() else 0.0  # Gemma scales by 1 + w
                     param.copy_(torch.empty(param.shape).uniform_(0.5, 1.5, generator=generator) - offset)
     return model
+
+
+# -- real processors ---------------------------------------------------------------------------------
+# Each VLM family's own processor class and (PIL) image processor class, with small image sizes, and a
+# word-level tokenizer built here (tiny.py's words) holding the family's special tokens. Ids 0-3 are
+# <unk> <pad> <s> </s> as the configs above say; the tokens the model itself reads (image, video, vision
+# start, begin/end of image) sit at the ids the configs give them (250-255); the family's other tokens
+# (chat markers, Idefics3's row/column tags) follow the words.
+
+from matvlm_cli.tiny import WORDS as _WORDS  # noqa: E402
+
+QWEN_TOKENS = {250: "<|image_pad|>", 251: "<|video_pad|>", 252: "<|vision_start|>", 253: "<|vision_end|>"}
+MODEL_TOKENS = {
+    "qwen2_vl": QWEN_TOKENS, "qwen2_5_vl": QWEN_TOKENS, "qwen3_vl": QWEN_TOKENS,
+    "idefics3": {250: "<image>"}, "smolvlm": {250: "<image>"},
+    "internvl": {250: "<IMG_CONTEXT>", 251: "<img>", 252: "</img>", 253: "<video>"},
+    "gemma3": {250: "<image_soft_token>", 251: "<start_of_image>", 252: "<end_of_image>"},
+    "mistral3": {250: "[IMG]", 251: "[IMG_BREAK]", 252: "[IMG_END]"},
+    "paligemma": {250: "<image>"}, "llava_next": {250: "<image>"}, "llava_onevision": {250: "<image>", 251: "<video>"},
+}
+IDEFICS_TAGS = ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"] + [
+    f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)
+]
+CHAT_TOKENS = {
+    "qwen": ["<|im_start|>", "<|im_end|>"], "idefics3": IDEFICS_TAGS, "smolvlm": IDEFICS_TAGS + ["<|im_start|>"],
+    "gemma": ["<start_of_turn>", "<end_of_turn>"], "mistral3": ["[INST]", "[/INST]"],
+}
+_CHAT_STYLE = {
+    "qwen2_vl": "qwen", "qwen2_5_vl": "qwen", "qwen3_vl": "qwen", "internvl": "qwen", "llava_onevision": "qwen",
+    "idefics3": "idefics3", "smolvlm": "smolvlm", "gemma3": "gemma", "paligemma": "gemma", "mistral3": "mistral3",
+    "llava_next": "vicuna",
+}
+
+
+def _parts(image: str, text: str = "{{ part['text'] }}") -> str:
+    """Jinja for one message's content: each part, an image part as `image`."""
+    return (
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}" + image + "{% elif part['type'] == 'text' %}" + text + "{% endif %}"
+        "{% endfor %}{% endif %}"
+    )
+
+
+# Chat templates in each family's style (their real templates, less the system prompts and tool calls).
+TEMPLATES = {
+    "qwen": "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+            + _parts("{placeholder}") + "<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    "idefics3": "{% for message in messages %}{{ message['role'] | capitalize }}: " + _parts("{placeholder}")
+                + "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}",
+    "smolvlm": "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}: " + _parts("{placeholder}")
+               + "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}",
+    "gemma": "{% for message in messages %}<start_of_turn>{{ 'model' if message['role'] == 'assistant' else 'user' }}\n"
+             + _parts("{placeholder}") + "<end_of_turn>\n{% endfor %}"
+             "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+    "mistral3": "<s>{% for message in messages %}{% if message['role'] == 'user' %}[INST]" + _parts("{placeholder}")
+                + "[/INST]{% else %}" + _parts("") + "</s>{% endif %}{% endfor %}",
+    "vicuna": "{% for message in messages %}{% if message['role'] == 'user' %}USER: " + _parts("{placeholder}\n")
+              + " ASSISTANT:{% else %} " + _parts("") + "</s>{% endif %}{% endfor %}",
+}
+
+
+def chat_template(family: str, placeholder: str | None = None) -> str:
+    """The family's chat template; an image part renders as `placeholder` (the family's own by default)."""
+    placeholder = PLACEHOLDERS[family] if placeholder is None else placeholder
+    return TEMPLATES[_CHAT_STYLE[family]].replace("{placeholder}", placeholder)
+
+
+PLACEHOLDERS = {
+    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>", "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>", "internvl": "<IMG_CONTEXT>\n", "gemma3": "<start_of_image>",
+    "mistral3": "[IMG]", "idefics3": "<image>", "smolvlm": "<image>", "paligemma": "<image>", "llava_next": "<image>",
+    "llava_onevision": "<image>\n",
+}
+VLM_FAMILIES = tuple(MODEL_TOKENS)
+
+
+def tokenizer(family: str):
+    """A word-level tokenizer with the family's special tokens at the ids its tiny config uses."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<unk>", "<pad>", "<s>", "</s>"]
+    chat = CHAT_TOKENS.get(_CHAT_STYLE[family], [])
+    words = [w for w in _WORDS if w not in specials]
+    vocab = {tok: i for i, tok in enumerate(specials + words + chat)}
+    assert len(vocab) < 240
+    vocab |= {tok: i for i, tok in MODEL_TOKENS[family].items()}
+    # every id below VOCAB taken, so tokens a processor adds (PaliGemma's <loc...>) land above the model's vocabulary
+    vocab |= {f"<unused{i}>": i for i in range(len(vocab) - len(MODEL_TOKENS[family]), VOCAB) if i not in MODEL_TOKENS[family]}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    core.decoder = decoders.WordPiece(prefix="##")
+    extra = {
+        "qwen": {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "vision_start_token": "<|vision_start|>",
+                 "vision_end_token": "<|vision_end|>"},
+        "internvl": {"context_image_token": "<IMG_CONTEXT>", "start_image_token": "<img>", "end_image_token": "</img>",
+                     "video_token": "<video>"},
+        "gemma3": {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"},
+        "paligemma": {"image_token": "<image>"},
+        "llava": {"image_token": "<image>"},
+        "llava_onevision": {"image_token": "<image>", "video_token": "<video>"},
+    }
+    key = {"qwen2_vl": "qwen", "qwen2_5_vl": "qwen", "qwen3_vl": "qwen", "llava_next": "llava"}.get(family, family)
+    special_tokens = chat + list(MODEL_TOKENS[family].values())
+    tok = T.PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        extra_special_tokens=extra.get(key, {}), additional_special_tokens=special_tokens, padding_side="left",
+    )
+    tok.chat_template = chat_template(family)
+    return tok
+
+
+def processor(family: str):
+    """The family's real processor with a tiny word-level tokenizer and its real (PIL) image processor class
+    (with no video processor where torchvision is missing: see `images_only_without_torchvision`)."""
+    from matvlm_cli.hybrid.io import images_only_without_torchvision
+
+    with images_only_without_torchvision():
+        return _processor(family)
+
+
+def _processor(family: str):
+    tok, template = tokenizer(family), chat_template(family)
+    norm = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        # 8-pixel patches merged 2x2: a 16-pixel grid, between 2x2 and 8x8 merged tokens
+        images = T.Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32,
+                                            max_pixels=64 * 64, **norm) if family != "qwen3_vl" else \
+            T.Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64}, **norm)
+        cls = {"qwen2_vl": T.Qwen2VLProcessor, "qwen2_5_vl": T.Qwen2_5_VLProcessor, "qwen3_vl": T.Qwen3VLProcessor}[family]
+        return cls(image_processor=images, tokenizer=tok, video_processor=None, chat_template=template)
+    if family == "idefics3":
+        images = T.Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, **norm)
+        return T.Idefics3Processor(image_processor=images, tokenizer=tok, image_seq_len=4, chat_template=template)
+    if family == "smolvlm":
+        images = T.SmolVLMImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, **norm)
+        return T.SmolVLMProcessor(image_processor=images, tokenizer=tok, video_processor=None, image_seq_len=4, chat_template=template)
+    if family == "internvl":
+        images = T.GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, max_patches=4, **norm)
+        return T.InternVLProcessor(image_processor=images, tokenizer=tok, video_processor=None, image_seq_length=4, chat_template=template)
+    if family == "gemma3":
+        images = T.Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, **norm)
+        return T.Gemma3Processor(image_processor=images, tokenizer=tok, image_seq_length=4, chat_template=template)
+    if family == "mistral3":
+        images = T.PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size=8, **norm)
+        return T.PixtralProcessor(image_processor=images, tokenizer=tok, patch_size=8, spatial_merge_size=2, chat_template=template)
+    if family == "paligemma":
+        images = T.SiglipImageProcessorPil(size={"height": 32, "width": 32}, **norm)
+        images.image_seq_length = 16
+        return T.PaliGemmaProcessor(image_processor=images, tokenizer=tok, chat_template=template)
+    if family == "llava_next":
+        images = T.LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                              image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]], **norm)
+        return T.LlavaNextProcessor(image_processor=images, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                                    num_additional_image_tokens=1, chat_template=template)
+    if family == "llava_onevision":
+        images = T.LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]], **norm)
+        return T.LlavaOnevisionProcessor(image_processor=images, tokenizer=tok, video_processor=None, num_image_tokens=16,
+                                         vision_feature_select_strategy="full", chat_template=template)
+    raise ValueError(f"no processor for {family}")
+
+
+def save(family: str, directory, seed: int = 0):
+    """The tiny model of `family` and its real processor, saved as a teacher directory."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    model = build(family, seed=seed)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 1, 3
+    model.save_pretrained(directory)
+    if family in MODEL_TOKENS:
+        from matvlm_cli.hybrid.io import images_only_without_torchvision
+
+        with images_only_without_torchvision():
+            processor(family).save_pretrained(directory)
+    return directory

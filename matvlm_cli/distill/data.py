@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Sampler
 from ..errors import MatvlmError
 from ..images import ImageError, open_rgb
 from .prepare import Prepared
-from .records import IMAGE_TAG
+from .records import ImageInputs
 
 class ConversationDataset(Dataset):
     """A weighted mix of prepared sources, read from memory-mapped Arrow tables."""
@@ -26,8 +26,8 @@ class ConversationDataset(Dataset):
     def __init__(self, prepared: Prepared, sources, processor, seed: int = 0):
         self.processor = processor
         self.skipped = prepared.skipped
-        self.image_tokens = json.loads((prepared.directory / "meta.json").read_text())["image_tokens"]
-        self.image_token_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TAG)
+        meta = json.loads((prepared.directory / "meta.json").read_text())
+        self.reader = RecordReader(processor, meta["image_tokens"], meta.get("max_length"))
         self.sources = [_MappedSource(prepared.table(i), Path(s.image_root)) for i, s in enumerate(sources)]
         rng = random.Random(seed)
         which, rows = [], []
@@ -53,21 +53,55 @@ class ConversationDataset(Dataset):
         return self.sources[self.which[index]].row(int(self.rows[index]))
 
     def __getitem__(self, index: int) -> dict:
-        record = self.record(index)
+        return self.reader.read(self.record(index), self.sources[self.which[index]].image_root)
+
+
+class RecordReader:
+    """A prepared record as the model reads it: labels from its spans, its image opened and expanded."""
+
+    def __init__(self, processor, image_tokens: int, max_length: int | None = None):
+        self.processor, self.image_tokens, self.max_length = processor, image_tokens, max_length
+        self.images = ImageInputs(processor)
+        self.image_token_id = self.images.placeholder_id
+
+    def read(self, record: dict, image_root: Path) -> dict:
         ids = record["input_ids"]
         labels = np.full(len(ids), -100, dtype=np.int64)
         for start, end in record["label_spans"]:
             labels[start:end] = ids[start:end]
         item = {"id": record["id"]}
         if record["image"] is not None:
-            repeats = np.where(ids == self.image_token_id, self.image_tokens, 1)
-            ids, labels = np.repeat(ids, repeats), np.repeat(labels, repeats)
             try:
-                image = open_rgb(self.sources[self.which[index]].image_root / record["image"])
+                image = open_rgb(image_root / record["image"])
             except ImageError as err:  # counted by the trainer, by id, like every other broken record
                 return item | {"broken": f"unreadable image ({err.reason})"}
-            item["pixel_values"] = self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+            if self.images.fixed:  # the same run of image tokens at any size: repeat the placeholder
+                repeats = np.where(ids == self.image_token_id, self.image_tokens, 1)
+                ids, labels = np.repeat(ids, repeats), np.repeat(labels, repeats)
+                item["pixel_values"] = self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+            else:
+                try:
+                    ids, labels, per_token, tensors = self._expand(ids, labels, image)
+                except Exception as err:  # a processor that refuses this image (too small, odd mode...)
+                    return item | {"broken": f"the processor failed on its image ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"}
+                if self.max_length and len(ids) > self.max_length:
+                    return item | {"broken": f"longer than model_max_length ({self.max_length} tokens) once its image is expanded"}
+                item |= {"per_token": per_token, "image_inputs": tensors}
         return item | {"input_ids": torch.from_numpy(ids.astype(np.int64)), "labels": torch.from_numpy(labels)}
+
+    def _expand(self, ids: np.ndarray, labels: np.ndarray, image) -> tuple:
+        """The record's one placeholder token replaced by the processor's expansion for this image; labels
+        there are ignored, and the assistant spans after it shift by the expansion's length."""
+        at = int(np.flatnonzero(ids == self.image_token_id)[0])
+        expansion, per_token, tensors = self.images.expand(image)
+        ids = np.concatenate([ids[:at], expansion, ids[at + 1 :]])
+        labels = np.concatenate([labels[:at], np.full(len(expansion), -100, dtype=labels.dtype), labels[at + 1 :]])
+        spliced = {}
+        for key, values in per_token.items():  # token types: 0 outside the image, the processor's own inside it
+            row = np.zeros(len(ids), dtype=np.int64)
+            row[at : at + len(expansion)] = values
+            spliced[key] = torch.from_numpy(row)
+        return ids, labels, spliced, tensors
 
 
 class _MappedSource:
@@ -109,7 +143,34 @@ def collate(batch: list[dict], pad_id: int) -> dict:
     out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "broken": broken}
     if images:  # text-only rows carry no image tokens, so they need no pixels
         out["pixel_values"] = torch.stack(images)
+    inputs = [b["image_inputs"] for b in batch if "image_inputs" in b]
+    if inputs:
+        out |= {key: _concatenate([i[key] for i in inputs]) for key in inputs[0]}
+    for key in {key for b in batch for key in b.get("per_token", {})}:
+        column = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, b in enumerate(batch):
+            if key in b.get("per_token", {}):
+                column[row, : len(b["input_ids"])] = b["per_token"][key]
+        out[key] = column
+    # What the model's forward takes beyond input_ids and attention_mask.
+    out["model_inputs"] = [key for key in out if key not in ("input_ids", "labels", "attention_mask", "broken")]
     return out
+
+
+def _concatenate(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One image tensor for the batch from each image's: joined along the first dimension, as the processor
+    joins a batch's images (Qwen-VL's patches and grids, Gemma 3's and InternVL's crops, LLaVA-NeXT's and
+    Idefics3's per-image stacks), after zero-padding the other dimensions to the largest (Idefics3's and
+    LLaVA-NeXT's crop counts, Pixtral's sizes), which is how the processors pad a batch themselves."""
+    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    padded = []
+    for t in tensors:
+        if list(t.shape[1:]) != shape:
+            pad = torch.zeros((t.shape[0], *shape), dtype=t.dtype)
+            pad[(slice(None), *(slice(0, n) for n in t.shape[1:]))] = t
+            t = pad
+        padded.append(t)
+    return torch.cat(padded)
 
 
 class EpochShuffle(Sampler):

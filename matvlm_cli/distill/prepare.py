@@ -1,7 +1,10 @@
 """Preparing the data once: every record tokenised in parallel over the machine's cores into Arrow files
 in the cache, keyed by the data files, the processor and model_max_length, and memory-mapped by every
-process and every later run. The cache stores each record with one image token per image; the expansion
-to the model's image-token count happens when a record is read, so the cache stays small.
+process and every later run. The cache stores each record with one placeholder token per image; the
+expansion into the processor's own image tokens (their number may depend on the image's size) happens
+when a record is read, so the cache stays small and images are never opened here. `length` counts each
+image at a 32x32 probe's expansion: exact for fixed-count processors, an estimate for the others, whose
+records are checked against model_max_length again once expanded.
 """
 
 from __future__ import annotations
@@ -19,14 +22,14 @@ import torch
 from .records import BrokenRecord, RecordEncoder, SkipReport, image_token_count, iter_json_list
 
 # Bump when what a prepared cache holds changes, so old caches are rebuilt rather than misread.
-PREPARED_VERSION = 1
+PREPARED_VERSION = 2  # 2: the placeholder is the processor's own (image_token), meta.json holds max_length
 RECORDS_PER_TASK = 512
 SCHEMA = pa.schema([
     ("id", pa.string()),
     ("image", pa.string()),  # relative to the source's image_root; null for a text-only record
     ("input_ids", pa.list_(pa.int32())),  # one image token per image
     ("label_spans", pa.list_(pa.int32())),  # [start, end) token ranges of the assistant turns, flattened
-    ("length", pa.int32()),  # tokens once the image is expanded
+    ("length", pa.int32()),  # tokens once the image is expanded (at a 32x32 probe's count: see above)
 ])
 
 
@@ -141,7 +144,7 @@ def prepare(sources, processor_dir: Path, processor, max_length: int, cache_root
                     kept += batch.num_rows
                     progress.update(task, records=kept)
             counts.append(kept)
-        meta = {"key": key, "records": counts, "skipped": skipped.to_json(), "image_tokens": image_tokens,
+        meta = {"key": key, "records": counts, "skipped": skipped.to_json(), "image_tokens": image_tokens, "max_length": max_length,
                 "sources": [s.json for s in sources]}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     return Prepared(target, skipped, True)

@@ -216,7 +216,7 @@ class RecordEncoder:
     def __init__(self, processor, max_length: int, image_tokens: int, skip_text_only: bool = False):
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.max_length, self.image_tokens, self.skip_text_only = max_length, image_tokens, skip_text_only
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TAG)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(image_placeholder(processor))
         self.backend = getattr(self.tokenizer, "backend_tokenizer", None)
         self.checked = 0
         try:
@@ -304,7 +304,7 @@ class RecordEncoder:
         ids, starts = self.tokenize(full)
         n_images = int((ids == self.image_token_id).sum()) if image is not None else 0
         if image is not None and n_images != 1:
-            raise BrokenRecord(f"the template gave {n_images} image tokens for one image")
+            raise BrokenRecord(f"the chat template gave {n_images} image placeholders ({image_placeholder(self.processor)}) for one image")
         length = len(ids) + (self.image_tokens - 1) * n_images
         if length > self.max_length:
             raise BrokenRecord(f"longer than model_max_length ({self.max_length} tokens)")
@@ -322,6 +322,58 @@ def _assistant(text: str) -> dict:
     return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
+def image_placeholder(processor) -> str:
+    """The text the processor expands into an image's tokens (LLaVA's `<image>`, Qwen-VL's `<|image_pad|>`,
+    Gemma 3's `<start_of_image>`, InternVL's `<IMG_CONTEXT>`...): the chat template renders it once per image."""
+    return getattr(processor, "image_token", None) or IMAGE_TAG
+
+
+# What a processor gives that is not an input of the model's forward: PaliGemma's processor makes labels.
+NOT_MODEL_INPUTS = ("labels",)
+
+
+class ImageInputs:
+    """One image as the processor gives it: the token ids its placeholder expands into (a size-dependent
+    number for Qwen-VL, Idefics3, LLaVA-NeXT/OneVision, InternVL; framed by other tokens for Idefics3's rows
+    and columns, Gemma 3's start/end of image, InternVL's <img></img>), the per-token inputs over those ids
+    (token types) and the image tensors (pixel_values, image_grid_thw, image_sizes, pixel_attention_mask...).
+
+    Prepared records keep one placeholder token per image; each is spliced into the processor's own
+    expansion when the record is read. A processor whose expansion is the same run of placeholder tokens
+    at every image size and whose only image tensor is a fixed-shape `pixel_values` (LLaVA-1.5, the
+    embedded teacher) is `fixed`: its records are expanded by repetition and its images go through the
+    image processor alone, as they always have."""
+
+    PROBES = ((32, 32), (80, 48))  # (width, height): two aspect ratios, so a size-dependent count shows
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.placeholder = image_placeholder(processor)
+        self.placeholder_id = processor.tokenizer.convert_tokens_to_ids(self.placeholder)
+        probes = [self.expand(Image.new("RGB", size)) for size in self.PROBES]
+        ids = [p[0] for p in probes]
+        self.probe_length = len(ids[0])  # a record's length before its image is read, as prepare counts it
+        self.fixed = (
+            all(np.array_equal(ids[0], other) for other in ids) and bool((ids[0] == self.placeholder_id).all())
+            and all(set(tensors) == {"pixel_values"} and not per_token for _, per_token, tensors in probes)
+            and len({tuple(t["pixel_values"].shape) for _, _, t in probes}) == 1 and probes[0][2]["pixel_values"].shape[0] == 1
+        )
+
+    def expand(self, image) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
+        """(ids of the placeholder's expansion, per-token inputs over them, image tensors) for one image."""
+        out = self.processor(images=[image], text=[self.placeholder], return_tensors="pt", add_special_tokens=False)
+        ids = out["input_ids"][0].numpy().astype(np.int64)
+        per_token, tensors = {}, {}
+        for key, value in out.items():
+            if key in ("input_ids", "attention_mask") or key in NOT_MODEL_INPUTS:
+                continue
+            if value.dim() == 2 and tuple(value.shape) == (1, len(ids)) and not value.is_floating_point():
+                per_token[key] = value[0].numpy()
+            else:
+                tensors[key] = value
+        return ids, per_token, tensors
+
+
 def image_token_count(processor) -> int:
-    probe = processor(images=[Image.new("RGB", (32, 32))], text=[IMAGE_TAG], return_tensors="pt")
-    return int((probe["input_ids"] == processor.tokenizer.convert_tokens_to_ids(IMAGE_TAG)).sum())
+    """Tokens one 32x32 image takes in the processor's expansion (exact for a `fixed` processor)."""
+    return ImageInputs(processor).probe_length

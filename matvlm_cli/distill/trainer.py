@@ -451,7 +451,7 @@ class DistillRun:
 
     def _losses(self, batch) -> dict[str, torch.Tensor]:
         l = self.recipe.losses
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", *batch.get("model_inputs", ())) if k in batch}
         student_model = self.accelerator.unwrap_model(self.model)
         with torch.no_grad(), self.shared.teacher_path(self.model) as teacher:
             teacher_model = self.accelerator.unwrap_model(teacher)

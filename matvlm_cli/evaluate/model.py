@@ -113,8 +113,12 @@ class MatvlmLM(LM):
             ) if pictures else context
             for context, pictures in zip(contexts, images)
         ]
-        flat = [picture for pictures in images for picture in pictures]
-        return self.processor(images=flat, text=texts, return_tensors="pt", padding=True).to(self._device, self.model.dtype)
+        # The images of each prompt as their own list: processors that count images per prompt (Gemma 3,
+        # Idefics3) need it, and those that flatten them (LLaVA, Qwen-VL) give the same tensors either way.
+        nested = [list(pictures) for pictures in images]
+        if not all(nested):  # a text-only prompt in an image batch: every processor takes a flat list then
+            nested = [picture for pictures in images for picture in pictures]
+        return self.processor(images=nested, text=texts, return_tensors="pt", padding=True).to(self._device, self.model.dtype)
 
     # ------------------------------------------------------------------------------------ log-likelihood
 

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -146,6 +147,28 @@ def _from_pretrained(cls, path: Path, **kwargs):
         raise MatvlmError(f"{path}: cannot be loaded as {cls.__name__}: {_first_line(err)}") from None
 
 
+@contextmanager
+def images_only_without_torchvision():
+    """Processors that also take videos (Qwen-VL, InternVL, LLaVA-OneVision, SmolVLM) cannot even be built
+    without torchvision, which only their video processor needs. matvlm gives them images only: without
+    torchvision, they are built, saved and loaded here with no video processor (a video passed to one fails)."""
+    try:
+        import torchvision  # noqa: F401
+
+        yield
+        return
+    except ImportError:
+        pass
+    from transformers import ProcessorMixin
+
+    attributes = vars(ProcessorMixin)["get_attributes"]
+    ProcessorMixin.get_attributes = classmethod(lambda cls: [a for a in attributes.__func__(cls) if a != "video_processor"])
+    try:
+        yield
+    finally:
+        ProcessorMixin.get_attributes = attributes
+
+
 def load_processor(path: str | os.PathLike, trust_remote_code: bool = False):
     """The directory's processor (tokenizer, image processor, chat template)."""
     from transformers import AutoProcessor
@@ -153,7 +176,8 @@ def load_processor(path: str | os.PathLike, trust_remote_code: bool = False):
     if reader := layout_reader(path):
         return reader.processor(Path(path))
     try:
-        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with images_only_without_torchvision():
+            return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except _FILE_ERRORS as err:
         raise MatvlmError(f"{path}: no usable processor (preprocessor_config.json, tokenizer files): {_first_line(err)}") from None
 
