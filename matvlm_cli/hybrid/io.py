@@ -169,15 +169,32 @@ def images_only_without_torchvision():
         ProcessorMixin.get_attributes = attributes
 
 
+def on_pil(processor):
+    """The processor with its image processor on transformers' PIL backend. A saved image processor does
+    not record its backend, and transformers loads the torchvision one wherever torchvision is installed,
+    whose resize gives other pixels (the GPU machine's TinyLLaVA round trip differed by 1e-3 in the
+    logits): matvlm reads every directory on PIL, so a model preprocesses alike on every machine."""
+    import transformers
+
+    image_processor = getattr(processor, "image_processor", None)
+    backends = [base.__name__ for base in type(image_processor).__mro__]
+    if image_processor is None or "TorchvisionBackend" not in backends:
+        return processor
+    pil_class = getattr(transformers, type(image_processor).__name__.removesuffix("Fast") + "Pil", None)
+    if pil_class is not None:
+        processor.image_processor = pil_class.from_dict(image_processor.to_dict())
+    return processor
+
+
 def load_processor(path: str | os.PathLike, trust_remote_code: bool = False):
-    """The directory's processor (tokenizer, image processor, chat template)."""
+    """The directory's processor (tokenizer, image processor on PIL, chat template)."""
     from transformers import AutoProcessor
 
     if reader := layout_reader(path):
         return reader.processor(Path(path))
     try:
         with images_only_without_torchvision():
-            return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+            return on_pil(AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code))
     except _FILE_ERRORS as err:
         raise MatvlmError(f"{path}: no usable processor (preprocessor_config.json, tokenizer files): {_first_line(err)}") from None
 
