@@ -299,9 +299,7 @@ def test_bench_cli_on_other_families(tmp_path, family, tokens):
     report = json.loads((out / "bench.json").read_text())
     rows = {(r["model"], r["engine"]): r for r in report["rows"]}
     assert set(rows) == {(m, e) for m in ("teacher", "hybrid-0.25", "hybrid-0.5") for e in ("graphs", "hf")}
-    for (_, engine), row in rows.items():
-        # hf's per-token time is (generate(n) - generate(1)) / (n - 1): on a busy 2-core CPU with one repeat
-        # that difference can fall below zero, so only the static engine's timings are required positive
-        assert row["error"] is None and row["decode_ms"] is not None and (engine == "hf" or row["x_floor"] > 0)
+    for row in rows.values():
+        assert row["error"] is None and row["decode_ms"] > 0 and row["x_floor"] > 0
     assert rows["hybrid-0.5", "graphs"]["kv_cache_bytes"] < rows["teacher", "graphs"]["kv_cache_bytes"]
     assert rows["hybrid-0.5", "graphs"]["state_bytes"] > 0

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import StaticCache
+from transformers import StaticCache, StoppingCriteria, StoppingCriteriaList
 
 from ..hybrid import kernels
 from ..hybrid.conversion import attention_windows
@@ -294,33 +294,46 @@ class HFEngine:
         self.text_config = model.config.get_text_config(decoder=True)
 
     @torch.no_grad()
-    def _generate(self, inputs: BenchInputs, new_tokens: int):
+    def _generate(self, inputs: BenchInputs, new_tokens: int, clock: "_TokenClock"):
         kwargs = inputs.model_inputs()  # generate() positions M-RoPE itself from the token types
         return self.model.generate(
             input_ids=inputs.input_ids, attention_mask=torch.ones_like(inputs.input_ids), max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True, **kwargs,
+            min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True,
+            stopping_criteria=StoppingCriteriaList([clock]), **kwargs,
         )
 
     def run(self, inputs: BenchInputs, gen_len: int, repeats: int = 3, warmup: int = 1) -> Timing:
+        """One generate() per attempt, timed at each token it produces: prefill is the time to the first
+        token, decode the mean time of the tokens after it, so neither depends on a difference of two runs."""
         self.text_config._attn_implementation = "sdpa"
         fusion.unfuse(self.model)
-        prefill_s, total_s = [], []
+        prefill_s, decode_s = [], []
         for attempt in range(warmup + repeats):
             if attempt == warmup:
                 allocated_at_reset = _reset_peak(self.device)
-            for new_tokens, samples in ((1, prefill_s), (gen_len, total_s)):
-                _sync(self.device)
-                start = time.perf_counter()
-                out = self._generate(inputs, new_tokens)
-                _sync(self.device)
-                if attempt >= warmup:
-                    samples.append(time.perf_counter() - start)
+            clock = _TokenClock(self.device)
+            _sync(self.device)
+            clock.start = time.perf_counter()
+            out = self._generate(inputs, gen_len, clock)
+            if attempt >= warmup:
+                prefill_s.append(clock.stamps[0] - clock.start)
+                decode_s.append((clock.stamps[-1] - clock.stamps[0]) / max(len(clock.stamps) - 1, 1))
         peak = _own_peak(self.model, self.device, allocated_at_reset)
         kv, state = cache_sizes(out.past_key_values)
-        prefill = statistics.median(prefill_s)
-        decode = (statistics.median(total_s) - prefill) / max(gen_len - 1, 1)
         tokens = out.sequences[:, inputs.input_ids.shape[1] :]
-        return Timing(prefill * 1000, decode * 1000, peak, kv, state, tokens)
+        return Timing(_median_ms(prefill_s), _median_ms(decode_s), peak, kv, state, tokens)
+
+
+class _TokenClock(StoppingCriteria):
+    """Never stops generation; records when each token is out (after a device sync)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.start, self.stamps = device, 0.0, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        _sync(self.device)
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 ENGINES = {"graphs": GraphEngine, "hf": HFEngine}
