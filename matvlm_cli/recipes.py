@@ -275,7 +275,7 @@ class DistillRecipe:
     model_max_length: int = 2048
     skip_text_only: bool = False  # LLaVA-1.5 and ShareGPT4V train on text-only records too; true skips them
     losses: LossWeights = field(default_factory=LossWeights)
-    trainable: str = "mamba"  # mamba | mamba+connector | all
+    trainable: str = "mamba"  # mamba | mamba+connector | converted (mixer, norms and MLP of the converted layers) | all
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
