@@ -250,6 +250,22 @@ class OutputSettings:
     overwrite: bool = False
 
 
+# What a stage may change of the recipe's optimizer settings (betas and weight decay live in the
+# optimizer's parameter groups, built once for the whole run).
+STAGE_OPTIMIZER_KEYS = ("lr", "schedule", "warmup_steps", "decay_steps", "max_grad_norm")
+
+
+@dataclass
+class DistillStage:
+    """One stage of a stepwise distillation (MambaInLlama: 25 % then 50 %, then end-to-end)."""
+
+    layers: list[int]  # the layers converted so far: each stage keeps the previous stage's and may add more
+    max_steps: int
+    trainable: str | None = None  # null = the recipe's
+    losses: dict[str, Any] | None = None  # keys of `losses` that change for this stage; the rest are the recipe's
+    optimizer: dict[str, Any] | None = None  # lr, schedule, warmup_steps, decay_steps, max_grad_norm for this stage
+
+
 @dataclass
 class DistillRecipe:
     """`matvlm distill`: teacher -> hybrid distillation (method.md §5)."""
@@ -260,24 +276,92 @@ class DistillRecipe:
     model_max_length: int = 2048
     skip_text_only: bool = False  # LLaVA-1.5 and ShareGPT4V train on text-only records too; true skips them
     losses: LossWeights = field(default_factory=LossWeights)
-    trainable: str = "mamba"  # mamba | mamba+connector | all
+    trainable: str = "mamba"  # mamba | mamba+connector | converted (mixer, norms and MLP of the converted layers) | all
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
     trust_remote_code: bool = False
+    # Stepwise distillation: empty = one stage (student.layers, training.max_steps and the sections above).
+    stages: list[DistillStage] = field(default_factory=list)
 
 
-def check_distill_recipe(recipe: DistillRecipe, source: str = "recipe") -> None:
-    """Impossible combinations and missing files, before any model is loaded."""
+def stage_settings(recipe: DistillRecipe, stage: DistillStage, problems: list[str] | None = None, where: str = "stage"):
+    """(trainable, LossWeights, OptimizerSettings) of one stage: the recipe's, with the stage's changes."""
+    problems = [] if problems is None else problems
+    losses = _collect(LossWeights, dataclasses.asdict(recipe.losses) | (stage.losses or {}), f"{where}.losses.", problems)
+    changed = stage.optimizer or {}
+    problems += [f"'{where}.optimizer.{key}' cannot change per stage (only {', '.join(STAGE_OPTIMIZER_KEYS)})"
+                 for key in changed if key not in STAGE_OPTIMIZER_KEYS]
+    optimizer = _collect(OptimizerSettings, dataclasses.asdict(recipe.optimizer) | changed, f"{where}.optimizer.", problems)
+    return stage.trainable or recipe.trainable, losses, optimizer
+
+
+def teacher_layer_count(teacher: str | None) -> int | None:
+    """The teacher's number of decoder layers, from its config.json alone (no model is loaded)."""
+    import json
+
+    if teacher is None:
+        from .tiny import default_teacher_dir
+
+        config_path = default_teacher_dir() / "config.json"
+    else:
+        config_path = Path(teacher) / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        return None
+    for section in (config.get("text_config") or {}, config.get("llm_config") or {}, config):
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(section.get(key), int):
+                return section[key]
+    return None
+
+
+def _check_stages(recipe: DistillRecipe) -> list[str]:
+    problems: list[str] = []
+    count = teacher_layer_count(recipe.teacher)
+    previous: list[int] = []
+    for i, stage in enumerate(recipe.stages):
+        where = f"stages[{i}]"
+        layers = stage.layers
+        if not layers:
+            problems.append(f"'{where}.layers' is empty")
+        elif any(b <= a for a, b in zip(layers, layers[1:])):
+            problems.append(f"'{where}.layers' {layers} must be in ascending order without repeats")
+        elif count is not None and any(not 0 <= l < count for l in layers):
+            bad = [l for l in layers if not 0 <= l < count]
+            problems.append(f"'{where}.layers': {bad} out of range for the teacher's {count} layers (0..{count - 1})")
+        elif not set(previous) <= set(layers):
+            dropped = sorted(set(previous) - set(layers))
+            problems.append(f"'{where}.layers' {layers} drops layer(s) {dropped} of stages[{i - 1}]: a stage keeps every layer converted before it")
+        if layers:
+            previous = layers
+        if stage.max_steps < 1:
+            problems.append(f"'{where}.max_steps' must be >= 1, got {stage.max_steps}")
+        trainable, losses, optimizer = stage_settings(recipe, stage, problems, where)
+        if losses is not None and optimizer is not None:
+            effective = dataclasses.replace(recipe, trainable=trainable, losses=losses, optimizer=optimizer, stages=[])
+            problems += [f"{where}: {p}" for p in _training_problems(effective)
+                         if (stage.losses or stage.optimizer or stage.trainable)]
+    if recipe.stages:
+        total = sum(stage.max_steps for stage in recipe.stages)
+        if recipe.training.max_steps is not None and recipe.training.max_steps != total:
+            problems.append(f"'training.max_steps' is {recipe.training.max_steps} but the stages add up to {total} steps (set it to null or {total})")
+        if recipe.student.path is not None:
+            problems.append("'stages': the student is converted from the teacher stage by stage; 'student.path' cannot be used with stages")
+        if recipe.student.layers is not None and recipe.stages[-1].layers and recipe.student.layers != recipe.stages[-1].layers:
+            problems.append(f"'student.layers' {recipe.student.layers} differs from the last stage's {recipe.stages[-1].layers} (set it to null)")
+    return problems
+
+
+def _training_problems(recipe: DistillRecipe) -> list[str]:
+    """The checks of the settings a stage can change: trainable, losses, optimizer."""
     problems = []
     choices = {
         "losses.kl_positions": (recipe.losses.kl_positions, ("all", "response")),
         "losses.layer_loss": (recipe.losses.layer_loss, ("l2", "mse", "cosine")),
-        "trainable": (recipe.trainable, ("mamba", "mamba+connector", "all")),
+        "trainable": (recipe.trainable, ("mamba", "mamba+connector", "converted", "all")),
         "optimizer.schedule": (recipe.optimizer.schedule, ("wsd", "cosine", "constant")),
-        "training.precision": (recipe.training.precision, ("fp32", "bf16", "fp16")),
-        "training.distributed": (recipe.training.distributed, ("ddp", "fsdp")),
-        "student.placement": (recipe.student.placement, ("even", "front", "middle", "back")),
     }
     problems += [f"'{key}' must be one of {', '.join(allowed)}, got {value!r}" for key, (value, allowed) in choices.items() if value not in allowed]
     if recipe.losses.kl_weight == recipe.losses.layer_weight == recipe.losses.ce_weight == 0:
@@ -295,6 +379,21 @@ def check_distill_recipe(recipe: DistillRecipe, source: str = "recipe") -> None:
         problems.append(f"'optimizer.max_grad_norm' must be > 0, got {optimizer.max_grad_norm}")
     if optimizer.warmup_steps < 0 or optimizer.decay_steps < 0:
         problems.append("'optimizer.warmup_steps' and 'optimizer.decay_steps' must be >= 0")
+    weights = {name: getattr(recipe.losses, name) for name in ("kl_weight", "layer_weight", "ce_weight")}
+    problems += [f"'losses.{name}' must be a finite number >= 0, got {value}" for name, value in weights.items()
+                 if not (math.isfinite(value) and value >= 0)]
+    return problems
+
+
+def check_distill_recipe(recipe: DistillRecipe, source: str = "recipe") -> None:
+    """Impossible combinations and missing files, before any model is loaded."""
+    problems = _training_problems(recipe)
+    choices = {
+        "training.precision": (recipe.training.precision, ("fp32", "bf16", "fp16")),
+        "training.distributed": (recipe.training.distributed, ("ddp", "fsdp")),
+        "student.placement": (recipe.student.placement, ("even", "front", "middle", "back")),
+    }
+    problems += [f"'{key}' must be one of {', '.join(allowed)}, got {value!r}" for key, (value, allowed) in choices.items() if value not in allowed]
     if recipe.training.batch_size < 1 or recipe.training.gradient_accumulation < 1 or recipe.training.epochs < 1:
         problems.append("'training': batch_size, gradient_accumulation and epochs must be >= 1")
     if recipe.training.num_workers is not None and recipe.training.num_workers < 0:
@@ -310,9 +409,7 @@ def check_distill_recipe(recipe: DistillRecipe, source: str = "recipe") -> None:
         problems.append(f"'output.keep_checkpoints' must be >= 1 (resuming needs one), got {output.keep_checkpoints}")
     if not output.dir.strip():
         problems.append("'output.dir' is empty")
-    weights = {name: getattr(recipe.losses, name) for name in ("kl_weight", "layer_weight", "ce_weight")}
-    problems += [f"'losses.{name}' must be a finite number >= 0, got {value}" for name, value in weights.items()
-                 if not (math.isfinite(value) and value >= 0)]
+    problems += _check_stages(recipe)
     if recipe.training.max_steps is not None and recipe.training.max_steps < 1:
         problems.append("'training.max_steps' must be >= 1")
     if recipe.student.ratio is not None and not 0 < recipe.student.ratio <= 1:

@@ -414,3 +414,75 @@ def test_the_gpu_throughput_script_runs_on_the_cpu(tmp_path):
     result = json.loads(out.read_text())
     (row,) = result["rows"]
     assert row["tokens_per_s"] > 0 and row["tokens_per_step"] > 2 * 15 and row["losses_last"]["kl"] >= 0
+
+
+def stepwise_values(world, out, **output):
+    """Three stages on the tiny world: layer 1 alone, then layers 1 and 5 with the whole converted layers
+    trained and no layer loss, then an end-to-end stage at a lower lr."""
+    values = recipe_values(world, out, training={"max_steps": None}, optimizer={"warmup_steps": 1, "decay_steps": 1},
+                           output={"save_every": 1, "keep_checkpoints": 10, "log_every": 1} | output)
+    values["stages"] = [
+        {"layers": [1], "max_steps": 2},
+        {"layers": [1, 5], "max_steps": 2, "trainable": "converted", "losses": {"layer_weight": 0.0}},
+        {"layers": [1, 5], "max_steps": 1, "losses": {"layer_weight": 0.0, "ce_weight": 0.5}, "optimizer": {"lr": 5e-4}},
+    ]
+    return values
+
+
+def test_stepwise_stages_resume_exactly_in_a_stage_and_at_its_boundary(world, tmp_path):
+    straight = run_distill(make(stepwise_values(world, tmp_path / "a")))
+    log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [e["stage"] for e in log] == [0, 0, 1, 1, 2] and "layer" in log[1] and "layer" not in log[2]
+    assert log[-1]["lr"] == 0.0 and "ce" in log[-1]
+    a = load_file(straight / "model.safetensors")
+    teacher = load_file(default_teacher_dir() / "model.safetensors")
+    hybrid = load_hybrid(straight).config.matvlm
+    assert hybrid["layers"] == [1, 5] and [s["steps"] for s in hybrid["distill_stages"]] == [2, 2, 1]
+    mlp = lambda i: next(k for k in teacher if f"layers.{i}.mlp." in k)  # noqa: E731
+    assert not torch.equal(a[mlp(5)], teacher[mlp(5)]) and not torch.equal(a[mlp(1)], teacher[mlp(1)])
+    assert torch.equal(a[mlp(3)], teacher[mlp(3)])  # not converted: untouched
+
+    with pytest.raises(Interrupt):
+        run_distill(make(stepwise_values(world, tmp_path / "b")), on_step=stop_at(3))
+    checkpoints = tmp_path / "b" / "checkpoints"
+    assert [json.loads((checkpoints / f"step-000000{n}" / "state.json").read_text())["stage"] for n in (1, 2, 3)] == [0, 1, 1]
+    # step 1: inside stage 0; step 2: at the boundary, where layer 5 has no optimizer state yet
+    for n in (1, 2):
+        resumed = run_distill(make(stepwise_values(world, tmp_path / f"from-{n}", resume=str(checkpoints / f"step-000000{n}"))))
+        b = load_file(resumed / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), n
+
+
+def test_without_stages_the_run_is_unchanged_by_the_stage_machinery(world, tmp_path):
+    """A recipe without `stages` and the same run written as one stage give the same weights."""
+    plain = run_distill(make(recipe_values(world, tmp_path / "a", student={"layers": [1, 5]})))
+    values = recipe_values(world, tmp_path / "b", training={"max_steps": None})
+    values["stages"] = [{"layers": [1, 5], "max_steps": 4}]
+    staged = run_distill(make(values))
+    a, b = load_file(plain / "model.safetensors"), load_file(staged / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_the_converted_layers_keeps_the_teacher_path_exact():
+    """`trainable: converted` trains the converted layers' norms and MLPs too: frozen copies of the
+    teacher's layers serve the teacher path, so changing the student's leaves the teacher as it was."""
+    teacher = load_teacher(default_teacher_dir())
+    reference = load_teacher(default_teacher_dir())
+    attentions = {i: find_decoder(teacher).attention(i) for i in (1, 5)}
+    convert_to_hybrid(teacher, [1, 5])
+    shared = SharedTeacherStudent(teacher, attentions, "converted")
+    trainable = {n for n, p in shared.model.named_parameters() if p.requires_grad}
+    assert any("layers.5.mlp." in n for n in trainable) and not any("layers.3." in n or ".attention." in n for n in trainable)
+    with torch.no_grad():
+        for name, param in shared.model.named_parameters():
+            if param.requires_grad:
+                param.add_(0.5)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad(), shared.teacher_path(shared.model) as as_teacher:
+        assert torch.equal(as_teacher(input_ids=ids).logits, reference(input_ids=ids).logits)
+    decoder = shared.model.model.language_model
+    with shared.teacher_path(shared.model):
+        assert decoder.layers[5] is shared.teacher_layer(5) is not shared.decoder_layer(5)  # the copy, swapped in
+    assert decoder.layers[5] is shared.decoder_layer(5)  # and back
+    shared.set_stage([1], "converted")  # layer 5 not converted yet: the student runs its attention, untrained
+    assert not any("layers.5." in n for n, p in shared.model.named_parameters() if p.requires_grad)

@@ -413,3 +413,26 @@ def test_bench_refuses_a_context_beyond_the_models_positions(tmp_path):
     with pytest.raises(MatvlmError, match="a context of 1028 tokens .* max_position_embeddings of 1024"):
         run_bench(BenchRecipe(seq_lens=[64, 1024], gen_len=4, repeats=1, device="cpu", output=str(tmp_path / "b")))
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    "stages,message",
+    [
+        ([{"layers": [1, 4, 6, 7], "max_steps": 5}, {"layers": [1, 7], "max_steps": 5}],
+         "'stages[1].layers' [1, 7] drops layer(s) [4, 6] of stages[0]"),
+        ([{"layers": [1, 7], "max_steps": 5}, {"layers": [7, 1, 4, 6], "max_steps": 5}],
+         "'stages[1].layers' [7, 1, 4, 6] must be in ascending order"),
+        ([{"layers": [1, 7], "max_steps": 5}, {"layers": [1, 7, 8], "max_steps": 5}],
+         "'stages[1].layers': [8] out of range for the teacher's 8 layers (0..7)"),
+        ([{"layers": [1, 7], "max_steps": 0}], "'stages[0].max_steps' must be >= 1"),
+        ([{"layers": [1, 7], "max_steps": 5, "optimizer": {"betas": [0.9, 0.9]}}], "'stages[0].optimizer.betas' cannot change per stage"),
+        ([{"layers": [1, 7], "max_steps": 5, "trainable": "mlp"}], "stages[0]: 'trainable' must be one of"),
+    ],
+)
+def test_bad_stage_lists_are_one_line_naming_the_stage_before_any_model_loads(tmp_path, stages, message):
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"output": {"dir": str(tmp_path / "run")}, "stages": stages}))
+    assert_one_line(matvlm("distill", recipe), f"{recipe}: ", message)
+    assert not (tmp_path / "run").exists()

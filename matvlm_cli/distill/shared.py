@@ -6,7 +6,14 @@ by side, and `teacher_path()` switches every one of them for the teacher's forwa
 code keeps two full models instead, which doubles the weight memory.
 
 When the connector is trained (`mamba+connector`) a frozen copy of it serves the teacher path, so
-the teacher stays the teacher; when everything is trained (`all`) the teacher is a separate copy.
+the teacher stays the teacher; when the whole converted layers are trained (`converted`: mixer, norms
+and MLP) frozen copies of those layers serve it; when everything is trained (`all`) the teacher is a
+separate copy.
+
+Stepwise distillation converts every layer of the run up front; `set_stage` says which of them the
+student runs as Mamba-2 so far (the others still run the teacher's attention) and what is trained.
+The teacher's attention is frozen, so a layer converted up front starts from exactly the weights
+it would get from the teacher at its stage's start.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from torch import nn
 from ..hybrid.conversion import find_decoder
 from ..hybrid.mamba2 import Mamba2Mixer
 
-TRAINABLE = ("mamba", "mamba+connector", "all")
+TRAINABLE = ("mamba", "mamba+connector", "converted", "all")
 
 
 class TeacherStudentMixer(nn.Module):
@@ -28,19 +35,24 @@ class TeacherStudentMixer(nn.Module):
         self.attention = attention
         self.mamba = mamba
         self.teacher_mode = False
+        self.active = True  # False: not converted yet in this stage, the student runs the attention too
 
     def forward(self, *args, **kwargs):
-        return (self.attention if self.teacher_mode else self.mamba)(*args, **kwargs)
+        return (self.attention if self.teacher_mode or not self.active else self.mamba)(*args, **kwargs)
 
 
 class SharedTeacherStudent:
     """The student model, whose converted layers also carry the teacher's attention."""
 
     def __init__(self, student: nn.Module, attentions: dict[int, nn.Module], trainable: str = "mamba",
-                 separate_teacher: nn.Module | None = None):
-        if trainable not in TRAINABLE:
+                 separate_teacher: nn.Module | None = None, later_trainables: tuple[str, ...] = ()):
+        """`later_trainables`: the other `trainable` settings of a stepwise run, whose teacher-side
+        copies are made here, once."""
+        modes = {trainable, *later_trainables}
+        if not modes <= set(TRAINABLE):
             raise ValueError(f"trainable must be one of {TRAINABLE}")
         self.model, self.layers, self.trainable = student, sorted(attentions), trainable
+        self.active = list(self.layers)
         layout = find_decoder(student)
         self.decoder_layers = layout.layers
         self._slots = [(layout.layers[i], layout.attention_name) for i in self.layers]
@@ -52,8 +64,16 @@ class SharedTeacherStudent:
         self.separate_teacher = separate_teacher
         self.connector_path = next((n for n, _ in student.named_modules() if n.endswith("multi_modal_projector")), None)
         self.teacher_connector = None
-        if trainable == "mamba+connector" and self.connector_path:
+        if "mamba+connector" in modes and self.connector_path:
             self.teacher_connector = copy.deepcopy(student.get_submodule(self.connector_path))
+        # The teacher's own converted layers (its attention, norms and MLP), for the teacher path while
+        # the student's copies of them train.
+        self.teacher_blocks: dict[int, nn.Module] = {}
+        if "converted" in modes and separate_teacher is None:
+            for (layer, name), idx, dual in zip(self._slots, self.layers, self.duals):
+                setattr(layer, name, dual.attention)
+                self.teacher_blocks[idx] = copy.deepcopy(layer).requires_grad_(False)
+                setattr(layer, name, dual)
         self._set_trainable()
 
     def compile_frozen_parts(self) -> None:
@@ -68,14 +88,34 @@ class SharedTeacherStudent:
                 elif not isinstance(child, Mamba2Mixer):
                     child.compile(dynamic=True)
 
+    def set_stage(self, layers: list[int], trainable: str) -> None:
+        """The student runs Mamba-2 in `layers` (a subset of the converted ones) and trains `trainable`."""
+        self.active, self.trainable = sorted(layers), trainable
+        for idx, dual in zip(self.layers, self.duals):
+            dual.active = idx in self.active
+        self._set_trainable()
+
+    def trainable_in_any(self, stages: list[tuple[list[int], str]]) -> set[int]:
+        """ids of the parameters that some stage trains (the optimizer holds them all from the start)."""
+        current, found = (self.active, self.trainable), set()
+        for layers, trainable in stages:
+            self.set_stage(layers, trainable)
+            found |= {id(p) for p in self.model.parameters() if p.requires_grad}
+        self.set_stage(*current)
+        return found
+
     def _set_trainable(self) -> None:
         self.model.requires_grad_(self.trainable == "all")
-        for dual in self.duals:
+        for (layer, _), idx, dual in zip(self._slots, self.layers, self.duals):
+            if self.trainable == "converted":
+                layer.requires_grad_(idx in self.active)
             dual.attention.requires_grad_(False)
-            dual.mamba.requires_grad_(True)
+            dual.mamba.requires_grad_(idx in self.active)
+        for block in self.teacher_blocks.values():
+            block.requires_grad_(False)
         if self.teacher_connector is not None:
             self.teacher_connector.requires_grad_(False)
-            self.model.get_submodule(self.connector_path).requires_grad_(True)
+            self.model.get_submodule(self.connector_path).requires_grad_(self.trainable in ("mamba+connector", "all"))
         if self.separate_teacher is not None:
             self.separate_teacher.requires_grad_(False).eval()
 
@@ -95,6 +135,8 @@ class SharedTeacherStudent:
         for dual in self.duals:
             dual.teacher_mode = True
         student_connector = self._swap_connector(self.teacher_connector) if self.teacher_connector is not None else None
+        for idx, block in self.teacher_blocks.items():
+            self.decoder_layers[idx] = block
         try:
             yield model
         finally:
@@ -102,6 +144,9 @@ class SharedTeacherStudent:
                 dual.teacher_mode = False
             if student_connector is not None:
                 self._swap_connector(student_connector)
+            for (layer, _), idx in zip(self._slots, self.layers):
+                if idx in self.teacher_blocks:
+                    self.decoder_layers[idx] = layer
 
     @contextmanager
     def student_only(self):
@@ -121,4 +166,4 @@ class SharedTeacherStudent:
         """The decoder layer the teacher pass runs at `idx` (the layer loss captures its input and output)."""
         if self.separate_teacher is not None:
             return find_decoder(self.separate_teacher).layers[idx]
-        return self.decoder_layer(idx)
+        return self.teacher_blocks[idx] if idx in self.teacher_blocks else self.decoder_layer(idx)

@@ -15,7 +15,7 @@ import resource
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Subset
 from ..errors import MatvlmError
 from ..hybrid.conversion import attention_windows, choose_layers, convert_to_hybrid, find_decoder, hybrid_layers
 from ..hybrid.io import HYBRID_KEY, atomic_directory, load_hybrid, load_processor, load_teacher, save_hybrid, write_atomic
-from ..recipes import DataSource, DistillRecipe
+from ..recipes import DataSource, DistillRecipe, LossWeights, OptimizerSettings, stage_settings
 from .data import ConversationDataset, EpochShuffle, LengthGroupedShuffle, collate
 from .prepare import prepare
 from .records import SkipReport
@@ -88,6 +88,42 @@ def lr_factor(schedule: str, step: int, total: int, warmup: int, decay: int) -> 
     return 1.0 if step < decay_start else max(0.0, (total - step) / max(1, decay))
 
 
+@dataclass
+class Stage:
+    """One stage of the run: steps [start, start + steps), the layers the student runs as Mamba-2 and
+    the settings it trains with. A recipe without `stages` is one stage."""
+
+    start: int
+    steps: int
+    layers: list[int]
+    trainable: str
+    losses: LossWeights
+    optimizer: OptimizerSettings
+
+
+def stage_plan(recipe: DistillRecipe, layers: list[int], total_steps: int) -> list[Stage]:
+    if not recipe.stages:
+        return [Stage(0, total_steps, list(layers), recipe.trainable, recipe.losses, recipe.optimizer)]
+    plan, start = [], 0
+    for stage in recipe.stages:
+        plan.append(Stage(start, stage.max_steps, list(stage.layers), *stage_settings(recipe, stage)))
+        start += stage.max_steps
+    return plan
+
+
+def stage_index(plan: list[Stage], step: int) -> int:
+    """The stage that optimizer step `step` (0-based) belongs to; past the end, the last."""
+    return next((i for i, stage in enumerate(plan) if step < stage.start + stage.steps), len(plan) - 1)
+
+
+def plan_lr_factor(plan: list[Stage], base_lr: float, step: int) -> float:
+    """Each stage runs its own schedule over its own steps, at its own lr (a factor of the optimizer's)."""
+    stage = plan[stage_index(plan, step)]
+    o = stage.optimizer
+    factor = lr_factor(o.schedule, step - stage.start, stage.steps, o.warmup_steps, o.decay_steps)
+    return factor if o.lr == base_lr else factor * o.lr / base_lr
+
+
 def build_models(recipe: DistillRecipe, teacher_dir: Path) -> tuple[SharedTeacherStudent, dict]:
     """The student with the teacher's attention beside each Mamba-2 mixer; one copy of the rest."""
     frozen = torch.float32 if recipe.training.distributed == "fsdp" else FROZEN_DTYPE[recipe.training.precision]
@@ -103,17 +139,25 @@ def build_models(recipe: DistillRecipe, teacher_dir: Path) -> tuple[SharedTeache
         # The teacher's attention modules are kept aside before conversion replaces them: no copy.
         student = load_teacher(teacher_dir, **kwargs)
         layout = find_decoder(student)
-        layers = choose_layers(len(layout.layers), recipe.student.ratio, recipe.student.placement, recipe.student.layers,
+        # A stepwise run converts the last stage's layers (every stage's) up front; see SharedTeacherStudent.
+        explicit = recipe.stages[-1].layers if recipe.stages else recipe.student.layers
+        layers = choose_layers(len(layout.layers), recipe.student.ratio, recipe.student.placement, explicit,
                                attention_windows(student.config.get_text_config(decoder=True)))
         attentions = {i: layout.attention(i) for i in layers}
         convert_to_hybrid(student, layers, seed=recipe.student.seed, source=str(teacher_dir),
                           ratio=len(layers) / len(layout.layers),
-                          placement=None if recipe.student.layers else recipe.student.placement)
+                          placement=None if explicit else recipe.student.placement)
     block = dict(getattr(student.config, HYBRID_KEY)) | {"distilled_from": str(teacher_dir)}
-    separate = load_teacher(teacher_dir, **kwargs) if recipe.trainable == "all" else None
-    shared = SharedTeacherStudent(student, attentions, recipe.trainable, separate)
+    stages = [(s.layers, s.trainable) for s in stage_plan(recipe, layers, 0)]
+    trainables = tuple(trainable for _, trainable in stages)
+    separate = load_teacher(teacher_dir, **kwargs) if "all" in trainables else None
+    shared = SharedTeacherStudent(student, attentions, trainables[0], separate, trainables[1:])
+    if len(stages) > 1:
+        shared.set_stage(*stages[0])
+    # Every parameter some stage trains: the optimizer holds them (and checkpoints save them) from the start.
+    shared.optimized = shared.trainable_in_any(stages)
     for param in student.parameters():
-        if param.requires_grad:
+        if id(param) in shared.optimized:
             param.data = param.data.float()
     return shared, block
 
@@ -172,11 +216,12 @@ def fsdp_units(model: torch.nn.Module, decoder_layer: torch.nn.Module) -> list[s
     return sorted(set(named) | {type(decoder_layer).__name__})
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on 1-D parameters (A_log, D, dt_bias, norms, biases)."""
+def param_groups(model: torch.nn.Module, weight_decay: float, keep: set[int] | None = None) -> list[dict]:
+    """AdamW groups: no weight decay on 1-D parameters (A_log, D, dt_bias, norms, biases). `keep`: ids of
+    the parameters to optimise (default: those that require grad)."""
     decay, no_decay = [], []
     for param in model.parameters():
-        if param.requires_grad:
+        if (id(param) in keep) if keep is not None else param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -258,6 +303,9 @@ class DistillRun:
             fsdp_plugin=fsdp_plugin() if r.training.distributed == "fsdp" else None,
         )
         set_seed(r.training.seed)
+        if r.stages and self.accelerator.num_processes > 1:
+            raise MatvlmError("stages: a stepwise run trains in one process for now (DDP fixes the trained parameters "
+                              "when it wraps the model, and a stage changes them); run it without --num-gpus")
         if self.out.exists() and not self.out.is_dir():
             raise MatvlmError(f"output.dir: {self.out} exists and is not a directory")
         resume = self._resume_dir()
@@ -311,13 +359,14 @@ class DistillRun:
                             collate_fn=functools.partial(collate, pad_id=pad), **loading)
         eval_loader = DataLoader(Subset(self.dataset, range(held_out)), batch_size=r.training.batch_size,
                                  collate_fn=functools.partial(collate, pad_id=pad)) if held_out else None
-        optimizer = torch.optim.AdamW(param_groups(model, r.optimizer.weight_decay), lr=r.optimizer.lr, betas=tuple(r.optimizer.betas))
+        optimizer = torch.optim.AdamW(param_groups(model, r.optimizer.weight_decay, self.shared.optimized),
+                                      lr=r.optimizer.lr, betas=tuple(r.optimizer.betas))
         self.steps_per_epoch = math.ceil(len(loader) / r.training.gradient_accumulation)
-        self.total_steps = r.training.max_steps or self.steps_per_epoch * r.training.epochs
-        o = r.optimizer
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(o.schedule, s, self.total_steps, o.warmup_steps, o.decay_steps)
-        )
+        self.total_steps = (sum(s.max_steps for s in r.stages) if r.stages
+                            else r.training.max_steps or self.steps_per_epoch * r.training.epochs)
+        self.plan = stage_plan(r, self.shared.layers, self.total_steps)
+        self.stage = 0
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(plan_lr_factor, self.plan, r.optimizer.lr))
         # accelerate shards only with several processes; one device runs the same recipe unsharded.
         if self.accelerator.distributed_type == DistributedType.FSDP:
             # Each decoder layer its own FSDP unit, so the layer loss can call a converted layer alone.
@@ -329,15 +378,27 @@ class DistillRun:
             self.shared.teacher_connector.to(self.accelerator.device)
         if self.shared.separate_teacher is not None:
             self.shared.separate_teacher.to(self.accelerator.device)
+        for block in self.shared.teacher_blocks.values():
+            block.to(self.accelerator.device)
         self.capture = LayerCapture({idx: self.shared.teacher_layer(idx) for idx in self.shared.layers})
         # Gemma 2's tanh soft-capping of the logits, which the chunked losses apply after the head.
         self.logit_softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         if resume is not None:
             self._load_checkpoint(resume)
+        self._enter_stage(stage_index(self.plan, self.step))
         if self.accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "recipe.yaml").write_text(yaml.safe_dump(asdict(r), sort_keys=False))
+
+    def _enter_stage(self, index: int) -> None:
+        """From here on the student runs the stage's layers as Mamba-2 and trains what it says."""
+        stage = self.plan[index]
+        self.stage = index
+        self.shared.set_stage(stage.layers, stage.trainable)
+        if len(self.plan) > 1 and self.accelerator.is_main_process:
+            self.console.print(f"stage {index + 1}/{len(self.plan)} from step {stage.start}: layers {stage.layers}, "
+                               f"trainable {stage.trainable}, {stage.steps} steps")
 
     # -- training ------------------------------------------------------------------------------
     def train(self, on_step=None) -> Path:
@@ -364,6 +425,8 @@ class DistillRun:
                     self.batch_in_epoch += 1
                     if not self._usable(batch):
                         continue
+                    if stage_index(self.plan, self.step) != self.stage:
+                        self._enter_stage(stage_index(self.plan, self.step))
                     with acc.accumulate(self.model):
                         parts = self._losses(batch)
                         total = sum(w * parts[k] for k, w in self._weights().items() if w)
@@ -374,7 +437,7 @@ class DistillRun:
                             )
                         acc.backward(total)
                         if acc.sync_gradients:
-                            acc.clip_grad_norm_(self.model.parameters(), r.optimizer.max_grad_norm)
+                            acc.clip_grad_norm_(self.model.parameters(), self.plan[self.stage].optimizer.max_grad_norm)
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                     in_batch = int(batch["attention_mask"].sum())
@@ -389,6 +452,8 @@ class DistillRun:
                     stats = {k: round(v.item(), 5) for k, v in logged.items()}
                     stats |= {"lr": self.scheduler.get_last_lr()[0], "tokens_per_s": round(tokens / (time.time() - started)),
                               "padding": round(1 - real / max(1, padded), 4), "tokens": tokens}
+                    if len(self.plan) > 1:
+                        stats["stage"] = self.stage
                     progress.update(task, completed=self.step, stats="  ".join(
                         [f"{k} {v:.4f}" for k, v in stats.items() if k in ("loss", "kl", "layer", "ce")]
                         + [f"lr {stats['lr']:.2e}", f"{stats['tokens_per_s']} tok/s"]))
@@ -446,11 +511,11 @@ class DistillRun:
         return {f"eval_{k}": round(self.accelerator.reduce(v / batches, "mean").item(), 5) for k, v in sums.items()}
 
     def _weights(self) -> dict[str, float]:
-        l = self.recipe.losses
+        l = self.plan[self.stage].losses
         return {"kl": l.kl_weight, "layer": l.layer_weight, "ce": l.ce_weight}
 
     def _losses(self, batch) -> dict[str, torch.Tensor]:
-        l = self.recipe.losses
+        l = self.plan[self.stage].losses
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", *batch.get("model_inputs", ())) if k in batch}
         student_model = self.accelerator.unwrap_model(self.model)
         with torch.no_grad(), self.shared.teacher_path(self.model) as teacher:
@@ -474,7 +539,7 @@ class DistillRun:
                 )
         if l.layer_weight:
             distances = []
-            for idx in self.shared.layers:
+            for idx in self.shared.active:
                 args, kwargs = self.capture.calls[idx]
                 layer = self.shared.decoder_layer(idx)
                 with self.accelerator.autocast():  # the prepared model's forward autocasts; this call is outside it
@@ -507,7 +572,7 @@ class DistillRun:
         target = self.out / "checkpoints" / f"step-{self.step:07d}"
         model = acc.unwrap_model(self.model)
         # Every process takes part: under FSDP each holds only a shard of these.
-        weights = {n: _whole(p) for n, p in model.named_parameters() if p.requires_grad}
+        weights = {n: _whole(p) for n, p in model.named_parameters() if id(p) in self.shared.optimized}
         optimizer = get_optimizer_state_dict(model, self.optimizer.optimizer, options=WHOLE_ON_MAIN)
         # Only a checkpoint whose weights and optimizer state are finite is written, so the newest one is
         # always a good one to resume from (an update can turn the weights to inf while its loss was finite).
@@ -524,7 +589,8 @@ class DistillRun:
                 torch.save(optimizer, tmp / "optimizer.pt")
                 torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
                 torch.save({"torch": torch.get_rng_state(), "python": random.getstate()[1]}, tmp / "rng.pt")
-                (tmp / "state.json").write_text(json.dumps({"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}))
+                (tmp / "state.json").write_text(json.dumps({"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                                                            "stage": stage_index(self.plan, self.step)}))
             for old in self._checkpoints()[: -self.recipe.output.keep_checkpoints or None]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
@@ -549,6 +615,11 @@ class DistillRun:
         # Every process read the whole files; under FSDP each keeps its own shard.
         set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
         set_optimizer_state_dict(model, self.optimizer.optimizer, optimizer, options=StateDictOptions(full_state_dict=True))
+        # Loading first gives every parameter that requires grad a zero state (torch's _init_optim_state); one that
+        # had none when the checkpoint was written (a later stage's, not trained yet) must have none again.
+        names = {id(p): n for n, p in model.named_parameters()}
+        for param in [p for p in self.optimizer.optimizer.state if names.get(id(p)) not in optimizer["state"]]:
+            del self.optimizer.optimizer.state[param]
         self.scheduler.load_state_dict(scheduler)
         torch.set_rng_state(rng["torch"])
         random.setstate((3, tuple(rng["python"]), None))
@@ -575,7 +646,8 @@ class DistillRun:
             # Under FSDP every process gathers its shards into one whole state dict (on the main process).
             whole = _whole_state_dict(model) if acc.distributed_type == DistributedType.FSDP else None
             if acc.is_main_process:
-                setattr(model.config, HYBRID_KEY, self.block | {"distill_steps": self.step})
+                stages = {"distill_stages": [{"layers": s.layers, "steps": s.steps, "trainable": s.trainable} for s in self.plan]}
+                setattr(model.config, HYBRID_KEY, self.block | {"distill_steps": self.step} | (stages if len(self.plan) > 1 else {}))
                 save_hybrid(model, final, source=self.teacher_dir, overwrite=True, state_dict=whole)
         if acc.is_main_process:
             summary = {"steps": self.step, "seconds": round(seconds, 1), "peak_memory": peak, "processes": acc.num_processes,
