@@ -95,12 +95,13 @@ class SharedTeacherStudent:
             dual.active = idx in self.active
         self._set_trainable()
 
-    def trainable_in_any(self, stages: list[tuple[list[int], str]]) -> set[int]:
-        """ids of the parameters that some stage trains (the optimizer holds them all from the start)."""
+    def trainable_in_any(self, stages: list[tuple[list[int], str]]) -> set[str]:
+        """Names of the parameters that some stage trains (the optimizer holds them all from the start).
+        Names, not the parameter objects: FSDP2 replaces those with sharded ones when the model is prepared."""
         current, found = (self.active, self.trainable), set()
         for layers, trainable in stages:
             self.set_stage(layers, trainable)
-            found |= {id(p) for p in self.model.parameters() if p.requires_grad}
+            found |= {n for n, p in self.model.named_parameters() if p.requires_grad}
         self.set_stage(*current)
         return found
 

@@ -156,8 +156,8 @@ def build_models(recipe: DistillRecipe, teacher_dir: Path) -> tuple[SharedTeache
         shared.set_stage(*stages[0])
     # Every parameter some stage trains: the optimizer holds them (and checkpoints save them) from the start.
     shared.optimized = shared.trainable_in_any(stages)
-    for param in student.parameters():
-        if id(param) in shared.optimized:
+    for name, param in student.named_parameters():
+        if name in shared.optimized:
             param.data = param.data.float()
     return shared, block
 
@@ -216,12 +216,12 @@ def fsdp_units(model: torch.nn.Module, decoder_layer: torch.nn.Module) -> list[s
     return sorted(set(named) | {type(decoder_layer).__name__})
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, keep: set[int] | None = None) -> list[dict]:
-    """AdamW groups: no weight decay on 1-D parameters (A_log, D, dt_bias, norms, biases). `keep`: ids of
+def param_groups(model: torch.nn.Module, weight_decay: float, keep: set[str] | None = None) -> list[dict]:
+    """AdamW groups: no weight decay on 1-D parameters (A_log, D, dt_bias, norms, biases). `keep`: names of
     the parameters to optimise (default: those that require grad)."""
     decay, no_decay = [], []
-    for param in model.parameters():
-        if (id(param) in keep) if keep is not None else param.requires_grad:
+    for name, param in model.named_parameters():
+        if (name in keep) if keep is not None else param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -572,7 +572,7 @@ class DistillRun:
         target = self.out / "checkpoints" / f"step-{self.step:07d}"
         model = acc.unwrap_model(self.model)
         # Every process takes part: under FSDP each holds only a shard of these.
-        weights = {n: _whole(p) for n, p in model.named_parameters() if id(p) in self.shared.optimized}
+        weights = {n: _whole(p) for n, p in model.named_parameters() if n in self.shared.optimized}
         optimizer = get_optimizer_state_dict(model, self.optimizer.optimizer, options=WHOLE_ON_MAIN)
         # Only a checkpoint whose weights and optimizer state are finite is written, so the newest one is
         # always a good one to resume from (an update can turn the weights to inf while its loss was finite).
