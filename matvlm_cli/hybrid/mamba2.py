@@ -34,11 +34,14 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float() * F.silu(z.float())
-        grouped = x.unflatten(-1, (-1, self.group_size))
-        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (grouped.flatten(-2) * self.weight.float()).to(dtype)
+        return group_rms_norm(x.float() * F.silu(z.float()), self.weight, self.group_size, self.eps).to(x.dtype)
+
+
+def group_rms_norm(x: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
+    """RMSNorm over each group of `group_size` channels of the last dimension, in fp32, times `weight`."""
+    grouped = x.float().unflatten(-1, (-1, group_size))
+    grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
+    return grouped.flatten(-2) * weight.float()
 
 
 class GroupRMSNorm(nn.Module):
@@ -51,10 +54,7 @@ class GroupRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        grouped = x.float().unflatten(-1, (-1, self.group_size))
-        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (grouped.flatten(-2) * self.weight.float()).to(dtype)
+        return group_rms_norm(x, self.weight, self.group_size, self.eps).to(x.dtype)
 
 
 class Mamba2Mixer(nn.Module):
