@@ -1,18 +1,16 @@
-"""Ablation of the 0.5 hybrid on the embedded default: layer choice, stepwise stages and
-`trainable: converted`, each on and off, same 650 steps, same data; held-out scores into
-docs/half-ablation.json.
+"""Ablation of the 0.5 hybrid on the embedded default: each ingredient on and off, same data; held-out
+scores into a JSON file (docs/half-ablation.json by default).
 
-    python docs/half_ablation.py [ROW ...]    (from the repository root; one full 650-step run a row,
-                                               about 10 minutes each on 2 quiet CPU cores)
+    python docs/half_ablation.py [--out FILE] [ROW ...]   (from the repository root; one full run a row,
+                                                          about 10 minutes each on 2 quiet CPU cores)
+    python docs/half_ablation.py --list                   (the rows and their settings)
 
-Rows already in docs/half-ablation.json are kept unless named, so rows can be run one at a time.
-Every row takes recipes/tiny-default-0.5.yaml's losses, optimizer and training settings and sets its
-own `stages`:
-- stepwise on: layers 1, 7 for 250 steps (warmup, then constant lr), then the four layers for 400
-  steps (a warmup of 20, then the recipe's decay of 200); off: the four layers for all 650 steps
-  (the recipe's warmup 50, decay 200), which is exactly a run without `stages`.
-- converted on: the 50 % stage trains `trainable: converted` (mixers, norms, MLPs of the converted
-  layers); off: `mamba` (the mixers alone).
+Rows already in the output file are kept unless named, so rows can be run one at a time, or in
+parallel processes each with its own --out (docs/gpu/half_sweep.sh does that on one GPU).
+Every row is recipes/tiny-default-0.5.yaml with the common ground below (BASE) and the row's dotted
+overrides (as `--set` takes them); "layers 1,3,4,7; converted + KL all" is the committed recipe.
+Stepwise rows set `stages`: layers 1, 7 for 250 steps (warmup, then constant lr), then the row's
+layers for the remaining steps (a warmup of 20, then the recipe's decay).
 """
 import copy, json, sys, time
 from pathlib import Path
@@ -22,43 +20,109 @@ from matvlm_cli.recipes import DistillRecipe, build_recipe, check_distill_recipe
 from matvlm_cli.world import generate_world
 from matvlm_cli.world.quality import benchmark_scores
 
+# The rows' common ground: the recipe's file with its first 0.5 settings (layers 1, 2, 4, 7, KL on the
+# answers, the mixers alone trained), so that each row names everything it changes.
 BASE = read_yaml("recipes/tiny-default-0.5.yaml")
+for key, value in {"student.layers": [1, 2, 4, 7], "losses.kl_positions": "response", "trainable": "mamba"}.items():
+    set_dotted(BASE, key, value)
 
 
-def row(layers: list[int], stepwise: bool, converted: bool) -> dict:
-    values = copy.deepcopy(BASE)
-    values["student"]["layers"], values["training"]["max_steps"], values["trainable"] = None, None, "mamba"
-    trainable = "converted" if converted else "mamba"
-    if stepwise:
-        values["stages"] = [{"layers": [1, 7], "max_steps": 250, "optimizer": {"decay_steps": 0}},
-                            {"layers": layers, "max_steps": 400, "trainable": trainable, "optimizer": {"warmup_steps": 20}}]
-    else:
-        values["stages"] = [{"layers": layers, "max_steps": 650, "trainable": trainable}]
-    return values
+def stepwise(layers: list[int], steps: int, trainable: str = "mamba") -> dict:
+    return {"student.layers": None, "training.max_steps": None, "stages": [
+        {"layers": [1, 7], "max_steps": 250, "optimizer": {"decay_steps": 0}},
+        {"layers": layers, "max_steps": steps - 250, "trainable": trainable, "optimizer": {"warmup_steps": 20}}]}
 
 
+# name -> overrides of the base recipe. The first rows are the ones the README's table names.
 ROWS = {
-    "layers 1,4,6,7; plain": row([1, 4, 6, 7], False, False),
-    "layers 1,4,6,7; stepwise + converted": row([1, 4, 6, 7], True, True),
-    "layers 1,2,4,7; plain": row([1, 2, 4, 7], False, False),
-    "layers 1,2,4,7; stepwise": row([1, 2, 4, 7], True, False),
-    "layers 1,2,4,7; converted": row([1, 2, 4, 7], False, True),
-    "layers 1,2,4,7; stepwise + converted": row([1, 2, 4, 7], True, True),
+    "layers 1,4,6,7; plain": {"student.layers": [1, 4, 6, 7]},
+    "layers 1,4,6,7; stepwise + converted": stepwise([1, 4, 6, 7], 650, "converted"),
+    "layers 1,2,4,7; plain": {},
+    "layers 1,2,4,7; stepwise": stepwise([1, 2, 4, 7], 650),
+    "layers 1,2,4,7; converted": {"trainable": "converted"},
+    "layers 1,2,4,7; stepwise + converted": stepwise([1, 2, 4, 7], 650, "converted"),
+    "layers 1,2,3,7": {"student.layers": [1, 2, 3, 7]},
+    "layers 1,3,4,7": {"student.layers": [1, 3, 4, 7]},
+    "layers 1,2,6,7": {"student.layers": [1, 2, 6, 7]},
+    "layers 1,2,4,7; 1000 steps": {"training.max_steps": 1000},
+    "layers 1,2,4,7; 1400 steps": {"training.max_steps": 1400, "optimizer.decay_steps": 400},
+    "layers 1,2,4,7; lr 4e-3": {"optimizer.lr": 4.0e-3},
+    "layers 1,2,4,7; lr 1e-3": {"optimizer.lr": 1.0e-3},
+    "layers 1,2,4,7; KL on all positions": {"losses.kl_positions": "all"},
+    "layers 1,2,4,7; no CE": {"losses.ce_weight": 0.0},
+    "layers 1,2,4,7; CE 2": {"losses.ce_weight": 2.0},
+    "layers 1,2,4,7; layer loss 0.1": {"losses.layer_weight": 0.1},
+    "layers 1,2,4,7; layer loss 0": {"losses.layer_weight": 0.0},
+    "layers 1,2,4,7; KL temperature 2": {"losses.kl_temperature": 2.0},
+    "layers 1,2,4,7; batch 16": {"training.batch_size": 16},
+    "layers 1,2,4,7; decay 400": {"optimizer.decay_steps": 400},
+    "layers 1,2,4,7; trainable all": {"trainable": "all"},
+    "layers 1,2,4,7; seed 1": {"training.seed": 1},
+    "layers 1,2,4,7; seed 2": {"training.seed": 2},
+    "layers 1,3,4,7; seed 1": {"student.layers": [1, 3, 4, 7], "training.seed": 1},
+    "layers 1,3,4,7; converted": {"student.layers": [1, 3, 4, 7], "trainable": "converted"},
+    "layers 1,3,4,7; KL on all positions": {"student.layers": [1, 3, 4, 7], "losses.kl_positions": "all"},
+    "layers 1,3,4,7; converted + KL all": {"student.layers": [1, 3, 4, 7], "trainable": "converted", "losses.kl_positions": "all"},
+    "layers 1,3,4,7; 1000 steps": {"student.layers": [1, 3, 4, 7], "training.max_steps": 1000},
+    "layers 1,3,4,7; batch 16": {"student.layers": [1, 3, 4, 7], "training.batch_size": 16},
+    "layers 1,3,4,7; converted + KL all; 1000 steps": {"student.layers": [1, 3, 4, 7], "trainable": "converted", "losses.kl_positions": "all", "training.max_steps": 1000},
+    "layers 1,3,4,7; converted + KL all; 1000 steps; seed 1": {"student.layers": [1, 3, 4, 7], "trainable": "converted", "losses.kl_positions": "all", "training.max_steps": 1000, "training.seed": 1},
+    "layers 1,3,4,7; converted + KL all; batch 16": {"student.layers": [1, 3, 4, 7], "trainable": "converted", "losses.kl_positions": "all", "training.batch_size": 16},
+    "layers 1,2,4,7; converted + KL all": {"trainable": "converted", "losses.kl_positions": "all"},
+    "layers 1,2,4,7; converted + KL all; 1000 steps": {"trainable": "converted", "losses.kl_positions": "all", "training.max_steps": 1000},
+    "layers 1,3,5,7": {"student.layers": [1, 3, 5, 7]},
+    "layers 1,3,4,7; KL on all positions; seed 1": {"student.layers": [1, 3, 4, 7], "losses.kl_positions": "all", "training.seed": 1},
+    "layers 1,3,4,7; KL on all positions; seed 2": {"student.layers": [1, 3, 4, 7], "losses.kl_positions": "all", "training.seed": 2},
+    "layers 1,3,4,7; converted + KL all; seed 1": {"student.layers": [1, 3, 4, 7], "trainable": "converted", "losses.kl_positions": "all", "training.seed": 1},
+    "layers 1,3,4,7; converted + KL all; seed 2": {"student.layers": [1, 3, 4, 7], "trainable": "converted", "losses.kl_positions": "all", "training.seed": 2},
+    "layers 1,3,4,7; converted + KL all; 800 steps": {"student.layers": [1, 3, 4, 7], "trainable": "converted", "losses.kl_positions": "all", "training.max_steps": 800},
+    "layers 1,3,4,7; KL on all positions; 1000 steps": {"student.layers": [1, 3, 4, 7], "losses.kl_positions": "all", "training.max_steps": 1000},
+    "layers 1,3,4,7; converted + KL all; CE 1": {"student.layers": [1, 3, 4, 7], "trainable": "converted", "losses.kl_positions": "all", "losses.ce_weight": 1.0},
 }
+
+
+def recipe_of(name: str, extra: dict) -> DistillRecipe:
+    values = copy.deepcopy(BASE)
+    for key, value in {**ROWS[name], **extra}.items():
+        set_dotted(values, key, copy.deepcopy(value))
+    recipe = build_recipe(DistillRecipe, values)
+    check_distill_recipe(recipe)
+    return recipe
+
+
 if __name__ == "__main__":
+    args = sys.argv[1:]
+    if "--list" in args or "--names" in args:
+        for name, overrides in ROWS.items():
+            print(name if "--names" in args else f"{name}: {json.dumps(overrides)}")
+        sys.exit(0)
+    if "--merge" in args:  # --merge INTO FILE ...: rows of parallel runs into one file, in ROWS order
+        into = Path(args[args.index("--merge") + 1])
+        merged = json.loads(into.read_text()) if into.exists() else {}
+        for part in args[args.index("--merge") + 2:]:
+            merged |= json.loads(Path(part).read_text())
+        into.write_text(json.dumps({k: merged[k] for k in sorted(merged, key=lambda k: (k not in ROWS, list(ROWS).index(k) if k in ROWS else 0))}, indent=1))
+        sys.exit(0)
     out = Path("docs/half-ablation.json")
+    if "--out" in args:
+        i = args.index("--out")
+        out, args = Path(args[i + 1]), args[:i] + args[i + 2:]
     results = json.loads(out.read_text()) if out.exists() else {}
-    wanted = sys.argv[1:] or [name for name in ROWS if name not in results]
+    unknown = [name for name in args if name not in ROWS and name != "--warm"]
+    if unknown:
+        sys.exit(f"unknown rows: {unknown} (--list shows them)")
+    wanted = args or [name for name in ROWS if name not in results]
     world = Path("runs/ablation-world")
     if not (world / "pope").is_dir():
         world = generate_world(world, seed=0, train_size=1, overwrite=True).root  # the held-out sets
+    if "--warm" in args:  # the held-out world, the training world and its prepared data, nothing else
+        run_distill(recipe_of("layers 1,2,4,7; plain", {"training.max_steps": 1, "optimizer.warmup_steps": 0,
+                    "optimizer.decay_steps": 0, "output.dir": "runs/half-ablation/warm", "output.overwrite": True}))
+        sys.exit(0)
     for name in wanted:
-        values = ROWS[name]
-        for key, value in {"output.dir": f"runs/half-ablation/{list(ROWS).index(name)}", "output.overwrite": True,
-                           "output.save_every": 0}.items():
-            set_dotted(values, key, value)
-        recipe = build_recipe(DistillRecipe, values)
-        check_distill_recipe(recipe)
+        recipe = recipe_of(name, {"output.dir": f"runs/half-ablation/{list(ROWS).index(name)}",
+                                  "output.overwrite": True, "output.save_every": 0,
+                                  "training.num_workers": 0})  # one process a row; CPU runs have none anyway
         t = time.time()
         final = run_distill(recipe)
         seconds = round(time.time() - t)
