@@ -33,6 +33,11 @@ def stepwise(layers: list[int], steps: int, trainable: str = "mamba") -> dict:
         {"layers": layers, "max_steps": steps - 250, "trainable": trainable, "optimizer": {"warmup_steps": 20}}]}
 
 
+# The embedded teacher's held-out scores (README, Distill), for the recovery column of --table.
+TEACHER = {"pope_adversarial_accuracy": 0.93, "pope_popular_accuracy": 0.95, "pope_random_accuracy": 0.96,
+           "mmmu_accuracy": 0.947, "textvqa_accuracy": 1.0}
+
+
 # name -> overrides of the base recipe. The first rows are the ones the README's table names.
 ROWS = {
     "layers 1,4,6,7; plain": {"student.layers": [1, 4, 6, 7]},
@@ -95,6 +100,15 @@ if __name__ == "__main__":
     if "--list" in args or "--names" in args:
         for name, overrides in ROWS.items():
             print(name if "--names" in args else f"{name}: {json.dumps(overrides)}")
+        sys.exit(0)
+    if "--table" in args:  # --table FILE: a markdown table of a results file, with the worst recovery of each row
+        keys = ["pope_adversarial_accuracy", "pope_popular_accuracy", "pope_random_accuracy", "mmmu_accuracy", "textvqa_accuracy"]
+        results = json.loads(Path(args[args.index("--table") + 1]).read_text())
+        print("| row | POPE adv. / pop. / rand. | MMMU-style | TextVQA-style | lowest recovery |\n| --- | --- | --- | --- | --- |")
+        for name, r in results.items():
+            if not name.startswith("_"):
+                low = min(r[k] / TEACHER[k] for k in keys)
+                print(f"| {name} | {r[keys[0]]:.2f} / {r[keys[1]]:.2f} / {r[keys[2]]:.2f} | {r[keys[3]]:.3f} | {r[keys[4]]:.3f} | {low:.1%} |")
         sys.exit(0)
     if "--merge" in args:  # --merge INTO FILE ...: rows of parallel runs into one file, in ROWS order
         into = Path(args[args.index("--merge") + 1])

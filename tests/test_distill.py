@@ -234,6 +234,41 @@ def test_shipped_distill_recipes_validate():
             build_recipe(DistillRecipe, read_yaml(path))
 
 
+def test_half_ablation_rows_are_valid_recipes_and_one_is_the_committed_one(tmp_path):
+    """docs/half_ablation.py's rows (the README's 0.5 ablation) each build a valid recipe, the common
+    ground is the previous 0.5 recipe, the recipe's row equals recipes/tiny-default-0.5.yaml, and
+    --merge/--table read the sweep's files."""
+    import dataclasses
+    import importlib.util
+
+    from matvlm_cli.recipes import read_yaml
+
+    root = Path(__file__).parents[1]
+    spec = importlib.util.spec_from_file_location("half_ablation", root / "docs/half_ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    recipes = {name: ablation.recipe_of(name, {}) for name in ablation.ROWS}
+    plain = recipes["layers 1,2,4,7; plain"]
+    assert (plain.student.layers, plain.trainable, plain.losses.kl_positions) == ([1, 2, 4, 7], "mamba", "response")
+    committed = build_recipe(DistillRecipe, read_yaml(root / "recipes/tiny-default-0.5.yaml"))
+    assert dataclasses.asdict(recipes["layers 1,3,4,7; converted + KL all"]) == dataclasses.asdict(committed)
+    stepwise = recipes["layers 1,2,4,7; stepwise"]
+    assert [(s.layers, s.max_steps) for s in stepwise.stages] == [([1, 7], 250), ([1, 2, 4, 7], 400)]
+
+    sweep = json.loads((root / "docs/gpu/half-sweep-h200.json").read_text())
+    assert set(sweep) - {"_note"} <= set(ablation.ROWS)
+    parts = []
+    for i, name in enumerate(["layers 1,2,4,7; plain", "layers 1,3,4,7"]):
+        parts.append(tmp_path / f"row-{i}.json")
+        parts[-1].write_text(json.dumps({name: sweep[name]}))
+    script = [sys.executable, str(root / "docs/half_ablation.py")]
+    merged = tmp_path / "merged.json"
+    subprocess.run([*script, "--merge", str(merged), *map(str, parts[::-1])], check=True, cwd=root)
+    assert list(json.loads(merged.read_text())) == ["layers 1,2,4,7; plain", "layers 1,3,4,7"]  # ROWS order
+    table = subprocess.run([*script, "--table", str(merged)], check=True, cwd=root, capture_output=True, text=True).stdout
+    assert "| layers 1,2,4,7; plain | 0.82 / 0.86 / 0.88 | 0.833 | 0.882 | 88.0% |" in table
+
+
 def test_embedded_world_adds_its_reading_turns_again(tmp_path, monkeypatch):
     """Without `data`, distill reads the embedded world's conversations plus their reading turns at
     EMBEDDED_READING_WEIGHT (a small world stands in for the 20k-scene one)."""
