@@ -172,7 +172,7 @@ VLM_FAMILIES = tuple(MODEL_TOKENS)
 
 def tokenizer(family: str):
     """A word-level tokenizer with the family's special tokens at the ids its tiny config uses."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     specials = ["<unk>", "<pad>", "<s>", "</s>"]
     chat = CHAT_TOKENS.get(_CHAT_STYLE[family], [])
@@ -197,6 +197,8 @@ def tokenizer(family: str):
     }
     key = {"qwen2_vl": "qwen", "qwen2_5_vl": "qwen", "qwen3_vl": "qwen", "llava_next": "llava"}.get(family, family)
     special_tokens = chat + list(MODEL_TOKENS[family].values())
+    # added tokens, as in the published tokenizers: SmolVLM's processor, unlike Idefics3's, adds none itself
+    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
     tok = T.PreTrainedTokenizerFast(
         tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
         extra_special_tokens=extra.get(key, {}), additional_special_tokens=special_tokens, padding_side="left",
