@@ -207,3 +207,36 @@ def test_an_image_the_processor_refuses_is_a_broken_record_not_a_crash(tmp_path)
     _, items = read(processor, path)
     assert items[0]["broken"].startswith("the processor failed on its image (ValueError")
     assert all("broken" not in item for item in items[1:])
+
+
+def test_paligemma_reads_its_answers_causally(tmp_path):
+    """PaliGemma's records get token types 0 over image and prompt and 1 from the first answer on (as its
+    processor marks a `suffix`), so the teacher's logits on the answers do not see the answer tokens after
+    them. With 0 everywhere (the processor called on the whole conversation) they would."""
+    from matvlm_cli.families import model_family
+
+    processor = zoo.processor("paligemma")
+    key = model_family(zoo.config("paligemma")).prefix_lm_token_types
+    path = write_records(tmp_path, text_only=False)
+    record = json.loads(path.read_text())[1]
+    encoded = RecordEncoder(processor, 1000, image_token_count(processor)).encode(record, path.parent)
+    stored = {"id": record["id"], "image": encoded["image"], "input_ids": encoded["input_ids"],
+              "label_spans": encoded["label_spans"].reshape(-1, 2)}
+    item = RecordReader(processor, image_token_count(processor), 1000, key).read(stored, path.parent)
+    first = int((item["labels"] != -100).nonzero()[0])
+    types = item["per_token"][key]
+    assert key == "token_type_ids" and types[:first].eq(0).all() and types[first:].eq(1).all()
+
+    batch = collate([item], pad_id=processor.tokenizer.pad_token_id)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", *batch["model_inputs"])}
+    later = inputs["input_ids"].clone()
+    later[0, -2] = processor.tokenizer.convert_tokens_to_ids("circle")  # an answer token near the end
+    model = zoo.build("paligemma").eval()
+
+    def answer_logits(ids, token_types):
+        with torch.no_grad():
+            return model(**inputs | {"input_ids": ids, key: token_types}).logits[0, first:-2]
+
+    assert torch.equal(answer_logits(inputs["input_ids"], inputs[key]), answer_logits(later, inputs[key]))
+    all_prefix = torch.zeros_like(inputs[key])
+    assert not torch.allclose(answer_logits(inputs["input_ids"], all_prefix), answer_logits(later, all_prefix), atol=1e-4)

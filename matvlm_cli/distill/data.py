@@ -23,11 +23,11 @@ from .records import ImageInputs
 class ConversationDataset(Dataset):
     """A weighted mix of prepared sources, read from memory-mapped Arrow tables."""
 
-    def __init__(self, prepared: Prepared, sources, processor, seed: int = 0):
+    def __init__(self, prepared: Prepared, sources, processor, seed: int = 0, prefix_lm_token_types: str | None = None):
         self.processor = processor
         self.skipped = prepared.skipped
         meta = json.loads((prepared.directory / "meta.json").read_text())
-        self.reader = RecordReader(processor, meta["image_tokens"], meta.get("max_length"))
+        self.reader = RecordReader(processor, meta["image_tokens"], meta.get("max_length"), prefix_lm_token_types)
         self.sources = [_MappedSource(prepared.table(i), Path(s.image_root)) for i, s in enumerate(sources)]
         rng = random.Random(seed)
         which, rows = [], []
@@ -57,10 +57,12 @@ class ConversationDataset(Dataset):
 
 
 class RecordReader:
-    """A prepared record as the model reads it: labels from its spans, its image opened and expanded."""
+    """A prepared record as the model reads it: labels from its spans, its image opened and expanded, and
+    for a prefix LM (`ModelFamily.prefix_lm_token_types`) its token types: 0 up to the first answer, 1 after."""
 
-    def __init__(self, processor, image_tokens: int, max_length: int | None = None):
+    def __init__(self, processor, image_tokens: int, max_length: int | None = None, prefix_lm_token_types: str | None = None):
         self.processor, self.image_tokens, self.max_length = processor, image_tokens, max_length
+        self.prefix_lm_token_types = prefix_lm_token_types
         self.images = ImageInputs(processor)
         self.image_token_id = self.images.placeholder_id
 
@@ -87,6 +89,11 @@ class RecordReader:
                 if self.max_length and len(ids) > self.max_length:
                     return item | {"broken": f"longer than model_max_length ({self.max_length} tokens) once its image is expanded"}
                 item |= {"per_token": per_token, "image_inputs": tensors}
+        if self.prefix_lm_token_types:
+            answers = np.flatnonzero(labels != -100)
+            suffix = np.zeros(len(ids), dtype=np.int64)
+            suffix[answers[0] if len(answers) else len(ids) :] = 1
+            item["per_token"] = item.get("per_token", {}) | {self.prefix_lm_token_types: torch.from_numpy(suffix)}
         return item | {"input_ids": torch.from_numpy(ids.astype(np.int64)), "labels": torch.from_numpy(labels)}
 
     def _expand(self, ids: np.ndarray, labels: np.ndarray, image) -> tuple:

@@ -31,8 +31,10 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 from torch import nn
 from torch.utils.data import DataLoader, Subset
+from transformers import AutoConfig
 
 from ..errors import MatvlmError
+from ..families import model_family
 from ..hybrid.conversion import attention_windows, choose_layers, convert_to_hybrid, find_decoder, hybrid_layers
 from ..hybrid.io import HYBRID_KEY, atomic_directory, load_hybrid, load_processor, load_teacher, save_hybrid, write_atomic
 from ..recipes import DataSource, DistillRecipe, LossWeights, OptimizerSettings, stage_settings
@@ -327,7 +329,9 @@ class DistillRun:
             sources = r.data or embedded_world_sources(self.console)
             prepared = prepare(sources, processor_dir, self.processor, r.model_max_length, cache_dir() / "prepared",
                                skip_text_only=r.skip_text_only, trust_remote_code=r.trust_remote_code, console=self.console)
-        self.dataset = ConversationDataset(prepared, sources, self.processor, seed=r.training.seed)
+        family = model_family(AutoConfig.from_pretrained(self.teacher_dir, trust_remote_code=r.trust_remote_code))
+        self.dataset = ConversationDataset(prepared, sources, self.processor, seed=r.training.seed,
+                                           prefix_lm_token_types=family and family.prefix_lm_token_types)
         self.unreadable = SkipReport()  # records whose image fails to decode when its batch is built
         if self.accelerator.is_main_process:
             where = "prepared into" if prepared.rebuilt else "read from"

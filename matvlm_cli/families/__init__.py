@@ -84,6 +84,10 @@ class ModelFamily:
     # Attribute path from the ...ForConditionalGeneration model to the text model that owns `layers`.
     decoder: str = "model.language_model"
     not_carried: Callable[[object], list[str]] = _nothing
+    # The forward's keyword for a prefix LM's token types (PaliGemma: 0 = image and prompt, attended both
+    # ways; 1 = the answer, causal). Distill sets it to 1 from the first answer token on, as PaliGemma's
+    # processor does for a `suffix`: with 0 everywhere the teacher would read the answers it is predicting.
+    prefix_lm_token_types: str | None = None
     # What `matvlm bench` needs to build a real image prompt (see `bench.models`):
     # - the family's image processor with defaults derived from the config, for a directory without a
     #   preprocessor_config.json (bench's config-only presets, tests' tiny models);

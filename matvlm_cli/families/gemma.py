@@ -28,4 +28,7 @@ def _image_processor(config):
     return SiglipImageProcessor(size=square(config.vision_config))
 
 
-MODELS = (ModelFamily(model_types=("paligemma",), not_carried=_paligemma, image_processor=_image_processor),)
+MODELS = (
+    ModelFamily(model_types=("paligemma",), not_carried=_paligemma, image_processor=_image_processor,
+                prefix_lm_token_types="token_type_ids"),
+)
