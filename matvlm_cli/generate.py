@@ -11,7 +11,7 @@ from rich.console import Console
 from transformers import TextIteratorStreamer
 
 from .errors import MatvlmError
-from .hybrid.io import check_model, load_model, load_processor
+from .hybrid.io import check_model, load_model, load_processor, render_chat
 from .images import open_rgb
 
 
@@ -33,7 +33,7 @@ def run_generate(model_dir: Path, image_path: Path, prompt: str, max_new_tokens:
         raise MatvlmError(f"--prompt: contains {placeholder!r}; leave it out, the one --image is placed for you")
     model = load_model(model_dir)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    text = render_chat(processor, messages, add_generation_prompt=True)
     inputs = processor(images=[image], text=[text], return_tensors="pt").to(next(model.parameters()).device)
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}

@@ -99,10 +99,10 @@ def test_two_records_with_different_image_sizes_collate_and_match_the_processor_
 
 
 # -- end to end --------------------------------------------------------------------------------------
-# Packages a family's processor needs beyond matvlm's: where one is missing, that family is skipped; the other
-# nine always run. SmolVLM's apply_chat_template reads its video processor's frame settings even for images,
-# and without torchvision matvlm builds it with none (`images_only_without_torchvision`).
-NEEDS = {"smolvlm": ("num2words", "torchvision"), "mistral3": ("torchvision",)}
+# Packages a family's processor needs beyond matvlm's: where one is missing, that family is skipped (SmolVLM's
+# num2words comes with the test extra, so only Mistral 3's, Pixtral's, torchvision can be missing); the other ten
+# always run.
+NEEDS = {"smolvlm": ("num2words",), "mistral3": ("torchvision",)}
 
 
 def _available(family: str) -> bool:

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import MatvlmError
+from ..hybrid.io import render_chat
 
 IMAGE_TAG = "<image>"
 
@@ -235,7 +236,7 @@ class RecordEncoder:
     def _exact(self, messages) -> tuple[str, list[tuple[int, int]]]:
         """By definition: the full text and, for each assistant turn j, [len(prefix j with generation
         prompt), len(prefix j + 1))."""
-        render = lambda m, prompt=False: self.processor.apply_chat_template(m, add_generation_prompt=prompt)  # noqa: E731
+        render = lambda m, prompt=False: render_chat(self.processor, m, add_generation_prompt=prompt)  # noqa: E731
         full, spans = render(messages), []
         for j, message in enumerate(messages):
             if message["role"] == "assistant":

@@ -31,7 +31,6 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 from torch import nn
 from torch.utils.data import DataLoader, Subset
-from transformers import AutoConfig
 
 from ..errors import MatvlmError
 from ..families import model_family
@@ -329,7 +328,10 @@ class DistillRun:
             sources = r.data or embedded_world_sources(self.console)
             prepared = prepare(sources, processor_dir, self.processor, r.model_max_length, cache_dir() / "prepared",
                                skip_text_only=r.skip_text_only, trust_remote_code=r.trust_remote_code, console=self.console)
-        family = model_family(AutoConfig.from_pretrained(self.teacher_dir, trust_remote_code=r.trust_remote_code))
+        with self.console.status("Loading teacher and building the student"):
+            self.shared, self.block = build_models(r, self.teacher_dir)
+        model = self.shared.model
+        family = model_family(model.config)  # the loaded config: published layouts (TinyLLaVA) are read, not auto-loaded
         self.dataset = ConversationDataset(prepared, sources, self.processor, seed=r.training.seed,
                                            prefix_lm_token_types=family and family.prefix_lm_token_types)
         self.unreadable = SkipReport()  # records whose image fails to decode when its batch is built
@@ -338,9 +340,6 @@ class DistillRun:
             self.console.print(f"data: {len(self.dataset)} records {where} {prepared.directory}")
             for line in self.dataset.skipped.lines():
                 self.console.print(f"[yellow]data:[/yellow] {line}")
-        with self.console.status("Loading teacher and building the student"):
-            self.shared, self.block = build_models(r, self.teacher_dir)
-        model = self.shared.model
         if r.training.gradient_checkpointing:
             # transformers 5.24 calls it activation checkpointing and warns on the old name; versions without it keep that.
             getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()

@@ -25,7 +25,7 @@ from lm_eval.models.utils_hf import stop_sequences_criteria
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from rich.progress import Progress
 from ..errors import MatvlmError
-from ..hybrid.io import HYBRID_KEY, load_model, load_processor, resolve_device
+from ..hybrid.io import HYBRID_KEY, load_model, load_processor, render_chat, resolve_device
 
 DEFAULT_MAX_GEN_TOKS = 128  # eval-protocols.md: max_new_tokens 128
 
@@ -107,7 +107,8 @@ class MatvlmLM(LM):
         if not hasattr(self.processor, "image_processor"):
             raise MatvlmError(f"{self.model_dir}: has no image processor, so it cannot run image tasks")
         texts = [
-            self.processor.apply_chat_template(
+            render_chat(
+                self.processor,
                 [{"role": "user", "content": [*({"type": "image"} for _ in pictures), {"type": "text", "text": context}]}],
                 add_generation_prompt=True,
             ) if pictures else context

@@ -159,14 +159,36 @@ def images_only_without_torchvision():
         return
     except ImportError:
         pass
+    import inspect
+
     from transformers import ProcessorMixin
 
-    attributes = vars(ProcessorMixin)["get_attributes"]
+    attributes, from_args = vars(ProcessorMixin)["get_attributes"], vars(ProcessorMixin)["from_args_and_dict"]
+
+    def without_video(cls, args, processor_dict, **kwargs):
+        # SmolVLM's __init__ takes its video processor as a required argument: loading gives it None
+        wanted = inspect.signature(cls.__init__).parameters.get("video_processor")
+        if wanted is not None and wanted.default is inspect.Parameter.empty:
+            kwargs.setdefault("video_processor", None)
+        return from_args.__func__(cls, args, processor_dict, **kwargs)
+
     ProcessorMixin.get_attributes = classmethod(lambda cls: [a for a in attributes.__func__(cls) if a != "video_processor"])
+    ProcessorMixin.from_args_and_dict = classmethod(without_video)
     try:
         yield
     finally:
-        ProcessorMixin.get_attributes = attributes
+        ProcessorMixin.get_attributes, ProcessorMixin.from_args_and_dict = attributes, from_args
+
+
+def render_chat(processor, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The processor's chat template rendered as text. A processor built without its video processor (see
+    `images_only_without_torchvision`) renders through ProcessorMixin's own method: SmolVLM's override
+    reads the video processor's frame settings even for a chat of images, and adds nothing else for one."""
+    from transformers import ProcessorMixin
+
+    if hasattr(processor, "video_processor") or not isinstance(processor, ProcessorMixin):
+        return processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    return ProcessorMixin.apply_chat_template(processor, messages, add_generation_prompt=add_generation_prompt)
 
 
 def on_pil(processor):

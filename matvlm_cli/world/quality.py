@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
+from ..hybrid.io import render_chat
 from .questions import mmmu_prompt, pope_prompt, textvqa_prompt
 
 
@@ -33,7 +34,7 @@ def answer(model, processor, prompts: list[str], images: list[Image.Image], batc
     device = next(model.parameters()).device
     for start in range(0, len(prompts), batch_size):
         texts = [
-            processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}])
+            render_chat(processor, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}])
             for p in prompts[start : start + batch_size]
         ]
         inputs = processor(images=images[start : start + batch_size], text=texts, return_tensors="pt", padding=True).to(device)
