@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The 0.5 hybrid's ablation rows (docs/half_ablation.py), one process a row, all on one GPU at once:
 #   bash docs/gpu/half_sweep.sh OUT_DIR [ROW ...]      (no rows = all of them)
-# Each row writes OUT_DIR/row-N.json; python docs/half_ablation.py --merge OUT_DIR/row-*.json joins them.
+# Each row writes OUT_DIR/row-N.json; python docs/half_ablation.py --merge INTO OUT_DIR/row-*.json joins them.
 set -euo pipefail
 out=${1:?usage: half_sweep.sh OUT_DIR [ROW ...]}; shift
 mkdir -p "$out"

@@ -186,9 +186,10 @@ def render_chat(processor, messages: list[dict], add_generation_prompt: bool = F
     reads the video processor's frame settings even for a chat of images, and adds nothing else for one."""
     from transformers import ProcessorMixin
 
-    if hasattr(processor, "video_processor") or not isinstance(processor, ProcessorMixin):
-        return processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-    return ProcessorMixin.apply_chat_template(processor, messages, add_generation_prompt=add_generation_prompt)
+    built_without_video = (isinstance(processor, ProcessorMixin) and "video_processor" in type(processor).get_attributes()
+                           and getattr(processor, "video_processor", None) is None)
+    render = ProcessorMixin.apply_chat_template.__get__(processor) if built_without_video else processor.apply_chat_template
+    return render(messages, add_generation_prompt=add_generation_prompt)
 
 
 def on_pil(processor):
