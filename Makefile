@@ -1,13 +1,15 @@
-# `make demo` and `make test` each set up their own virtual environment first.
+# `make demo` and `make test` each set up their own virtual environment first, with the tested versions
+# of every package (constraints.txt). `make test-latest` checks the newest versions pyproject.toml allows.
 VENV ?= .venv
-PIP := $(VENV)/bin/pip
+LATEST_VENV ?= .venv-latest
+# On a machine without a GPU, pin the CPU build (an unpinned torch pulls a multi-GB CUDA build).
+TORCH := $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo "torch>=2.4,<2.14"; else echo torch==2.13.0; fi)
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	# On a machine without a GPU, pin the CPU build (an unpinned torch pulls a multi-GB CUDA build).
-	if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q "torch>=2.4"; else $(PIP) install -q torch==2.13.0; fi
-	$(PIP) install -q -e ".[test]"
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q "$(TORCH)"
+	$(VENV)/bin/pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
 # The whole chain on the embedded default: convert, a short distillation, then evaluate teacher,
@@ -22,4 +24,16 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q
 
-.PHONY: demo test
+# The suite against the newest release of every package that pyproject.toml's ranges allow, in a venv of
+# its own; the versions it ran with go to $(LATEST_VENV)/versions.txt. Run it before raising a range's cap
+# and when a new transformers is out (docs/testing.md).
+test-latest:
+	rm -rf $(LATEST_VENV)
+	python3 -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/pip install -q "$(TORCH)"
+	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
+	$(LATEST_VENV)/bin/pip freeze --exclude-editable > $(LATEST_VENV)/versions.txt
+	$(LATEST_VENV)/bin/python -m pytest -q
+
+.PHONY: demo test test-latest

@@ -103,6 +103,7 @@ def build(family: str, seed: int = 0, gains: bool = True):
 # (chat markers, Idefics3's row/column tags) follow the words.
 
 from matvlm_cli.tiny import WORDS as _WORDS  # noqa: E402
+from matvlm_cli.hybrid.io import images_only  # noqa: E402
 
 QWEN_TOKENS = {250: "<|image_pad|>", 251: "<|video_pad|>", 252: "<|vision_start|>", 253: "<|vision_end|>"}
 MODEL_TOKENS = {
@@ -209,14 +210,7 @@ def tokenizer(family: str):
 
 def processor(family: str):
     """The family's real processor with a tiny word-level tokenizer and its real (PIL) image processor class
-    (with no video processor where torchvision is missing: see `images_only_without_torchvision`)."""
-    from matvlm_cli.hybrid.io import images_only_without_torchvision
-
-    with images_only_without_torchvision():
-        return _processor(family)
-
-
-def _processor(family: str):
+    (with no video processor where torchvision is missing: see `images_only`)."""
     tok, template = tokenizer(family), chat_template(family)
     norm = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3)
     if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
@@ -224,17 +218,17 @@ def _processor(family: str):
         images = T.Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32,
                                             max_pixels=64 * 64, **norm) if family != "qwen3_vl" else \
             T.Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64}, **norm)
-        cls = {"qwen2_vl": T.Qwen2VLProcessor, "qwen2_5_vl": T.Qwen2_5_VLProcessor, "qwen3_vl": T.Qwen3VLProcessor}[family]
+        cls = {"qwen2_vl": images_only(T.Qwen2VLProcessor), "qwen2_5_vl": images_only(T.Qwen2_5_VLProcessor), "qwen3_vl": images_only(T.Qwen3VLProcessor)}[family]
         return cls(image_processor=images, tokenizer=tok, video_processor=None, chat_template=template)
     if family == "idefics3":
         images = T.Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, **norm)
         return T.Idefics3Processor(image_processor=images, tokenizer=tok, image_seq_len=4, chat_template=template)
     if family == "smolvlm":
         images = T.SmolVLMImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, **norm)
-        return T.SmolVLMProcessor(image_processor=images, tokenizer=tok, video_processor=None, image_seq_len=4, chat_template=template)
+        return images_only(T.SmolVLMProcessor)(image_processor=images, tokenizer=tok, video_processor=None, image_seq_len=4, chat_template=template)
     if family == "internvl":
         images = T.GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, max_patches=4, **norm)
-        return T.InternVLProcessor(image_processor=images, tokenizer=tok, video_processor=None, image_seq_length=4, chat_template=template)
+        return images_only(T.InternVLProcessor)(image_processor=images, tokenizer=tok, video_processor=None, image_seq_length=4, chat_template=template)
     if family == "gemma3":
         images = T.Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, **norm)
         return T.Gemma3Processor(image_processor=images, tokenizer=tok, image_seq_length=4, chat_template=template)
@@ -252,7 +246,7 @@ def _processor(family: str):
                                     num_additional_image_tokens=1, chat_template=template)
     if family == "llava_onevision":
         images = T.LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]], **norm)
-        return T.LlavaOnevisionProcessor(image_processor=images, tokenizer=tok, video_processor=None, num_image_tokens=16,
+        return images_only(T.LlavaOnevisionProcessor)(image_processor=images, tokenizer=tok, video_processor=None, num_image_tokens=16,
                                          vision_feature_select_strategy="full", chat_template=template)
     raise ValueError(f"no processor for {family}")
 
@@ -266,8 +260,5 @@ def save(family: str, directory, seed: int = 0):
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 1, 3
     model.save_pretrained(directory)
     if family in MODEL_TOKENS:
-        from matvlm_cli.hybrid.io import images_only_without_torchvision
-
-        with images_only_without_torchvision():
-            processor(family).save_pretrained(directory)
+        processor(family).save_pretrained(directory)
     return directory

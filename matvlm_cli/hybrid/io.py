@@ -11,11 +11,12 @@ with the teacher's class extended to build the mixers, and refuses any missing o
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import re
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -147,47 +148,54 @@ def _from_pretrained(cls, path: Path, **kwargs):
         raise MatvlmError(f"{path}: cannot be loaded as {cls.__name__}: {_first_line(err)}") from None
 
 
-@contextmanager
-def images_only_without_torchvision():
-    """Processors that also take videos (Qwen-VL, InternVL, LLaVA-OneVision, SmolVLM) cannot even be built
-    without torchvision, which only their video processor needs. matvlm gives them images only: without
-    torchvision, they are built, saved and loaded here with no video processor (a video passed to one fails)."""
+def _torchvision_missing() -> bool:
     try:
         import torchvision  # noqa: F401
-
-        yield
-        return
     except ImportError:
-        pass
-    import inspect
+        return True
+    return False
 
-    from transformers import ProcessorMixin
 
-    attributes, from_args = vars(ProcessorMixin)["get_attributes"], vars(ProcessorMixin)["from_args_and_dict"]
+@functools.cache
+def images_only(processor_class: type) -> type:
+    """`processor_class` as matvlm builds it. Without torchvision, whose only user in these processors is
+    the video processor, processors that also take videos (Qwen-VL, InternVL, LLaVA-OneVision, SmolVLM)
+    cannot even be built. matvlm gives them images only: a subclass of the same name (saved folders name the
+    stock class) that declares no video processor among its parts. Build it with `video_processor=None`;
+    a video passed to one fails. With torchvision installed, or for a class without a video processor,
+    this is the class itself."""
+    takes_video = "video_processor" in inspect.signature(processor_class.__init__).parameters
+    if not takes_video or not _torchvision_missing():
+        return processor_class
+    parts = processor_class.get_attributes.__func__
 
-    def without_video(cls, args, processor_dict, **kwargs):
-        # SmolVLM's __init__ takes its video processor as a required argument: loading gives it None
-        wanted = inspect.signature(cls.__init__).parameters.get("video_processor")
-        if wanted is not None and wanted.default is inspect.Parameter.empty:
-            kwargs.setdefault("video_processor", None)
-        return from_args.__func__(cls, args, processor_dict, **kwargs)
+    def get_attributes(cls):
+        return [part for part in parts(cls) if part != "video_processor"]
 
-    ProcessorMixin.get_attributes = classmethod(lambda cls: [a for a in attributes.__func__(cls) if a != "video_processor"])
-    ProcessorMixin.from_args_and_dict = classmethod(without_video)
+    return type(processor_class.__name__, (processor_class,), {
+        "get_attributes": classmethod(get_attributes), "__module__": processor_class.__module__,
+        "__qualname__": processor_class.__qualname__, "built_without_video": True})
+
+
+def _saved_processor_class(path: Path) -> type | None:
+    """The stock processor class a folder's processor_config.json names, if transformers has it."""
+    import transformers
+
+    config = path / "processor_config.json"
     try:
-        yield
-    finally:
-        ProcessorMixin.get_attributes, ProcessorMixin.from_args_and_dict = attributes, from_args
+        name = json.loads(config.read_text()).get("processor_class") if config.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return getattr(transformers, name, None) if isinstance(name, str) else None
 
 
 def render_chat(processor, messages: list[dict], add_generation_prompt: bool = False) -> str:
     """The processor's chat template rendered as text. A processor built without its video processor (see
-    `images_only_without_torchvision`) renders through ProcessorMixin's own method: SmolVLM's override
+    `images_only`) renders through ProcessorMixin's own method: SmolVLM's override
     reads the video processor's frame settings even for a chat of images, and adds nothing else for one."""
     from transformers import ProcessorMixin
 
-    built_without_video = (isinstance(processor, ProcessorMixin) and "video_processor" in type(processor).get_attributes()
-                           and getattr(processor, "video_processor", None) is None)
+    built_without_video = getattr(type(processor), "built_without_video", False)
     render = ProcessorMixin.apply_chat_template.__get__(processor) if built_without_video else processor.apply_chat_template
     return render(messages, add_generation_prompt=add_generation_prompt)
 
@@ -216,8 +224,10 @@ def load_processor(path: str | os.PathLike, trust_remote_code: bool = False):
     if reader := layout_reader(path):
         return reader.processor(Path(path))
     try:
-        with images_only_without_torchvision():
-            return on_pil(AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code))
+        stock = _saved_processor_class(Path(path))
+        if stock is not None and images_only(stock) is not stock:
+            return on_pil(images_only(stock).from_pretrained(path, video_processor=None))
+        return on_pil(AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code))
     except _FILE_ERRORS as err:
         raise MatvlmError(f"{path}: no usable processor (preprocessor_config.json, tokenizer files): {_first_line(err)}") from None
 
