@@ -1,0 +1,117 @@
+"""The Gradio page: an image and a question on the left, one column per model below, each streaming its answer."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local page: no telemetry, no version check
+
+import gradio as gr  # noqa: E402
+from PIL import UnidentifiedImageError  # noqa: E402
+
+from ..errors import MatvlmError  # noqa: E402
+from ..images import open_rgb  # noqa: E402
+from .engine import AppModel, Sampling, stream_answer  # noqa: E402
+from .samples import Sample  # noqa: E402
+
+TITLE = "matvlm: teacher and hybrids side by side"
+# System fonts: the default theme fetches its fonts from the web, and this page must load with no network.
+THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+WAITING = "waiting for the columns to its left"
+
+from gradio.events import Dependency
+
+class _ImageUpload(gr.Image):
+    """gr.Image hands over the uploaded file as it is (type filepath, no mode), so the model reads the very
+    bytes `matvlm generate --image` would. Gradio opens it first to check it; a file that is no image is
+    passed on too, so that the handler says why in the page instead of Gradio failing without a reason."""
+
+    def get_block_name(self) -> str:
+        return "image"  # drawn by Gradio's own image component (Gradio's way to reuse a component's Svelte file)
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except (UnidentifiedImageError, OSError, ValueError):
+            return None if payload is None or payload.path is None else str(payload.path)
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+def _read_request(image_path, question, max_new_tokens, temperature, top_p, top_k, seed):
+    if not image_path:
+        raise MatvlmError("no image: upload one or pick a sample scene")
+    if not (question or "").strip():
+        raise MatvlmError("no question: type one")
+    sampling = Sampling(int(max_new_tokens), float(temperature), float(top_p), int(top_k), int(seed or 0))
+    sampling.check()
+    return open_rgb(image_path, where="the uploaded file"), question, sampling
+
+
+def build_page(models: list[AppModel], samples: list[Sample], sample_paths: list) -> gr.Blocks:
+    with gr.Blocks(title=TITLE) as page:
+        gr.Markdown(f"# {TITLE}\nOne question about one image, answered by each model in turn with its own chat "
+                    "template. Greedy unless the temperature is above 0.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = _ImageUpload(label="Image", type="filepath", image_mode=None, format="png",
+                                     sources=["upload", "clipboard"], height=260)
+            with gr.Column(scale=2):
+                question = gr.Textbox(label="Question", lines=3, placeholder="Describe the image.")
+                ask = gr.Button("Ask every model", variant="primary")
+                with gr.Accordion("Sampling", open=False):
+                    max_new_tokens = gr.Slider(1, 512, value=Sampling.max_new_tokens, step=1, label="Most new tokens")
+                    temperature = gr.Slider(0, 2, value=Sampling.temperature, step=0.05, label="Temperature (0: greedy)")
+                    top_p = gr.Slider(0.05, 1, value=Sampling.top_p, step=0.05, label="Top-p (1: off)")
+                    top_k = gr.Slider(0, 200, value=Sampling.top_k, step=1, label="Top-k (0: off)")
+                    seed = gr.Number(value=Sampling.seed, precision=0, label="Seed (sampling)")
+                gr.Examples([[str(path), sample.question] for path, sample in zip(sample_paths, samples)],
+                            inputs=[image, question], label="Sample scenes from the embedded world")
+        outputs = []
+        with gr.Row(equal_height=True):
+            for app_model in models:
+                with gr.Column(min_width=240):
+                    gr.Markdown(f"### {app_model.name}\n{app_model.layers_line()}  \n*{app_model.origin}*")
+                    outputs.append(gr.Textbox(label="Answer", lines=4, interactive=False))
+                    outputs.append(gr.Markdown())
+
+        def answer_all(image_path, question, max_new_tokens, temperature, top_p, top_k, seed):
+            try:
+                picture, prompt, sampling = _read_request(image_path, question, max_new_tokens, temperature, top_p, top_k, seed)
+            except MatvlmError as err:
+                raise gr.Error(str(err), print_exception=False) from None
+            shown = ["", WAITING] * len(models)
+            for i, app_model in enumerate(models):
+                try:
+                    for answer in stream_answer(app_model, picture, prompt, sampling):
+                        shown[2 * i: 2 * i + 2] = [answer.text, answer.stats_line()]
+                        yield tuple(shown)
+                except MatvlmError as err:
+                    raise gr.Error(str(err), print_exception=False) from None
+                except Exception as err:  # this model failed; the other columns still answer
+                    shown[2 * i + 1] = f"**error:** {type(err).__name__}: {err}"
+                    yield tuple(shown)
+
+        inputs = [image, question, max_new_tokens, temperature, top_p, top_k, seed]
+        ask.click(answer_all, inputs, outputs, api_name="ask")
+        question.submit(answer_all, inputs, outputs, api_name=False)
+    return page
+
+
+def serve(page: gr.Blocks, port: int, allowed_paths: list[str]) -> None:
+    """Start serving on 127.0.0.1 only and return; `page.block_thread()` then serves until Ctrl+C. One
+    question at a time: the models are shared."""
+    try:
+        page.queue(default_concurrency_limit=1).launch(
+            server_name="127.0.0.1", server_port=port, share=False, inbrowser=False, quiet=True, ssr_mode=False,
+            mcp_server=False, theme=THEME, allowed_paths=allowed_paths, footer_links=[], prevent_thread_lock=True,
+        )
+    except OSError as err:  # taken between the check before loading and now
+        raise MatvlmError(f"--port {port}: cannot serve on 127.0.0.1:{port} ({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
