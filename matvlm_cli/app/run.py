@@ -11,8 +11,6 @@ from pathlib import Path
 from rich.console import Console
 
 from ..errors import MatvlmError
-from .engine import check_vision_model, column_names, default_models, load_app_model
-from .samples import sample_scenes, write_samples
 
 HOST = "127.0.0.1"
 INSTALL_EXTRA = 'pip install "matvlm[app]"'
@@ -38,6 +36,10 @@ def run_app(model_dirs: list[Path], port: int, console: Console | None = None) -
     console = console or Console()
     check_extra()
     check_port(port)
+    # torch and transformers load after the quick checks
+    from .engine import Sampling, check_vision_model, column_names, default_models, load_app_model, stream_answer
+    from .samples import sample_scenes, write_samples
+
     for path in model_dirs:
         check_vision_model(path)
 
@@ -48,10 +50,14 @@ def run_app(model_dirs: list[Path], port: int, console: Console | None = None) -
             models = default_models()
     for app_model in models:
         console.print(f"[bold]{app_model.name}[/bold]: {app_model.layers_line()}", highlight=False)
+    samples = sample_scenes()
+    with console.status("Warming up"):  # the first forward pass of a model is slow: not the first visitor's
+        for app_model in models:
+            for _ in stream_answer(app_model, samples[0].image, samples[0].question, Sampling(max_new_tokens=2)):
+                pass
 
     from .page import build_page, serve
 
-    samples = sample_scenes()
     with tempfile.TemporaryDirectory(prefix="matvlm-app-") as folder:
         page = build_page(models, samples, write_samples(Path(folder), samples))
         serve(page, port, allowed_paths=[folder])
