@@ -126,6 +126,6 @@ if __name__ == "__main__":
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "app.png")
     parser.add_argument("--sample", type=int, default=4, help="which sample scene to ask about (0-5)")
     parser.add_argument("--width", type=int, default=1280)
-    parser.add_argument("--height", type=int, default=860)
+    parser.add_argument("--height", type=int, default=1120)
     args = parser.parse_args()
     take(args.output, args.sample, args.width, args.height)

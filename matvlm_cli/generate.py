@@ -32,11 +32,13 @@ def chat_inputs(processor, model, image: Image.Image, prompt: str) -> BatchFeatu
     return processor(images=[image], text=[text], return_tensors="pt").to(next(model.parameters()).device)
 
 
-def sampling_options(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> dict:
-    """`generate` keywords: greedy at temperature 0, else sampling (top_p 1 and top_k 0 switch those filters off)."""
+def sampling_options(temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None) -> dict:
+    """`generate` keywords: greedy at temperature 0, else sampling; a top_p or top_k left None is the model's
+    own generation config (transformers' defaults where it sets none)."""
     if temperature == 0:
         return {"do_sample": False}
-    return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+    filters = {name: value for name, value in (("top_p", top_p), ("top_k", top_k)) if value is not None}
+    return {"do_sample": True, "temperature": temperature, **filters}
 
 
 def run_generate(model_dir: Path, image_path: Path, prompt: str, max_new_tokens: int = 64,

@@ -93,8 +93,8 @@ def default_models() -> list[AppModel]:
 class Sampling:
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1: the model's own generation config
+    top_k: int = 0  # 0: the model's own generation config
     seed: int = 0  # sampling only: each model starts from this seed
 
     def check(self) -> None:
@@ -145,7 +145,7 @@ def stream_answer(app_model: AppModel, image: Image.Image, prompt: str, sampling
     start = time.perf_counter()
     inputs = chat_inputs(app_model.processor, app_model.model, image, prompt)
     streamer = _TimedStreamer(app_model.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    options = sampling_options(sampling.temperature, sampling.top_p, sampling.top_k)
+    options = sampling_options(sampling.temperature, None if sampling.top_p == 1 else sampling.top_p, sampling.top_k or None)
     failures: list[BaseException] = []
 
     def generate() -> None:

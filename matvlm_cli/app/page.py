@@ -64,8 +64,8 @@ def build_page(models: list[AppModel], samples: list[Sample], sample_paths: list
                 with gr.Accordion("Sampling", open=False):
                     max_new_tokens = gr.Slider(1, 512, value=Sampling.max_new_tokens, step=1, label="Most new tokens")
                     temperature = gr.Slider(0, 2, value=Sampling.temperature, step=0.05, label="Temperature (0: greedy)")
-                    top_p = gr.Slider(0.05, 1, value=Sampling.top_p, step=0.05, label="Top-p (1: off)")
-                    top_k = gr.Slider(0, 200, value=Sampling.top_k, step=1, label="Top-k (0: off)")
+                    top_p = gr.Slider(0.05, 1, value=Sampling.top_p, step=0.05, label="Top-p (1: each model's own setting)")
+                    top_k = gr.Slider(0, 200, value=Sampling.top_k, step=1, label="Top-k (0: each model's own setting)")
                     seed = gr.Number(value=Sampling.seed, precision=0, label="Seed (sampling)")
 
         def pick_sample(selected: gr.SelectData):
