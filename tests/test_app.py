@@ -233,3 +233,12 @@ def test_sampling_settings_are_checked(field, value, message):
 
     with pytest.raises(MatvlmError, match=message):
         Sampling(**{field: value}).check()
+
+
+def test_generate_samples_with_the_models_own_filters():
+    """`matvlm generate --temperature` leaves top-p and top-k to the model's generation config, as before the app."""
+    from matvlm_cli.generate import sampling_options
+
+    assert sampling_options(0.0) == {"do_sample": False}
+    assert sampling_options(0.7) == {"do_sample": True, "temperature": 0.7}
+    assert sampling_options(0.7, top_p=0.9, top_k=20) == {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 20}

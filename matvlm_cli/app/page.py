@@ -106,6 +106,9 @@ def build_page(models: list[AppModel], samples: list[Sample], sample_paths: list
 def serve(page: gr.Blocks, port: int, allowed_paths: list[str]) -> None:
     """Start serving on 127.0.0.1 only and return; `page.block_thread()` then serves until Ctrl+C. One
     question at a time: the models are shared."""
+    import matplotlib
+
+    matplotlib.get_backend()  # Gradio asks for it around every event; resolving it imports pyplot (1-3 s): now, not on the first question
     try:
         page.queue(default_concurrency_limit=1).launch(
             server_name="127.0.0.1", server_port=port, share=False, inbrowser=False, quiet=True, ssr_mode=False,
