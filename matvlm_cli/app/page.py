@@ -22,19 +22,23 @@ WAITING = "waiting for the columns to its left"
 CSS = "#image img, #samples img { image-rendering: pixelated; } #image img { width: 100%; height: 100%; object-fit: contain; }"
 
 
-class _ImageUpload(gr.Image):
-    """gr.Image hands over the uploaded file as it is (type filepath, no mode), so the model reads the very
-    bytes `matvlm generate --image` would. Gradio opens it first to check it; a file that is no image is
-    passed on too, so that the handler says why in the page instead of Gradio failing without a reason."""
+def _image_input() -> gr.Image:
+    """An image upload handed over as the uploaded file itself (type filepath, no mode), so the model reads
+    the very bytes `matvlm generate --image` would. Gradio opens the file first to check it and fails with no
+    reason on one that is no image; such a file is passed on instead, and the handler says why in the page.
+    (Wrapped on the instance: a subclass of a Gradio component makes Gradio write a .pyi file beside this one.)"""
+    image = gr.Image(label="Image", type="filepath", image_mode=None, format="png", sources=["upload", "clipboard"],
+                     height=300, elem_id="image")
+    check = image.preprocess
 
-    def get_block_name(self) -> str:
-        return "image"  # drawn by Gradio's own image component (Gradio's way to reuse a component's Svelte file)
-
-    def preprocess(self, payload):
+    def preprocess(payload):
         try:
-            return super().preprocess(payload)
+            return check(payload)
         except (UnidentifiedImageError, OSError, ValueError):
             return None if payload is None or payload.path is None else str(payload.path)
+
+    image.preprocess = preprocess
+    return image
 
 
 def _read_request(image_path, question, max_new_tokens, temperature, top_p, top_k, seed):
@@ -53,8 +57,7 @@ def build_page(models: list[AppModel], samples: list[Sample], sample_paths: list
                     "template. Greedy unless the temperature is above 0.")
         with gr.Row():
             with gr.Column(scale=1):
-                image = _ImageUpload(label="Image", type="filepath", image_mode=None, format="png",
-                                     sources=["upload", "clipboard"], height=300, elem_id="image")
+                image = _image_input()
             with gr.Column(scale=2):
                 question = gr.Textbox(label="Question", lines=2, placeholder="Describe the image.")
                 ask = gr.Button("Ask every model", variant="primary", elem_id="ask")
