@@ -123,6 +123,17 @@ def generate(
     run_generate(model or default_teacher_dir(), image, prompt, max_new_tokens, temperature, console)
 
 
+@app.command(name="app")
+def serve_app(
+    model: Optional[list[Path]] = typer.Option(None, "--model", "-m", help="A teacher or hybrid VLM directory; repeat for one column each (default: the embedded teacher and its default conversion)."),
+    port: int = typer.Option(7860, min=1, max=65535, help="Port on 127.0.0.1."),
+):
+    """Serve a local page where teacher and hybrids answer one question about one image side by side."""
+    from .app.run import run_app
+
+    run_app(model or [], port, console)
+
+
 def _task_list(text: str | None) -> list[str] | None:
     return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
 

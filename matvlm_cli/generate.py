@@ -1,4 +1,7 @@
-"""The `generate` subcommand's engine: answer one question about one image, streaming the tokens."""
+"""The `generate` subcommand's engine: answer one question about one image, streaming the tokens.
+
+`check_prompt`, `chat_inputs` and `sampling_options` are also what `matvlm app` answers with, so the page
+and this command give the same answer to the same image and prompt."""
 
 from __future__ import annotations
 
@@ -7,12 +10,35 @@ from pathlib import Path
 from threading import Thread
 
 import torch
+from PIL import Image
 from rich.console import Console
-from transformers import TextIteratorStreamer
+from transformers import BatchFeature, TextIteratorStreamer
 
 from .errors import MatvlmError
 from .hybrid.io import check_model, load_model, load_processor, render_chat
 from .images import open_rgb
+
+
+def check_prompt(processor, prompt: str, what: str = "--prompt") -> None:
+    placeholder = getattr(processor, "image_token", None) or "<image>"
+    if placeholder in prompt:
+        raise MatvlmError(f"{what}: contains {placeholder!r}; leave it out, the one image is placed for you")
+
+
+def chat_inputs(processor, model, image: Image.Image, prompt: str) -> BatchFeature:
+    """One user turn (the image, then the prompt) in the model's own chat template, ready for `generate`."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = render_chat(processor, messages, add_generation_prompt=True)
+    return processor(images=[image], text=[text], return_tensors="pt").to(next(model.parameters()).device)
+
+
+def sampling_options(temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None) -> dict:
+    """`generate` keywords: greedy at temperature 0, else sampling; a top_p or top_k left None is the model's
+    own generation config (transformers' defaults where it sets none)."""
+    if temperature == 0:
+        return {"do_sample": False}
+    filters = {name: value for name, value in (("top_p", top_p), ("top_k", top_k)) if value is not None}
+    return {"do_sample": True, "temperature": temperature, **filters}
 
 
 def run_generate(model_dir: Path, image_path: Path, prompt: str, max_new_tokens: int = 64,
@@ -28,15 +54,11 @@ def run_generate(model_dir: Path, image_path: Path, prompt: str, max_new_tokens:
     image = open_rgb(image_path)
 
     processor = load_processor(model_dir)
-    placeholder = getattr(processor, "image_token", None) or "<image>"
-    if placeholder in prompt:
-        raise MatvlmError(f"--prompt: contains {placeholder!r}; leave it out, the one --image is placed for you")
+    check_prompt(processor, prompt)
     model = load_model(model_dir)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    text = render_chat(processor, messages, add_generation_prompt=True)
-    inputs = processor(images=[image], text=[text], return_tensors="pt").to(next(model.parameters()).device)
+    inputs = chat_inputs(processor, model, image, prompt)
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    sampling = sampling_options(temperature)
     worker = Thread(target=lambda: model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **sampling))
     with torch.no_grad():
         worker.start()
