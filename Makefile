@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q "$(TORCH)"
-	$(VENV)/bin/pip install -q -c constraints.txt -e ".[test]"
+	$(VENV)/bin/pip install -q -c constraints.txt -e ".[test,app]"
 	touch $@
 
 # The whole chain on the embedded default: convert, a short distillation, then evaluate teacher,
@@ -32,7 +32,7 @@ test-latest:
 	python3 -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/pip install -q --upgrade pip
 	$(LATEST_VENV)/bin/pip install -q "$(TORCH)"
-	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
+	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[test,app]"
 	$(LATEST_VENV)/bin/pip freeze --exclude-editable > $(LATEST_VENV)/versions.txt
 	$(LATEST_VENV)/bin/python -m pytest -q
 

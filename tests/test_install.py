@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _requirements() -> list[Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+    extras = project["optional-dependencies"]
+    return [Requirement(r) for r in project["dependencies"] + extras["test"] + extras["app"]]
 
 
 def _pins() -> dict[str, str]:
@@ -42,4 +43,4 @@ def test_every_range_is_capped():
 
 def test_the_makefile_installs_with_the_constraints():
     makefile = (ROOT / "Makefile").read_text()
-    assert re.search(r"pip install -q -c constraints\.txt -e \"\.\[test\]\"", makefile)
+    assert re.search(r"pip install -q -c constraints\.txt -e \"\.\[test,app\]\"", makefile)
