@@ -123,7 +123,11 @@ def _load_fla() -> SimpleNamespace:
         return y.to(x.dtype), final
 
     def conv1d(x, weight, bias, activation="silu"):
-        y, _ = conv.causal_conv1d(x.transpose(1, 2), weight, bias, activation=activation)
+        # fla's kernel reads x (batch, length, channels) through its strides, and loads a tile of channels
+        # at each step: channels must be adjacent in memory. A prefill chunk after the first arrives
+        # channels-first (the cached window concatenated in front of it), where adjacent channels lie a
+        # whole sequence apart; one copy into channels-last costs less than the scattered loads.
+        y, _ = conv.causal_conv1d(x.transpose(1, 2).contiguous(), weight, bias, activation=activation)
         return y.transpose(1, 2)
 
     return SimpleNamespace(
