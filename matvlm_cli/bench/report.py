@@ -119,9 +119,27 @@ def write_report(report: dict, output: str | Path, console: Console) -> Path:
         console.print(f"wrote {output / 'kernels.json'}")
         return output
 
+    save_report(report, output)
+    print_report(report, console)
+    console.print(f"wrote {output / 'bench.json'} and {output / 'bench.png'}")
+    return output
+
+
+def save_report(report: dict, output: str | Path) -> None:
+    """Derive the comparisons and (re)write bench.json, bench.png and the profile tables, each atomically.
+    The bench calls it after every model, so a run cut short keeps the models it finished."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
     report["comparisons"] = comparisons(report["rows"])
     report["paper_style"] = paper_style(report["rows"])
     report["throughput_gains"] = throughput_gains(report["throughput"])
+    for entry in report.get("profiles", []):
+        write_atomic(output / entry["file"], profile_table(entry))
+    write_atomic(output / "bench.json", json.dumps(report, indent=2) + "\n")
+    plot(report, output / "bench.png")
+
+
+def print_report(report: dict, console: Console) -> None:
     console.print(rows_table(report))
     if report["comparisons"]:
         console.print(comparison_table(report))
@@ -139,12 +157,6 @@ def write_report(report: dict, output: str | Path, console: Console) -> Path:
     for p in report.get("profiles", []):
         console.print(f"decode step of {p['model']} at {p['seq_len']}: {p['kernels_per_step']:.0f} kernels, "
                       f"{p['kernel_ms_per_step']:.2f} ms of kernels ({p['file']})")
-    for entry in report.get("profiles", []):
-        write_atomic(output / entry["file"], profile_table(entry))
-    write_atomic(output / "bench.json", json.dumps(report, indent=2) + "\n")
-    plot(report, output / "bench.png")
-    console.print(f"wrote {output / 'bench.json'} and {output / 'bench.png'}")
-    return output
 
 
 def plot(report: dict, path: Path) -> None:

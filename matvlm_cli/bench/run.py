@@ -22,6 +22,7 @@ from . import throughput as throughput_search
 from .engines import ENGINES, GraphEngine, Timing
 from .models import bench_inputs, check_models, check_teacher, default_teacher, image_input, model_specs
 from .profile import profile_decode
+from .report import save_report, write_report
 
 
 @dataclass
@@ -110,8 +111,6 @@ def run_bench(recipe: BenchRecipe, console: Console | None = None) -> Path:
         from .kernel_bench import kernel_rows
 
         report["kernel_rows"] = [asdict(row) for row in kernel_rows()]
-        from .report import write_report
-
         return write_report(report, recipe.output, console)
 
     teacher = recipe.teacher or default_teacher(device)
@@ -132,6 +131,7 @@ def run_bench(recipe: BenchRecipe, console: Console | None = None) -> Path:
     rows: list[BenchRow] = []
     throughput: list[throughput_search.ThroughputRow] = []
     profiles: list[dict] = []
+    report.update(rows=[], throughput=[], profiles=profiles)
     total = len(specs) * len(recipe.engines) * len(recipe.seq_lens) * len(recipe.batches)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
@@ -148,11 +148,12 @@ def run_bench(recipe: BenchRecipe, console: Console | None = None) -> Path:
                         rows.append(measure_row(model, spec.label, engine, seq_len, batch, recipe, image, bandwidth))
                         progress.advance(task)
                         _free(device)
+            if (recipe.profile or throughput_lengths) and "graphs" not in engines:
+                engines["graphs"] = GraphEngine(model)
             if recipe.profile:
                 progress.update(task, description=f"{spec.label} · profiling a decode step")
-                graphs = engines.get("graphs") or GraphEngine(model)
                 inputs = bench_inputs(model, recipe.seq_lens[0], recipe.batches[0], image, recipe.seed)
-                entry = {"model": spec.label, **profile_decode(graphs, inputs)}
+                entry = {"model": spec.label, **profile_decode(engines["graphs"], inputs)}
                 timed = [r for r in rows if (r.model, r.engine, r.seq_len, r.batch) == (spec.label, "graphs", entry["seq_len"], entry["batch"])]
                 entry["step_ms"] = timed[0].decode_ms if timed else None
                 entry["file"] = f"profile-{spec.label}-{entry['seq_len']}.txt"
@@ -162,16 +163,10 @@ def run_bench(recipe: BenchRecipe, console: Console | None = None) -> Path:
             for seq_len in throughput_lengths:
                 progress.update(task, description=f"{spec.label} · largest batch at {seq_len} tokens")
                 one = bench_inputs(model, seq_len, 1, image, recipe.seed)
-                found = throughput_search.largest_batch(engines.get("graphs") or GraphEngine(model), spec.label, one, seq_len, device)
-                if found.error:
-                    console.print(f"throughput, {spec.label}: {found.error}")
-                throughput.append(found)
+                throughput.append(throughput_search.largest_batch(engines["graphs"], spec.label, one, seq_len, device))
                 del one
             del model, engines
             _free(device)
-    report["rows"] = [asdict(row) for row in rows]
-    report["throughput"] = [asdict(row) for row in throughput]
-    report["profiles"] = profiles
-    from .report import write_report
-
+            report.update(rows=[asdict(row) for row in rows], throughput=[asdict(row) for row in throughput])
+            save_report(report, recipe.output)
     return write_report(report, recipe.output, console)

@@ -6,9 +6,10 @@ The search is built to take a minute or two per model and length:
 - One prompt is prefilled at batch 1, and its cache is copied into every row of a batch-B cache, as a
   server prefills requests one at a time and decodes them together. Prefilling B prompts at once would
   cost B prefills per attempt (minutes at 32k) and time nothing that the throughput number contains.
-- The batch-1 cache gives the bytes one sequence holds (KV slots and Mamba states, exactly as allocated).
-  The first batch tried is the most whose caches fit in free memory with `HEADROOM` to spare for the
-  decode step's activations and its CUDA graph; bisection below it follows only if that does not fit.
+- The batch-1 cache gives the bytes one sequence holds (KV slots and Mamba states, exactly as allocated;
+  the states count twice, as capturing the graph snapshots them). The first batch tried is the most
+  whose caches fit in free memory with `HEADROOM` to spare for the decode step's activations and its
+  CUDA graph; bisection below it follows only if that does not fit.
 - Each attempt captures the decode step at its batch and times `GEN_LEN` tokens. The compiled step
   compiles once more for a batch other than 1 (dynamic shapes), on the first attempt.
 
@@ -23,7 +24,7 @@ from typing import Callable, Generic, TypeVar
 
 import torch
 
-from .engines import GraphEngine, cache_tensors
+from .engines import GraphEngine, cache_sizes, cache_tensors
 
 GEN_LEN = 32  # tokens decoded per attempt
 HEADROOM = 2**30  # bytes left free beside the caches: decode activations, the graph's pool, fragmentation
@@ -95,10 +96,6 @@ def replicate(engine: GraphEngine, one, first_token: torch.Tensor, batch: int, m
     return cache, first_token[:1].expand(batch).contiguous()
 
 
-def _sequence_bytes(cache) -> int:
-    return sum(t.numel() * t.element_size() for t in cache_tensors(cache) if t.dim() > 1)
-
-
 def _free_bytes(device: torch.device) -> int:
     free, _ = torch.cuda.mem_get_info(device)
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
@@ -128,8 +125,9 @@ def largest_batch(engine: GraphEngine, label: str, inputs, seq_len: int, device:
         row.error = f"cannot fit even batch 1 at {seq_len} tokens: its prefill runs out of memory"
         row.search_s = time.perf_counter() - started
         return row
-    per_sequence = _sequence_bytes(one)
-    row.cache_mib_per_sequence = per_sequence / 2**20
+    kv, state = cache_sizes(one)
+    row.cache_mib_per_sequence = (kv + state) / 2**20
+    per_sequence = kv + 2 * state  # building the graph snapshots the Mamba states (`GraphEngine.decoder`)
     free = _free_bytes(device) - HEADROOM
     # A batch whose caches alone exceed the free memory cannot fit; batch 1 decodes in the prefilled cache.
     limit = max(free // per_sequence, 1) + 1
