@@ -32,7 +32,9 @@ from matvlm_cli.hybrid import kernels
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768, 65536])
 parser.add_argument("--ab-length", type=int, default=8192)
-parser.add_argument("--chunks", type=int, nargs="+", default=[4096, 8192], help="prefill chunk sizes to compare with the default")
+parser.add_argument("--chunks", type=int, nargs="+", default=[2048, 4096], help="prefill chunk sizes to compare with the default")
+parser.add_argument("--models", nargs="+", help="labels to measure (teacher, hybrid-0.25, ...); default all")
+parser.add_argument("--no-stock", action="store_true", help="skip stock transformers' prefill of the teacher")
 parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
 parser.add_argument("--repeats", type=int, default=2)
 parser.add_argument("--tiny", action="store_true", help="the embedded teacher on the CPU, short lengths")
@@ -107,6 +109,8 @@ report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "
 print(report["device"], report["torch"], report["kernels"], flush=True)
 
 for spec in model_specs(teacher, [], args.ratios, "even", device, dtype):
+    if args.models and spec.label not in args.models:
+        continue
     model = spec.build()
     image = image_input(model, spec.directory)
     # prefill is never compiled (compile=False only skips compiling the decode step); the tiny run uses small
@@ -159,7 +163,7 @@ for spec in model_specs(teacher, [], args.ratios, "even", device, dtype):
           f"same first token {agreement['same_first_token']}", flush=True)
     del new_cache, old_cache
 
-    if spec.label == "teacher":  # stock transformers: one forward, SDPA (flash), q/k/v unfused
+    if spec.label == "teacher" and not args.no_stock:  # stock transformers: one forward, SDPA (flash), q/k/v unfused
         def stock():
             fusion.unfuse(model)
             engine.text_config._attn_implementation = "sdpa"
