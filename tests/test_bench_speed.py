@@ -98,7 +98,7 @@ def test_a_replicated_cache_decodes_each_row_like_the_prompt_alone(tiny_teachers
     expected = tokens[0].clone()
 
     one, first = engine.prefill(inputs, max_len)
-    many, firsts = replicate(engine, one, first, 3, max_len, text_token=int(inputs.input_ids[0, -1]))
+    many, firsts = replicate(engine, [t.clone() for t in cache_tensors(one)], first, 3, max_len, text_token=int(inputs.input_ids[0, -1]))
     assert all(t.shape[0] == 3 for t in cache_tensors(many) if t.dim() > 1)
     # keys and values of each attention layer, or conv window and SSM state of each Mamba layer
     assert sum(t.dim() > 1 for t in cache_tensors(many)) == 2 * 4

@@ -3,8 +3,8 @@
 At large batch a decode step reads mostly KV cache, so how many sequences fit is where a hybrid gains.
 The search is built to take a minute or two per model and length:
 
-- One prompt is prefilled at batch 1, and its cache is copied into every row of a batch-B cache, as a
-  server prefills requests one at a time and decodes them together. Prefilling B prompts at once would
+- One prompt is prefilled at batch 1, its cache is kept in host memory, and it is copied into every row
+  of a batch-B cache, as a server prefills requests one at a time and decodes them together. Prefilling B prompts at once would
   cost B prefills per attempt (minutes at 32k) and time nothing that the throughput number contains.
 - The batch-1 cache gives the bytes one sequence holds (KV slots and Mamba states, exactly as allocated;
   the states count twice, as capturing the graph snapshots them). The first batch tried is the most
@@ -77,22 +77,25 @@ def largest_fitting(fits: Callable[[int], Result | None], first: int, limit: int
     return Search(low, low_result, tried)
 
 
-def replicate(engine: GraphEngine, one, first_token: torch.Tensor, batch: int, max_len: int, text_token: int):
-    """A batch-`batch` static cache whose every row holds the prefilled batch-1 cache `one`, and the first
-    generated token for each row. The rows are allocated by the model itself (a forward of `text_token` at
-    position 0, which lazily builds every layer's slots and states), then overwritten."""
+def replicate(engine: GraphEngine, prompt: list[torch.Tensor], first_token: torch.Tensor, batch: int, max_len: int,
+              text_token: int):
+    """A batch-`batch` static cache whose every row holds `prompt` (`cache_tensors` of a batch-1 cache, on
+    any device), and the first generated token for each row. The rows are allocated by the model itself (a
+    forward of `text_token` at position 0, which lazily builds every layer's slots and states), then
+    overwritten: row 0 from `prompt`, the others from row 0 on the device."""
     cache = engine.new_cache(max_len)
     filler = first_token.new_full((batch, 1), text_token)
     position = torch.zeros(1, dtype=torch.long, device=first_token.device)
     engine.forward(cache, input_ids=filler, position_ids=position.expand(batch, 1), cache_position=position, logits_to_keep=1)
-    sources, targets = cache_tensors(one), cache_tensors(cache)
-    if len(sources) != len(targets):
-        raise RuntimeError(f"cache layouts differ: {len(sources)} tensors at batch 1, {len(targets)} at batch {batch}")
-    for source, target in zip(sources, targets):
-        if source.shape == target.shape:  # no batch dimension (a sliding layer's length counter)
+    targets = cache_tensors(cache)
+    if len(prompt) != len(targets):
+        raise RuntimeError(f"cache layouts differ: {len(prompt)} tensors at batch 1, {len(targets)} at batch {batch}")
+    for source, target in zip(prompt, targets):
+        if source.shape == target.shape:  # no batch dimension (a layer's length counter), or batch 1
             target.copy_(source)
         else:
-            target.copy_(source.expand_as(target))
+            target[:1].copy_(source)
+            target[1:].copy_(target[:1].expand_as(target[1:]))
     return cache, first_token[:1].expand(batch).contiguous()
 
 
@@ -128,9 +131,11 @@ def largest_batch(engine: GraphEngine, label: str, inputs, seq_len: int, device:
     kv, state = cache_sizes(one)
     row.cache_mib_per_sequence = (kv + state) / 2**20
     per_sequence = kv + 2 * state  # building the graph snapshots the Mamba states (`GraphEngine.decoder`)
+    prompt = [t.to("cpu") for t in cache_tensors(one)]  # in host memory, so the batch has the GPU to itself
+    del one
+    _release(device)
     free = _free_bytes(device) - HEADROOM
-    # A batch whose caches alone exceed the free memory cannot fit; batch 1 decodes in the prefilled cache.
-    limit = max(free // per_sequence, 1) + 1
+    limit = max(free // per_sequence, 1) + 1  # a batch whose caches alone exceed the free memory cannot fit
     text_token = int(inputs.input_ids[0, -1])  # the prompt's last token is text: a forward of it needs no image
 
     def fits(batch: int):
@@ -138,10 +143,7 @@ def largest_batch(engine: GraphEngine, label: str, inputs, seq_len: int, device:
         try:
             _release(device)
             torch.cuda.reset_peak_memory_stats(device)
-            if batch == 1:  # tried last, if at all: nothing is copied from `one` after it decodes in place
-                cache, firsts = one, first
-            else:
-                cache, firsts = replicate(engine, one, first, batch, max_len, text_token)
+            cache, firsts = replicate(engine, prompt, first, batch, max_len, text_token)
             offsets = None if inputs.position_offsets is None else inputs.position_offsets[:1].expand(batch, -1)
             advance, _ = engine.decoder(cache, firsts, seq_len, max_len, GEN_LEN, offsets)
             torch.cuda.synchronize(device)
@@ -161,7 +163,7 @@ def largest_batch(engine: GraphEngine, label: str, inputs, seq_len: int, device:
             del cache, advance
 
     search = largest_fitting(fits, limit - 1, limit)
-    del one
+    del prompt
     _release(device)
     row.attempts = [[batch, int(fitted)] for batch, fitted in search.tried]
     row.search_s = time.perf_counter() - started
