@@ -33,7 +33,7 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768, 65536])
 parser.add_argument("--ab-length", type=int, default=8192)
 parser.add_argument("--chunks", type=int, nargs="+", default=[2048, 4096], help="prefill chunk sizes to compare with the default")
-parser.add_argument("--models", nargs="+", help="labels to measure (teacher, hybrid-0.25, ...); default all")
+parser.add_argument("--models", nargs="+", help="labels to measure, in this order (teacher, hybrid-0.25, ...); default all")
 parser.add_argument("--no-stock", action="store_true", help="skip stock transformers' prefill of the teacher")
 parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
 parser.add_argument("--repeats", type=int, default=2)
@@ -108,9 +108,10 @@ report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "
           "lengths": [], "variants": [], "stock": [], "agreement": [], "profile": []}
 print(report["device"], report["torch"], report["kernels"], flush=True)
 
-for spec in model_specs(teacher, [], args.ratios, "even", device, dtype):
-    if args.models and spec.label not in args.models:
-        continue
+specs = model_specs(teacher, [], args.ratios, "even", device, dtype)
+if args.models:  # in the order given
+    specs = [spec for label in args.models for spec in specs if spec.label == label]
+for spec in specs:
     model = spec.build()
     image = image_input(model, spec.directory)
     # prefill is never compiled (compile=False only skips compiling the decode step); the tiny run uses small
