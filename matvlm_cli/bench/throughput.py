@@ -4,8 +4,9 @@ At large batch a decode step reads mostly KV cache, so how many sequences fit is
 The search is built to take a minute or two per model and length:
 
 - One prompt is prefilled at batch 1, its cache is kept in host memory, and it is copied into every row
-  of a batch-B cache, as a server prefills requests one at a time and decodes them together. Prefilling B prompts at once would
-  cost B prefills per attempt (minutes at 32k) and time nothing that the throughput number contains.
+  of a batch-B cache, as a server prefills requests one at a time and decodes them together. Prefilling
+  B prompts at once would cost B prefills per attempt (minutes at 32k) and time nothing that the
+  throughput number contains.
 - The batch-1 cache gives the bytes one sequence holds (KV slots and Mamba states, exactly as allocated;
   the states count twice, as capturing the graph snapshots them). The first batch tried is the most
   whose caches fit in free memory with `HEADROOM` to spare for the decode step's activations and its
