@@ -174,7 +174,8 @@ def bench(
     engine: Optional[list[str]] = typer.Option(None, "--engine", help="graphs (static cache + CUDA graphs) | hf (plain generate); repeatable. [default: graphs, hf]"),
     backend: Optional[str] = typer.Option(None, help="Mixer kernels: auto | torch | triton | mamba-ssm | fla. [default: auto]"),
     dtype: Optional[str] = typer.Option(None, help="auto | bfloat16 | float16 | float32. (default: bfloat16 on GPU, float32 on CPU)"),
-    throughput: Optional[int] = typer.Option(None, "--throughput", help="Also find each model's largest batch at this context and its tokens/s (GPU)."),
+    throughput: Optional[list[int]] = typer.Option(None, "--throughput", help="Also find each model's largest batch at this context and its tokens/s (GPU); repeatable."),
+    profile: bool = typer.Option(False, "--profile", help="Also profile one decode step per model at the first --seq-len, kernel by kernel (profile-*.txt)."),
     kernels: bool = typer.Option(False, "--kernels", help="Kernel micro-benchmark: every installed mixer backend side by side."),
     repeats: Optional[int] = typer.Option(None, help="Timed repeats (after one warm-up); medians are reported. [default: 3]"),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Folder for bench.json and bench.png. [default: runs/bench]"),
@@ -187,7 +188,7 @@ def bench(
     overrides = dict(
         teacher=teacher, students=student or None, ratios=ratio or None, placement=placement, seq_lens=seq_len or None,
         batches=batch or None, gen_len=gen_len, engines=engine or None, backend=backend, dtype=dtype,
-        throughput_seq_len=throughput, kernels=kernels or None, repeats=repeats, output=output, device=device,
+        throughput_seq_lens=throughput or None, profile=profile or None, kernels=kernels or None, repeats=repeats, output=output, device=device,
     )
     run_bench(load_recipe(BenchRecipe, recipe, overrides), console)
 

@@ -459,7 +459,8 @@ class BenchRecipe:
     engines: list[str] = field(default_factory=lambda: ["graphs", "hf"])  # first one is the fair comparison
     backend: str = "auto"  # mixer kernels: auto | torch | triton | mamba-ssm | fla
     dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
-    throughput_seq_len: int | None = None  # also find each model's largest batch at this length (GPU)
+    throughput_seq_lens: list[int] = field(default_factory=list)  # also find each model's largest batch at these lengths (GPU)
+    profile: bool = False  # also profile one graph-replayed decode step per model, kernel by kernel
     kernels: bool = False  # kernel micro-benchmark of every installed backend instead of models
     repeats: int = 3
     output: str = "runs/bench"
@@ -488,8 +489,7 @@ def check_bench_recipe(recipe: BenchRecipe, source: str = "recipe") -> None:
     problems += [f"'batches': {n} must be >= 1" for n in recipe.batches if n < 1]
     if recipe.gen_len < 2 or recipe.repeats < 1:
         problems.append("'gen_len' must be >= 2 and 'repeats' >= 1")
-    if recipe.throughput_seq_len is not None and recipe.throughput_seq_len < 2:
-        problems.append("'throughput_seq_len' must be >= 2")
+    problems += [f"'throughput_seq_lens': {n} must be >= 2" for n in recipe.throughput_seq_lens if n < 2]
     problems += [f"'students': {p} is not a model directory" for p in recipe.students if not (Path(p) / "config.json").is_file()]
     if problems:
         raise MatvlmError(f"{source}: " + "; ".join(problems))

@@ -108,9 +108,11 @@ def test_model_specs_build_teacher_then_converted_hybrids(tiny_teachers):
 
 def test_bench_cli_on_the_embedded_teacher(tmp_path):
     out = tmp_path / "bench"
-    result = run_cli("bench", "--seq-len", 96, "--seq-len", 160, "--gen-len", 6, "--repeats", 1, "--output", out)
+    result = run_cli("bench", "--seq-len", 96, "--seq-len", 160, "--gen-len", 6, "--repeats", 1, "--profile", "--output", out)
     assert result.returncode == 0, result.stderr
     assert "CPU" in result.stdout
+    for label in ("teacher", "hybrid-0.25", "hybrid-0.5"):  # --profile: one table per model at the first length
+        assert (out / f"profile-{label}-96.txt").read_text().startswith(f"{label}: one decode step at 96 tokens")
     report = json.loads((out / "bench.json").read_text())
     assert report["device_type"] == "cpu" and report["bandwidth_gb_s"] > 0
     labels = {(r["model"], r["engine"], r["seq_len"]) for r in report["rows"]}

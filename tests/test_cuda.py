@@ -193,3 +193,54 @@ def test_split_kv_decode_attention_matches_sdpa(heads, kv_heads, dim, slots):
     )
     assert out.shape == (3, 1, heads, dim)
     assert rel_err(out, ref.transpose(1, 2)) < 1e-2
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim,dtype", [(32, 32, 80, torch.bfloat16), (8, 2, 64, torch.bfloat16), (4, 4, 32, torch.float32)])
+def test_prefill_chunk_attention_over_filled_slots_matches_masked_sdpa(heads, kv_heads, dim, dtype, monkeypatch):
+    """A prefill chunk after the first, in a static cache: flash attention (efficient in float32) over the
+    filled slots with the diagonal at the last key, against float32 SDPA with transformers' mask over every slot."""
+    from matvlm_cli.bench import attention
+
+    def full_sdpa(*args, **kwargs):
+        raise AssertionError("a plain causal chunk took the SDPA path over every slot")
+
+    monkeypatch.setattr(attention, "sdpa_attention_forward", full_sdpa)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    batch, start, q_len, slots = 2, 2048, 1000, 8320
+    q = torch.randn(batch, heads, q_len, dim, device="cuda", generator=g).to(dtype)
+    k, v = (torch.randn(batch, kv_heads, slots, dim, device="cuda", generator=g).to(dtype) for _ in range(2))
+    positions = torch.arange(start, start + q_len, device="cuda")
+    mask = (torch.arange(slots, device="cuda")[None, :] <= positions[:, None])[None, None].expand(batch, 1, q_len, slots)
+    out, _ = attention.decode_attention(None, q, k, v, mask, scaling=dim**-0.5)
+    rep = heads // kv_heads
+    ref = F.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1), attn_mask=mask
+    )
+    assert out.shape == (batch, q_len, heads, dim) and out.dtype == dtype
+    assert rel_err(out, ref.transpose(1, 2)) < (1e-2 if dtype == torch.bfloat16 else 1e-3)
+
+
+@pytest.mark.parametrize("dtype,channels_first", [(torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True)])
+def test_prefill_skip_gate_norm_kernel_matches_the_pytorch_norm(dtype, channels_first):
+    """The prefill's fused skip + gate + grouped RMSNorm against mamba2.GatedRMSNorm in float32, on views
+    with the strides the mixer hands it (x and z are slices of wider rows, y is contiguous; x from a
+    channels-first conv output)."""
+    from matvlm_cli.hybrid.mamba2 import GatedRMSNorm
+    from matvlm_cli.hybrid.norm_kernel import skip_gate_norm
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    batch, length, heads, headdim, groups = 3, 1000, 8, 20, 4
+    d_inner = heads * headdim
+    wide = torch.randn(batch, length + 4, 3 * d_inner, device="cuda", generator=g).to(dtype)
+    x, z = wide[:, 4:, d_inner : 2 * d_inner], wide[:, 4:, :d_inner]
+    if channels_first:
+        x = torch.randn(batch, d_inner, length + 4, device="cuda", generator=g).to(dtype)[..., 4:].transpose(1, 2)
+    y = torch.randn(batch, length, d_inner, device="cuda", generator=g).to(dtype)
+    D = torch.randn(heads, device="cuda", generator=g)
+    norm = GatedRMSNorm(d_inner, d_inner // groups, eps=1e-5, device="cuda")
+    norm.weight.data = torch.rand(d_inner, device="cuda", generator=g) + 0.5
+    skip = (y.float() + x.float() * D.repeat_interleave(headdim)).to(dtype)
+    reference = norm(skip.float(), z.float())
+    out = skip_gate_norm(y, x, D, z, norm.weight, d_inner // groups, headdim, 1e-5, dtype)
+    assert out.shape == (batch, length, d_inner) and out.dtype == dtype
+    assert rel_err(out, reference) < (1e-2 if dtype == torch.bfloat16 else 1e-5)

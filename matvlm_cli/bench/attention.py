@@ -5,7 +5,14 @@ its flash kernel, and its memory-efficient kernel gives one query of one head to
 32 blocks for a batch-1 Phi-2, a quarter of an H100 (`matvlm bench --kernels` times it). On CUDA this
 module uses a split-KV ("flash-decoding") Triton kernel instead: every (sequence, head, slice of the
 cache) gets its own program, which reads only the unmasked slots of its slice and keeps a running
-softmax; a second kernel merges the slices. Elsewhere, and for longer queries (prefill), it is SDPA.
+softmax; a second kernel merges the slices. Elsewhere it is SDPA.
+
+Prefill in chunks meets the same problem at a larger scale: a chunk after the first attends to the
+cached chunks through a mask over every slot of the static cache, so SDPA takes its memory-efficient
+kernel over all slots, filled or not (at 8k, three of four chunks read 8320 keys each). When that mask
+is plain causal over the filled slots (no padding, no bidirectional image block: it is checked, once
+per forward), the keys are cut to the filled slots and SDPA runs its flash kernel with the causal
+diagonal aligned to the last key, as one forward over the whole prompt would.
 
 Registered with transformers' attention interface as `matvlm_decode`; the mask is built as for SDPA.
 """
@@ -13,8 +20,11 @@ Registered with transformers' attention interface as `matvlm_decode`; the mask i
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
@@ -158,8 +168,65 @@ def _can_split(query, key, attention_mask, kwargs) -> bool:
     )
 
 
+# The last mask checked by `causal_prefix` and its answer: every layer of one forward gets the same mask object.
+_checked: tuple[weakref.ref | None, int | None] = (None, None)
+
+
+def causal_prefix(mask: torch.Tensor) -> int | None:
+    """`end` when a (batch, 1, q, slots) boolean mask lets query i of every row see exactly slots
+    0 .. end - q + i (plain causal attention over the first `end` slots, the queries being the last q of
+    them); None for any other mask (padding, sliding windows, bidirectional blocks). One device sync per
+    mask object."""
+    global _checked
+    ref, answer = _checked
+    if ref is not None and ref() is mask:
+        return answer
+    rows = mask[:, 0]
+    q_len, slots = rows.shape[-2:]
+    seen = rows[:, -1].sum(-1)  # slots the last query sees, per row
+    first = seen[0]
+    visible = first - q_len + 1 + torch.arange(q_len, device=mask.device)  # slots query i may see
+    expected = torch.arange(slots, device=mask.device)[None, :] < visible[:, None]
+    plain = (rows == expected).all() & (seen == first).all() & (first >= q_len)
+    plain, end = torch.stack([plain.long(), first.long()]).tolist()
+    answer = end if plain else None
+    _checked = (weakref.ref(mask), answer)
+    return answer
+
+
+def _can_cut_prefill(query, key, attention_mask, dropout, kwargs) -> bool:
+    return (
+        query.shape[2] > 1 and isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool
+        and attention_mask.dim() == 4 and attention_mask.shape[1] == 1 and attention_mask.shape[-1] == key.shape[2]
+        and not dropout and not torch.compiler.is_compiling()
+        and kwargs.get("softcap") is None and kwargs.get("sliding_window") is None and kwargs.get("position_bias") is None
+    )
+
+
+def prefill_attention(query, key, value, attention_mask, scale: float | None) -> torch.Tensor | None:
+    """Attention of a prefill chunk over the filled slots only, when its mask is plain causal over them;
+    None otherwise. Returns (batch, q, heads, dim) as transformers' attention functions do."""
+    end = causal_prefix(attention_mask)
+    if end is None:
+        return None
+    key, value = key[:, :, :end], value[:, :, :end]
+    if key.shape[1] != query.shape[1]:  # grouped-query attention: one copy of each KV head per query head
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    # On CUDA, `causal_lower_right` sends SDPA to its flash kernel (the efficient one in float32); elsewhere
+    # the mask cut to the same slots computes the same thing.
+    mask = causal_lower_right(query.shape[2], end) if query.is_cuda else attention_mask[..., :end]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).contiguous()
+
+
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function: split-KV Triton kernel for one-token queries on CUDA, SDPA otherwise."""
+    """transformers attention function: split-KV Triton kernel for one-token queries on CUDA, flash
+    attention over the filled slots for plain-causal prefill chunks, SDPA otherwise."""
+    if _can_cut_prefill(query, key, attention_mask, dropout, kwargs):
+        out = prefill_attention(query, key, value, attention_mask, scaling)
+        if out is not None:
+            return out, None
     if not _can_split(query, key, attention_mask, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling

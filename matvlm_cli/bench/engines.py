@@ -73,7 +73,8 @@ def _reset_peak(device: torch.device) -> int:
     """Starts a peak measurement; returns the bytes allocated now."""
     if device.type != "cuda":
         return 0
-    torch.cuda.empty_cache()
+    # No empty_cache here: the first timed prefill would then pay for allocating its cache anew (about 90 ms
+    # of cudaMalloc at 8k on an H200), and the peak counts allocated bytes, which empty_cache leaves as they are.
     torch.cuda.reset_peak_memory_stats(device)
     return torch.cuda.memory_allocated(device)
 
@@ -105,18 +106,36 @@ def mamba_states(layer) -> list[torch.Tensor]:
     return tensors
 
 
+def _kv_tensors(layer) -> list[torch.Tensor]:
+    return [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor)]
+
+
 def cache_sizes(cache) -> tuple[int, int]:
     """(KV bytes, Mamba state bytes) actually allocated in a cache's layers."""
     kv = state = 0
     for layer in cache.layers:
-        for name in ("keys", "values"):
-            tensor = getattr(layer, name, None)
-            kv += tensor.numel() * tensor.element_size() if isinstance(tensor, torch.Tensor) else 0
+        kv += sum(t.numel() * t.element_size() for t in _kv_tensors(layer))
         state += sum(t.numel() * t.element_size() for t in mamba_states(layer))
     return kv, state
 
 
-PREFILL_CHUNK = 2048  # tokens per prefill forward: bounds activation memory, so peaks measure the caches
+def cache_tensors(cache) -> list[torch.Tensor]:
+    """Every tensor a cache holds, layer by layer in a fixed order: KV slots, Mamba states, and the
+    length counters of sliding layers (the only ones without a batch dimension)."""
+    tensors = []
+    for layer in cache.layers:
+        tensors += _kv_tensors(layer) + mamba_states(layer)
+        length = getattr(layer, "cumulative_length", None)
+        if isinstance(length, torch.Tensor):
+            tensors.append(length)
+    return tensors
+
+
+# Tokens per prefill forward: bounds activation memory, so peaks measure the caches. On an H200 the teacher's
+# 8k prefill took 181 ms in chunks of 2048, 168 in chunks of 4096 and 147 in one forward of 8192 (stock
+# transformers: 150), as each chunk's attention over the cache runs at a fraction of one causal call's rate
+# (docs/gpu/prefill-h200.json).
+PREFILL_CHUNK = 8192
 
 
 class GraphEngine:
@@ -152,14 +171,18 @@ class GraphEngine:
         """(batch, vocab) -> (batch, 1) greedy tokens, end-of-sequence excluded."""
         return logits.index_fill(-1, self.eos, float("-inf")).argmax(-1, keepdim=True)
 
-    def _forward(self, cache, **inputs):
+    def new_cache(self, max_len: int) -> StaticCache:
+        """An empty static cache of `max_len` slots (its layers are allocated by the first forward)."""
+        return StaticCache(config=self.model.config, max_cache_len=max_len)
+
+    def forward(self, cache, **inputs):
         # transformers < 5.2x positions static caches with cache_position; later versions track it inside
         if not self.takes_cache_position:
             inputs.pop("cache_position")
         return self.model(**{self.cache_keyword: cache}, use_cache=True, **inputs)
 
     def _next_token(self, cache, input_ids, attention_mask, position_ids, cache_position):
-        out = self._forward(
+        out = self.forward(
             cache, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             cache_position=cache_position,
         )
@@ -173,14 +196,14 @@ class GraphEngine:
         fusion.fuse(self.model)  # and unfused the projections
         ids = inputs.input_ids
         batch, length = ids.shape
-        cache = StaticCache(config=self.model.config, max_cache_len=max_len)
+        cache = self.new_cache(max_len)
         chunk = self.prefill_chunk
         # the first chunk holds the whole image (its features are scattered in one forward)
         bounds = [0, *range(max(chunk, inputs.image_tokens), length, chunk), length]
         for start, end in zip(bounds, bounds[1:]):
             positions = torch.arange(start, end, device=self.device)
             position_ids = positions.unsqueeze(0).expand(batch, -1) if inputs.position_ids is None else inputs.position_ids[..., start:end]
-            out = self._forward(
+            out = self.forward(
                 cache, input_ids=ids[:, start:end], position_ids=position_ids, cache_position=positions, logits_to_keep=1,
                 **inputs.model_inputs(start, end),
             )

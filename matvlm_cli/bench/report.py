@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..hybrid.io import write_atomic
+from .profile import profile_table
 
 GIB = 2**30
 
@@ -57,13 +58,13 @@ def paper_style(rows: list[dict]) -> list[dict]:
 
 
 def throughput_gains(throughput: list[dict]) -> list[dict]:
-    teacher = next((t for t in throughput if t["model"] == "teacher"), None)
-    if teacher is None:
-        return []
+    """Each hybrid's tokens/s at its largest batch against the teacher's at the same context."""
+    teachers = {t["seq_len"]: t for t in throughput if t["model"] == "teacher" and not t.get("error")}
     return [
-        {"model": t["model"], "seq_len": t["seq_len"], "tokens_per_s_ratio": t["tokens_per_s"] / teacher["tokens_per_s"],
-         "batch_ratio": t["max_batch"] / teacher["max_batch"]}
-        for t in throughput if t["model"] != "teacher"
+        {"model": t["model"], "seq_len": t["seq_len"],
+         "tokens_per_s_ratio": t["tokens_per_s"] / teachers[t["seq_len"]]["tokens_per_s"],
+         "batch_ratio": t["max_batch"] / teachers[t["seq_len"]]["max_batch"]}
+        for t in throughput if t["model"] != "teacher" and not t.get("error") and t["seq_len"] in teachers
     ]
 
 
@@ -118,26 +119,49 @@ def write_report(report: dict, output: str | Path, console: Console) -> Path:
         console.print(f"wrote {output / 'kernels.json'}")
         return output
 
+    save_report(report, output)
+    print_report(report, console)
+    console.print(f"wrote {output / 'bench.json'} and {output / 'bench.png'}")
+    return output
+
+
+def save_report(report: dict, output: str | Path) -> None:
+    """Derive the comparisons and (re)write bench.json, bench.png and the profile tables, each atomically.
+    The bench calls it after every model, so a run cut short keeps the models it finished."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
     report["comparisons"] = comparisons(report["rows"])
     report["paper_style"] = paper_style(report["rows"])
     report["throughput_gains"] = throughput_gains(report["throughput"])
+    for entry in report.get("profiles", []):
+        write_atomic(output / entry["file"], profile_table(entry))
+    write_atomic(output / "bench.json", json.dumps(report, indent=2) + "\n")
+    plot(report, output / "bench.png")
+
+
+def print_report(report: dict, console: Console) -> None:
     console.print(rows_table(report))
     if report["comparisons"]:
         console.print(comparison_table(report))
     for p in report["paper_style"]:
         console.print(f"paper-style (hybrid graphs vs teacher hf, unequal engines): {p['model']} at {p['seq_len']}: {p['speedup']:.1f}x")
     for t in report["throughput"]:
-        console.print(f"throughput at {t['seq_len']}: {t['model']} fits batch {t['max_batch']}, {t['tokens_per_s']:.0f} tokens/s, peak {t['peak_gib']:.1f} GiB")
+        if t.get("error"):
+            console.print(f"throughput at {t['seq_len']}: {t['model']} {t['error']}")
+        else:
+            console.print(f"throughput at {t['seq_len']}: {t['model']} fits batch {t['max_batch']}, {t['tokens_per_s']:.0f} "
+                          f"tokens/s, peak {t['peak_gib']:.1f} GiB (searched in {t['search_s']:.0f} s)")
     for g in report["throughput_gains"]:
-        console.print(f"  {g['model']}: {g['tokens_per_s_ratio']:.2f}x the teacher's tokens/s ({g['batch_ratio']:.2f}x its batch)")
-    write_atomic(output / "bench.json", json.dumps(report, indent=2) + "\n")
-    plot(report, output / "bench.png")
-    console.print(f"wrote {output / 'bench.json'} and {output / 'bench.png'}")
-    return output
+        console.print(f"  {g['model']} at {g['seq_len']}: {g['tokens_per_s_ratio']:.2f}x the teacher's tokens/s "
+                      f"({g['batch_ratio']:.2f}x its batch)")
+    for p in report.get("profiles", []):
+        console.print(f"decode step of {p['model']} at {p['seq_len']}: {p['kernels_per_step']:.0f} kernels, "
+                      f"{p['kernel_ms_per_step']:.2f} ms of kernels ({p['file']})")
 
 
 def plot(report: dict, path: Path) -> None:
-    """Decode tokens/s (with each model's floor, dashed) and peak memory against context length."""
+    """Decode tokens/s (with each model's floor, dashed) and peak memory against context length, and the
+    tokens/s at each model's largest batch when the throughput search ran."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,7 +170,9 @@ def plot(report: dict, path: Path) -> None:
     rows = [r for r in report["rows"] if not r["error"]]
     batch = min((r["batch"] for r in rows), default=1)
     engine = report["recipe"]["engines"][0]
-    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
+    searched = [t for t in report.get("throughput", []) if not t.get("error")]
+    fig, axes = plt.subplots(1, 3 if searched else 2, figsize=(16 if searched else 11, 4.2))
+    speed, memory = axes[:2]
     models = list(dict.fromkeys(r["model"] for r in rows))
     for index, model in enumerate(models):
         color = f"C{index}"
@@ -164,7 +190,18 @@ def plot(report: dict, path: Path) -> None:
             memory.plot(lengths, [r["peak_gib"] for r in mine], "o-", color=color, label=model)
         else:
             memory.plot(lengths, [(r["kv_cache_bytes"] + r["state_bytes"]) / GIB for r in mine], "o-", color=color, label=f"{model} (cache)")
-    for axis in (speed, memory):
+    if searched:
+        largest = axes[2]
+        for index, model in enumerate(dict.fromkeys([*models, *(t["model"] for t in searched)])):
+            mine = sorted((t for t in searched if t["model"] == model), key=lambda t: t["seq_len"])
+            if mine:
+                largest.plot([t["seq_len"] for t in mine], [t["tokens_per_s"] for t in mine], "o-", color=f"C{index}", label=model)
+                for t in mine:
+                    largest.annotate(f"batch {t['max_batch']}", (t["seq_len"], t["tokens_per_s"]), fontsize=6,
+                                     textcoords="offset points", xytext=(4, 4))
+        largest.set_ylabel("decode tokens/s at the largest batch that fits")
+        largest.legend(fontsize=7)
+    for axis in axes:
         axis.set_xscale("log", base=2)
         axis.set_xlabel("context (tokens)")
         axis.grid(alpha=0.3)

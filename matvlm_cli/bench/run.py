@@ -18,10 +18,11 @@ from ..hybrid.conversion import hybrid_layers
 from ..hybrid.io import check_output_dir, resolve_device
 from ..recipes import BenchRecipe, check_bench_recipe
 from . import floor
+from . import throughput as throughput_search
 from .engines import ENGINES, GraphEngine, Timing
 from .models import bench_inputs, check_models, check_teacher, default_teacher, image_input, model_specs
-
-THROUGHPUT_GEN_LEN = 32  # tokens decoded per attempt of the largest-batch search
+from .profile import profile_decode
+from .report import save_report, write_report
 
 
 @dataclass
@@ -43,16 +44,6 @@ class BenchRow:
     floor_ms: float | None = None  # bytes a step must move / measured bandwidth
     x_floor: float | None = None
     error: str | None = None  # e.g. "out of memory"
-
-
-@dataclass
-class ThroughputRow:
-    model: str
-    seq_len: int
-    max_batch: int
-    decode_ms: float
-    tokens_per_s: float
-    peak_gib: float
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -95,47 +86,6 @@ def measure_row(model, label: str, engine, seq_len: int, batch: int, recipe: Ben
     return row
 
 
-@torch.no_grad()
-def largest_batch(engine: GraphEngine, label: str, recipe: BenchRecipe, image, device: torch.device) -> ThroughputRow | None:
-    """The largest batch whose chunked prefill and graph decoding fit at `throughput_seq_len`, and its
-    decode tokens/s. Memory per sequence is measured at batches 1 and 2, then the estimate is tried
-    and lowered by 10 % until it fits."""
-    seq_len, gen_len = recipe.throughput_seq_len, THROUGHPUT_GEN_LEN
-    model = engine.model
-
-    def attempt(batch: int):
-        inputs = bench_inputs(model, seq_len, batch, image, recipe.seed)
-        _free(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        cache, first = engine.prefill(inputs, seq_len + gen_len)
-        advance, _ = engine.decoder(cache, first, seq_len, seq_len + gen_len, gen_len, inputs.position_offsets)
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(gen_len - 1):
-            advance()
-        end.record()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-        del cache, advance, inputs
-        return start.elapsed_time(end) / (gen_len - 1), peak
-
-    _, peak1 = attempt(1)
-    _, peak2 = attempt(2)
-    per_sequence = max(peak2 - peak1, 1)
-    free, _ = torch.cuda.mem_get_info(device)
-    capacity = free + torch.cuda.memory_reserved(device) - 1.5 * 2**30  # room for graphs and the allocator
-    batch = max(1, int((capacity - (peak1 - per_sequence)) / per_sequence))
-    for _ in range(6):
-        try:
-            ms, peak = attempt(batch)
-            return ThroughputRow(label, seq_len, batch, ms, batch * 1000 / ms, peak / 2**30)
-        except torch.cuda.OutOfMemoryError:
-            _free(device)
-            batch = max(1, int(batch * 0.9))
-    return None
-
-
 def run_bench(recipe: BenchRecipe, console: Console | None = None) -> Path:
     console = console or Console()
     check_bench_recipe(recipe)
@@ -161,15 +111,15 @@ def run_bench(recipe: BenchRecipe, console: Console | None = None) -> Path:
         from .kernel_bench import kernel_rows
 
         report["kernel_rows"] = [asdict(row) for row in kernel_rows()]
-        from .report import write_report
-
         return write_report(report, recipe.output, console)
 
     teacher = recipe.teacher or default_teacher(device)
     check_teacher(teacher)
     lengths = [n + recipe.gen_len for n in recipe.seq_lens]
-    if recipe.throughput_seq_len and device.type == "cuda":
-        lengths.append(recipe.throughput_seq_len + THROUGHPUT_GEN_LEN)
+    throughput_lengths = recipe.throughput_seq_lens if device.type == "cuda" else []
+    if recipe.throughput_seq_lens and device.type != "cuda":
+        console.print("--throughput: the largest-batch search needs a GPU; skipped on the CPU")
+    lengths += [n + throughput_search.GEN_LEN for n in throughput_lengths]
     check_models(teacher, recipe.students, lengths, recipe.trust_remote_code)
     ratios = recipe.ratios if recipe.ratios is not None else ([] if recipe.students else [0.25, 0.5])
     specs = model_specs(teacher, recipe.students, ratios, recipe.placement, device, dtype, recipe.seed, recipe.trust_remote_code)
@@ -179,7 +129,9 @@ def run_bench(recipe: BenchRecipe, console: Console | None = None) -> Path:
     console.print(f"measured bandwidth {bandwidth / 1e9:.0f} GB/s (device-to-device copy)")
 
     rows: list[BenchRow] = []
-    throughput: list[ThroughputRow] = []
+    throughput: list[throughput_search.ThroughputRow] = []
+    profiles: list[dict] = []
+    report.update(rows=[], throughput=[], profiles=profiles)
     total = len(specs) * len(recipe.engines) * len(recipe.seq_lens) * len(recipe.batches)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
@@ -196,15 +148,25 @@ def run_bench(recipe: BenchRecipe, console: Console | None = None) -> Path:
                         rows.append(measure_row(model, spec.label, engine, seq_len, batch, recipe, image, bandwidth))
                         progress.advance(task)
                         _free(device)
-            if recipe.throughput_seq_len and device.type == "cuda":
-                progress.update(task, description=f"{spec.label} · largest batch at {recipe.throughput_seq_len} tokens")
-                found = largest_batch(engines.get("graphs") or GraphEngine(model), spec.label, recipe, image, device)
-                if found:
-                    throughput.append(found)
+            if (recipe.profile or throughput_lengths) and "graphs" not in engines:
+                engines["graphs"] = GraphEngine(model)
+            if recipe.profile:
+                progress.update(task, description=f"{spec.label} · profiling a decode step")
+                inputs = bench_inputs(model, recipe.seq_lens[0], recipe.batches[0], image, recipe.seed)
+                entry = {"model": spec.label, **profile_decode(engines["graphs"], inputs)}
+                timed = [r for r in rows if (r.model, r.engine, r.seq_len, r.batch) == (spec.label, "graphs", entry["seq_len"], entry["batch"])]
+                entry["step_ms"] = timed[0].decode_ms if timed else None
+                entry["file"] = f"profile-{spec.label}-{entry['seq_len']}.txt"
+                profiles.append(entry)
+                del inputs
+                _free(device)
+            for seq_len in throughput_lengths:
+                progress.update(task, description=f"{spec.label} · largest batch at {seq_len} tokens")
+                one = bench_inputs(model, seq_len, 1, image, recipe.seed)
+                throughput.append(throughput_search.largest_batch(engines["graphs"], spec.label, one, seq_len, device))
+                del one
             del model, engines
             _free(device)
-    report["rows"] = [asdict(row) for row in rows]
-    report["throughput"] = [asdict(row) for row in throughput]
-    from .report import write_report
-
+            report.update(rows=[asdict(row) for row in rows], throughput=[asdict(row) for row in throughput])
+            save_report(report, recipe.output)
     return write_report(report, recipe.output, console)

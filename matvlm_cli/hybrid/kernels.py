@@ -25,8 +25,10 @@ import torch
 
 BACKENDS = ("auto", "torch", "triton", "mamba-ssm", "fla")
 # mixer_step is a whole decode step fused into one kernel (`step_kernel.py`); where no backend has it,
-# the step runs as conv1d_update + state_update + the gated norm.
-OPS = ("chunk_scan", "state_update", "conv1d", "conv1d_update", "mixer_step")
+# the step runs as conv1d_update + state_update + the gated norm. skip_gate_norm is what follows a prefill's
+# chunk scan (the skip term, the gate and the grouped norm) in one kernel (`norm_kernel.py`).
+OPS = ("chunk_scan", "state_update", "conv1d", "conv1d_update", "mixer_step", "skip_gate_norm")
+FORWARD_ONLY = ("mixer_step", "skip_gate_norm")  # no backward: passed over where gradients are needed
 # Fastest first, per op (gpu.md: fla's chunk scan 0.40 ms vs mamba_ssm's 0.57 ms; causal_conv1d's CUDA
 # conv 0.10 ms; the fused state update beats the few PyTorch ops of a step).
 AUTO_ORDER = {
@@ -35,6 +37,7 @@ AUTO_ORDER = {
     "conv1d": ("mamba-ssm", "fla"),
     "conv1d_update": ("mamba-ssm",),
     "mixer_step": ("triton",),
+    "skip_gate_norm": ("triton",),
 }
 _selected = "auto"
 
@@ -93,6 +96,7 @@ def _load_mamba_ssm() -> SimpleNamespace:
         ),
         conv1d_update=conv.causal_conv1d_update,
         mixer_step=None,
+        skip_gate_norm=None,
         chunk_scan_trains=True,
     )
 
@@ -123,23 +127,29 @@ def _load_fla() -> SimpleNamespace:
         return y.to(x.dtype), final
 
     def conv1d(x, weight, bias, activation="silu"):
-        y, _ = conv.causal_conv1d(x.transpose(1, 2), weight, bias, activation=activation)
+        # fla's kernel reads x (batch, length, channels) through its strides, and loads a tile of channels
+        # at each step: channels must be adjacent in memory. A prefill chunk after the first arrives
+        # channels-first (the cached window concatenated in front of it), where adjacent channels lie a
+        # whole sequence apart; one copy into channels-last costs less than the scattered loads.
+        y, _ = conv.causal_conv1d(x.transpose(1, 2).contiguous(), weight, bias, activation=activation)
         return y.transpose(1, 2)
 
     return SimpleNamespace(
         chunk_scan=chunk_scan, state_update=None, conv1d=conv1d, conv1d_update=None, mixer_step=None,
-        chunk_scan_trains=not broken_backward,
+        skip_gate_norm=None, chunk_scan_trains=not broken_backward,
     )
 
 
 def _load_triton() -> SimpleNamespace:
-    """matvlm's own Triton kernels: the fused decode step (the other ops stay PyTorch's)."""
+    """matvlm's own Triton kernels: the fused decode step and the prefill's skip, gate and norm (the other
+    ops stay PyTorch's)."""
     importlib.import_module("triton")
+    from .norm_kernel import skip_gate_norm
     from .step_kernel import fused_step
 
     return SimpleNamespace(
         chunk_scan=None, state_update=None, conv1d=None, conv1d_update=None, mixer_step=fused_step,
-        chunk_scan_trains=True,
+        skip_gate_norm=skip_gate_norm, chunk_scan_trains=True,
     )
 
 
@@ -148,8 +158,8 @@ _LOADERS = {"triton": _load_triton, "mamba-ssm": _load_mamba_ssm, "fla": _load_f
 
 def kernel(op: str, tensor: torch.Tensor, needs_grad: bool = False) -> Callable | None:
     """The kernel for `op` on this tensor under the selected backend, or None for the PyTorch path.
-    With `needs_grad`, a chunk scan whose backward cannot run here is passed over."""
-    if _selected == "torch" or not tensor.is_cuda:
+    With `needs_grad`, a chunk scan whose backward cannot run here, and forward-only kernels, are passed over."""
+    if _selected == "torch" or not tensor.is_cuda or (needs_grad and op in FORWARD_ONLY):
         return None
     candidates = AUTO_ORDER[op] if _selected == "auto" else (_selected,)
     for name in candidates:

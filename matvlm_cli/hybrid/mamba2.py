@@ -151,12 +151,21 @@ class Mamba2Mixer(nn.Module):
                 conv_input = slot.update_conv_state(conv_input, conv_kernel_size=cfg.d_conv)
             xBC = causal_conv1d(conv_input, conv_weight, self.conv1d.bias)[..., -length:].transpose(1, 2)
             x, B, C = self._split_xBC(xBC)
+            needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, z, self.D, self.norm.weight))
+            # the skip term then goes to the fused norm, which reads x anyway
+            fused_norm = kernels.kernel("skip_gate_norm", x, needs_grad)
             y, final_state = ssd_chunk_scan(
-                x, dt, A, B, C, cfg.chunk_size, D=self.D,
+                x, dt, A, B, C, cfg.chunk_size, D=None if fused_norm else self.D,
                 initial_states=slot.recurrent_states[0] if has_state else None,
             )
             if slot is not None:
                 slot.update_recurrent_state(final_state)
+            if fused_norm is not None:
+                out = fused_norm(
+                    y.reshape(batch, length, cfg.d_inner), x.reshape(batch, length, cfg.d_inner), self.D, z,
+                    self.norm.weight, self.norm.group_size, cfg.headdim, self.norm.eps, self.out_proj.weight.dtype,
+                )
+                return self.out_proj(out), None
             y = y.reshape(batch, length, cfg.d_inner)
 
         y = self.norm(y, z)
