@@ -19,7 +19,7 @@ from ..hybrid.io import check_output_dir, resolve_device
 from ..recipes import BenchRecipe, check_bench_recipe
 from . import floor
 from .engines import ENGINES, GraphEngine, Timing
-from .models import bench_inputs, check_models, check_teacher, default_teacher, image_input, model_specs
+from .models import bench_inputs, check_memory, check_models, check_teacher, default_teacher, image_input, model_specs
 
 THROUGHPUT_GEN_LEN = 32  # tokens decoded per attempt of the largest-batch search
 
@@ -171,6 +171,7 @@ def run_bench(recipe: BenchRecipe, console: Console | None = None) -> Path:
     if recipe.throughput_seq_len and device.type == "cuda":
         lengths.append(recipe.throughput_seq_len + THROUGHPUT_GEN_LEN)
     check_models(teacher, recipe.students, lengths, recipe.trust_remote_code)
+    check_memory(teacher, recipe.students, device, dtype, recipe.trust_remote_code)
     ratios = recipe.ratios if recipe.ratios is not None else ([] if recipe.students else [0.25, 0.5])
     specs = model_specs(teacher, recipe.students, ratios, recipe.placement, device, dtype, recipe.seed, recipe.trust_remote_code)
     report["teacher"] = teacher
