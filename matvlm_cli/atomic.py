@@ -146,11 +146,12 @@ def remove_contents(directory: Path) -> None:
 
 
 def check_output_dir(output: str | os.PathLike, what: str = "--output", exists_ok: bool = False,
-                     inputs: tuple = (), overwrite: bool = False) -> Path:
+                     inputs: tuple = (), overwrite: bool = False, data_inputs: tuple = ()) -> Path:
     """Before any work: `output` can be made as a directory (or, with `exists_ok`, added to; with
     `overwrite`, replaced as `check_replaceable` allows), is neither one of `inputs` nor inside one nor
-    around one (replacing it would delete them), and its place is writable (tried, not guessed from
-    permission bits: a read-only filesystem, /proc and root's view all differ from them)."""
+    around one (replacing it would delete them; writing into a model folder would change it), nor one of
+    `data_inputs` or around one (it may lie inside a data folder), and its place is writable (tried, not
+    guessed from permission bits: a read-only filesystem, /proc and root's view all differ from them)."""
     if not str(output).strip():
         raise MatvlmError(f"{what}: the path is empty")
     output = Path(output)
@@ -159,10 +160,11 @@ def check_output_dir(output: str | os.PathLike, what: str = "--output", exists_o
     if output.exists() and not (exists_ok or overwrite):
         raise MatvlmError(f"{output}: already exists (pass --overwrite to replace it)")
     resolved = output.resolve()
-    for source in map(Path, inputs):
-        source_resolved = source.resolve()
-        if resolved == source_resolved or source_resolved in resolved.parents or resolved in source_resolved.parents:
-            relation = "is" if resolved == source_resolved else "is inside" if source_resolved in resolved.parents else "contains"
+    for source, inside_ok in [*((path, False) for path in inputs), *((path, True) for path in data_inputs)]:
+        source_resolved = Path(source).resolve()
+        inside = source_resolved in resolved.parents
+        if resolved == source_resolved or (inside and not inside_ok) or resolved in source_resolved.parents:
+            relation = "is" if resolved == source_resolved else "is inside" if inside else "contains"
             raise MatvlmError(f"{output}: {what} {relation} the input {source}; write somewhere else")
     if overwrite and not exists_ok:
         check_replaceable(output, what)

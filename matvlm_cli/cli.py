@@ -57,8 +57,10 @@ def _recipe_path(recipe: Path | None, **flags: bool | None) -> Path | None:
     (`--overwrite true`): click reads that word as the recipe, and 'true: recipe file not found' misleads."""
     if recipe is not None and not recipe.exists() and str(recipe).lower() in _BOOLEAN_WORDS:
         given = [f"--{name.replace('_', '-')}" for name, value in flags.items() if value]
+        if len(given) == 1:
+            raise MatvlmError(f"{given[0]} takes no value: drop {str(recipe)!r} ({given[0]} alone turns it on)")
         if given:
-            raise MatvlmError(f"{' '.join(given)} takes no value: drop {str(recipe)!r} ({given[-1]} alone turns it on)")
+            raise MatvlmError(f"flags take no value ({', '.join(given)}): drop {str(recipe)!r}")
     return recipe
 
 
@@ -73,7 +75,7 @@ def convert(
     keep_bias: Optional[bool] = typer.Option(None, "--keep-bias", help="Carry attention biases into the mixer."),
     seed: Optional[int] = typer.Option(None, help="Seed for the Mamba-2 parameters not taken from attention. [default: 0]"),
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16. [default: auto]"),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing output directory."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an output directory matvlm wrote (or an empty one)."),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow the teacher's own modelling code."),
 ):
     """Replace a fraction of the teacher's attention layers with Mamba-2 layers initialised from them."""
@@ -92,7 +94,7 @@ def convert(
 def export(
     hybrid: Path = typer.Argument(..., help="A hybrid directory written by convert or distill."),
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the stock transformers model."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an output directory matvlm wrote (or an empty one)."),
 ):
     """Rewrite a hybrid as a stock transformers model (GraniteMoeHybrid text model) that loads without matvlm."""
     from .export import run_export

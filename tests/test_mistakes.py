@@ -95,15 +95,17 @@ def user_folder(path: Path) -> Path:
 # ------------------------------------------------------------------------------------- data destroyed
 
 
-@pytest.mark.parametrize("held", ["teacher", "student"])
-def test_distill_never_deletes_its_own_teacher_or_student(cli, world, teacher, hybrid, tmp_path, held):
+@pytest.mark.parametrize("held", ["teacher", "student", "data"])
+def test_distill_never_deletes_its_own_inputs(cli, world, teacher, hybrid, tmp_path, held):
     out = tmp_path / "run"
     out.mkdir()
-    inputs = {"teacher": shutil.copytree(teacher, out / "teacher"), "student": shutil.copytree(hybrid, out / "student")}
+    inputs = {"teacher": shutil.copytree(teacher, out / "teacher"), "student": shutil.copytree(hybrid, out / "student"),
+              "data": shutil.copy(world / "train" / "conversations.json", out / "data.json")}
     before = listing(out)
     recipe = distill_recipe(tmp_path / "r.yaml", world, inputs["teacher"] if held == "teacher" else teacher,
                             output={"dir": str(out), "overwrite": True},
-                            student={"path": str(inputs["student"])} if held == "student" else {})
+                            student={"path": str(inputs["student"])} if held == "student" else {},
+                            **({"data": [{"json": str(inputs["data"]), "image_root": str(world / "train")}]} if held == "data" else {}))
     assert_one_line(cli("distill", recipe), f"{out}: output.dir contains the input {inputs[held]}")
     assert listing(out) == before
 

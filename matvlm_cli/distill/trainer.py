@@ -413,9 +413,9 @@ class DistillRun:
         if fresh and occupied and not r.output.overwrite:
             raise MatvlmError(f"output.dir: {out} already exists (set output.resume: auto to continue, or output.overwrite: true)")
         replace = fresh and occupied
-        inputs = [self.teacher_dir, *([r.student.path] if r.student.path else []), *(d.json for d in r.data),
-                  *(d.image_root for d in r.data)]
-        check_output_dir(out, "output.dir", exists_ok=not replace, overwrite=replace, inputs=tuple(inputs))
+        models = (self.teacher_dir, *([r.student.path] if r.student.path else []))
+        data = tuple(path for d in r.data for path in (d.json, d.image_root))
+        check_output_dir(out, "output.dir", exists_ok=not replace, overwrite=replace, inputs=models, data_inputs=data)
         created = not out.exists()
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -737,22 +737,22 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+@sigterm_as_interrupt()
 def run_distill(recipe: DistillRecipe, console: Console | None = None, on_step=None) -> Path:
     run = DistillRun(recipe, console)
-    with sigterm_as_interrupt():
+    try:
+        run.setup()
         try:
-            run.setup()
-            try:
-                return run.train(on_step=on_step)
-            except torch.cuda.OutOfMemoryError:
-                t = recipe.training
-                raise MatvlmError(
-                    f"CUDA out of memory at step {run.step + 1}: lower training.batch_size (now {t.batch_size}) and raise "
-                    f"training.gradient_accumulation to keep the global batch, set training.gradient_checkpointing: true, "
-                    f"use training.precision: bf16, or lower model_max_length (now {recipe.model_max_length})"
-                ) from None
-        except BaseException:
-            run.discard_unfinished_output()
-            raise
-        finally:
-            run.release_output()
+            return run.train(on_step=on_step)
+        except torch.cuda.OutOfMemoryError:
+            t = recipe.training
+            raise MatvlmError(
+                f"CUDA out of memory at step {run.step + 1}: lower training.batch_size (now {t.batch_size}) and raise "
+                f"training.gradient_accumulation to keep the global batch, set training.gradient_checkpointing: true, "
+                f"use training.precision: bf16, or lower model_max_length (now {recipe.model_max_length})"
+            ) from None
+    except BaseException:
+        run.discard_unfinished_output()
+        raise
+    finally:
+        run.release_output()
