@@ -18,6 +18,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    # Plain help: rich markup would read "[default: 0.25]" in a help text as a tag and drop it, and
+    # would give every flag a "<bool>" value it does not take.
+    rich_markup_mode=None,
 )
 console = Console()
 errors = Console(stderr=True)
@@ -45,6 +48,22 @@ def _layer_list(text: str | None) -> list[int] | None:
         raise MatvlmError(f"--layers: {text!r} is not a comma-separated list of integers") from None
 
 
+# YAML's words for true and false: a recipe path spelled like one is a flag's value, wrongly given.
+_BOOLEAN_WORDS = {"true", "false", "yes", "no", "on", "off"}
+
+
+def _recipe_path(recipe: Path | None, **flags: bool | None) -> Path | None:
+    """The optional recipe argument, unless it is the value a user gave a flag that takes none
+    (`--overwrite true`): click reads that word as the recipe, and 'true: recipe file not found' misleads."""
+    if recipe is not None and not recipe.exists() and str(recipe).lower() in _BOOLEAN_WORDS:
+        given = [f"--{name.replace('_', '-')}" for name, value in flags.items() if value]
+        if len(given) == 1:
+            raise MatvlmError(f"{given[0]} takes no value: drop {str(recipe)!r} ({given[0]} alone turns it on)")
+        if given:
+            raise MatvlmError(f"flags take no value ({', '.join(given)}): drop {str(recipe)!r}")
+    return recipe
+
+
 @app.command()
 def convert(
     recipe: Optional[Path] = typer.Argument(None, help="YAML recipe; the options below override it."),
@@ -54,9 +73,9 @@ def convert(
     placement: Optional[str] = typer.Option(None, help="even | front | middle | back. [default: even]"),
     layers: Optional[str] = typer.Option(None, help="Explicit layer indices, e.g. 0,4,8 (overrides --ratio)."),
     keep_bias: Optional[bool] = typer.Option(None, "--keep-bias", help="Carry attention biases into the mixer."),
-    seed: Optional[int] = typer.Option(None, help="Seed for the Mamba-2 parameters not taken from attention."),
-    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16."),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing output directory."),
+    seed: Optional[int] = typer.Option(None, help="Seed for the Mamba-2 parameters not taken from attention. [default: 0]"),
+    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16. [default: auto]"),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an output directory matvlm wrote (or an empty one)."),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow the teacher's own modelling code."),
 ):
     """Replace a fraction of the teacher's attention layers with Mamba-2 layers initialised from them."""
@@ -67,6 +86,7 @@ def convert(
         teacher=teacher, output=output, ratio=ratio, placement=placement, layers=_layer_list(layers),
         keep_bias=keep_bias, seed=seed, dtype=dtype, overwrite=overwrite, trust_remote_code=trust_remote_code,
     )
+    recipe = _recipe_path(recipe, keep_bias=keep_bias, overwrite=overwrite, trust_remote_code=trust_remote_code)
     run_convert(load_recipe(ConvertRecipe, recipe, overrides), console)
 
 
@@ -74,7 +94,7 @@ def convert(
 def export(
     hybrid: Path = typer.Argument(..., help="A hybrid directory written by convert or distill."),
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the stock transformers model."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an output directory matvlm wrote (or an empty one)."),
 ):
     """Rewrite a hybrid as a stock transformers model (GraniteMoeHybrid text model) that loads without matvlm."""
     from .export import run_export
@@ -92,15 +112,10 @@ def distill(
     ),
 ):
     """Distil a hybrid from its teacher (KL + layer + CE losses), on a CPU, a GPU or several GPUs."""
-    from .recipes import DistillRecipe, check_distill_recipe, parse_override, read_yaml, build_recipe, set_dotted
+    from .recipes import DistillRecipe, load_recipe
 
-    values = read_yaml(recipe)
-    for text in set_:
-        set_dotted(values, *parse_override(text))
-    if resume:
-        set_dotted(values, "output.resume", "auto")
-    parsed = build_recipe(DistillRecipe, values, source=str(recipe))
-    check_distill_recipe(parsed, source=str(recipe))
+    parsed = load_recipe(DistillRecipe, recipe, {"output.resume": "auto" if resume else None}, sets=set_,
+                         flag_names={"output.resume": "--resume"})
     from .distill.trainer import launch_processes, run_distill
 
     if num_gpus > 1:
@@ -110,7 +125,7 @@ def distill(
 
 @app.command()
 def generate(
-    image: Path = typer.Option(..., help="An image file."),
+    image: Optional[Path] = typer.Option(None, help="An image file (default: a sample scene shipped with matvlm)."),
     prompt: str = typer.Option(..., help="The question or instruction."),
     model: Optional[Path] = typer.Option(None, help="A teacher or hybrid directory (default: the embedded teacher)."),
     max_new_tokens: int = typer.Option(64, help="Most tokens to generate."),
@@ -158,7 +173,8 @@ def evaluate(
         models=model or None, tasks=_task_list(tasks), data_dir=data_dir, limit=limit, batch_size=batch_size,
         output=output, ocr=ocr, device=device,
     )
-    run_evaluate(load_recipe(EvaluateRecipe, recipe, overrides), console)
+    recipe = _recipe_path(recipe, ocr=ocr)
+    run_evaluate(load_recipe(EvaluateRecipe, recipe, overrides, flag_names={"models": "--model"}), console)
 
 
 @app.command()
@@ -173,7 +189,7 @@ def bench(
     gen_len: Optional[int] = typer.Option(None, help="Tokens to decode per run. [default: 128]"),
     engine: Optional[list[str]] = typer.Option(None, "--engine", help="graphs (static cache + CUDA graphs) | hf (plain generate); repeatable. [default: graphs, hf]"),
     backend: Optional[str] = typer.Option(None, help="Mixer kernels: auto | torch | triton | mamba-ssm | fla. [default: auto]"),
-    dtype: Optional[str] = typer.Option(None, help="auto | bfloat16 | float16 | float32. (default: bfloat16 on GPU, float32 on CPU)"),
+    dtype: Optional[str] = typer.Option(None, help="auto | bfloat16 | float16 | float32. [default: auto: bfloat16 on GPU, float32 on CPU]"),
     throughput: Optional[list[int]] = typer.Option(None, "--throughput", help="Also find each model's largest batch at this context and its tokens/s (GPU); repeatable."),
     profile: bool = typer.Option(False, "--profile", help="Also profile one decode step per model at the first --seq-len, kernel by kernel (profile-*.txt)."),
     kernels: bool = typer.Option(False, "--kernels", help="Kernel micro-benchmark: every installed mixer backend side by side."),
@@ -190,7 +206,10 @@ def bench(
         batches=batch or None, gen_len=gen_len, engines=engine or None, backend=backend, dtype=dtype,
         throughput_seq_lens=throughput or None, profile=profile or None, kernels=kernels or None, repeats=repeats, output=output, device=device,
     )
-    run_bench(load_recipe(BenchRecipe, recipe, overrides), console)
+    flag_names = dict(students="--student", ratios="--ratio", seq_lens="--seq-len", batches="--batch", engines="--engine",
+                      throughput_seq_lens="--throughput")
+    recipe = _recipe_path(recipe, kernels=kernels)
+    run_bench(load_recipe(BenchRecipe, recipe, overrides, flag_names=flag_names), console)
 
 
 def main() -> None:

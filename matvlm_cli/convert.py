@@ -47,7 +47,7 @@ def run_convert(recipe: ConvertRecipe, console: Console | None = None) -> Path:
     config = load_config(teacher_dir, recipe.trust_remote_code)
     weight_files(teacher_dir)
     output = default_output(recipe, teacher_dir) if recipe.output is None else recipe.output
-    output = check_output_dir(output, "--output", exists_ok=recipe.overwrite, inputs=(teacher_dir,))
+    output = check_output_dir(output, "--output", overwrite=recipe.overwrite, inputs=(teacher_dir,))
     with torch.device("meta"):  # the architecture's layout, without reading or allocating weights
         find_decoder(model_class_for(config).from_config(config, trust_remote_code=recipe.trust_remote_code))
     text_config = config.get_text_config(decoder=True)

@@ -28,8 +28,8 @@ from transformers import GraniteMoeHybridConfig
 
 from .errors import MatvlmError
 from .families import GENERIC_TEXT, TEXT_FAMILIES, ExportMapping
-from .hybrid.conversion import HYBRID_KEY, find_decoder
-from .hybrid.io import PROCESSOR_FILES, atomic_directory, load_config, load_hybrid, model_class_for
+from .hybrid.conversion import HYBRID_KEY, attention_windows, find_decoder
+from .hybrid.io import PROCESSOR_FILES, atomic_directory, check_output_dir, load_config, load_hybrid, model_class_for
 from .hybrid.mixer_config import Mamba2Config
 from .hybrid.stock import PER_GROUP_NORM_SINCE, per_group_norm_problem
 from .hybrid.tinyllava import HEAD_BIAS_KEY
@@ -77,8 +77,13 @@ def check_exportable(path: Path, config) -> tuple[ExportMapping, Mamba2Config]:
     for key, (wanted, feature) in mapping.requires.items():
         if getattr(text, key, wanted) != wanted:
             raise _refuse(path, f"{feature}: {key} is {getattr(text, key)!r}, {TARGET} has no such thing")
+    # A window as long as the model's positions never applies (attention_windows reads it as none).
+    windows = [window for window in attention_windows(text) if window is not None]
+    if windows:
+        raise _refuse(path, f"sliding-window attention ({max(windows)} tokens, under max_position_embeddings "
+                            f"{text.max_position_embeddings}): {TARGET}'s attention is full causal attention only")
     layer_types = getattr(text, "layer_types", None) or []
-    if any(kind != "full_attention" for kind in layer_types):
+    if any(kind not in ("full_attention", "sliding_attention") for kind in layer_types):
         raise _refuse(path, f"layer types {sorted(set(layer_types))}: {TARGET}'s attention is full causal attention only")
     if text.hidden_act != "silu":
         raise _refuse(path, f"hidden_act {text.hidden_act!r}: {TARGET} uses hidden_act for its Mamba convolution too, which this mixer runs with SiLU")
@@ -239,10 +244,7 @@ def _write_portable_config(directory: Path) -> None:
 
 def export_hybrid(hybrid: str | Path, output: str | Path, overwrite: bool = False) -> Path:
     hybrid, output = Path(hybrid), Path(output)
-    if output.exists() and not overwrite:
-        raise MatvlmError(f"{output}: already exists (pass --overwrite to replace it)")
-    if output.resolve() == hybrid.resolve():
-        raise MatvlmError(f"{output}: is the hybrid itself; export to another directory")
+    check_output_dir(output, "--output", overwrite=overwrite, inputs=(hybrid,))
     target = build_export(hybrid)
     with atomic_directory(output, overwrite) as tmp:
         target.save_pretrained(tmp, safe_serialization=True)

@@ -41,10 +41,18 @@ def sampling_options(temperature: float = 0.0, top_p: float | None = None, top_k
     return {"do_sample": True, "temperature": temperature, **filters}
 
 
-def run_generate(model_dir: Path, image_path: Path, prompt: str, max_new_tokens: int = 64,
+# A scene of the embedded world (a red circle, a blue square, the word "moon"), asked about when no
+# --image is given, so that `matvlm generate --prompt ...` works as it comes.
+SAMPLE_IMAGE = Path(__file__).parent / "presets" / "sample-scene.png"
+
+
+def run_generate(model_dir: Path, image_path: Path | None, prompt: str, max_new_tokens: int = 64,
                  temperature: float = 0.0, console: Console | None = None) -> str:
     console = console or Console()
-    check_model(model_dir)
+    if image_path is None:
+        image_path = SAMPLE_IMAGE
+        console.print(f"No --image given: asking about the sample scene {image_path}", highlight=False)
+    check_model(model_dir, images_for="generate")
     if max_new_tokens < 1:
         raise MatvlmError(f"--max-new-tokens: must be at least 1, got {max_new_tokens}")
     if not (math.isfinite(temperature) and temperature >= 0):

@@ -104,12 +104,57 @@ def _collect(cls, values: dict[str, Any], prefix: str, problems: list[str]):
         return None
 
 
-def build_recipe(cls, values: dict[str, Any], source: str = "recipe"):
+@dataclass
+class RecipeSource:
+    """Where a recipe's values came from: the recipe file, and the command-line options that set keys
+    over it (`--seq-len`, `--set training.epochs=0`), so that a problem names what the user typed."""
+
+    file: str | None = None
+    options: dict[str, str] = field(default_factory=dict)  # dotted key -> the option that set it
+
+    def __str__(self) -> str:
+        return self.file or "options"
+
+
+# Every problem names the keys it is about in single quotes ('training.epochs'), which is how
+# `problems_error` finds the option that set them.
+_QUOTED_KEY = re.compile(r"'([A-Za-z_][\w.\[\]]*)'")
+
+
+def _related(key: str, option_key: str) -> bool:
+    """Whether a problem about `key` can come from the option that set `option_key` (the same key, a key
+    inside it, or the section holding it)."""
+    return key == option_key or key.startswith((option_key + ".", option_key + "[")) or option_key.startswith(key + ".")
+
+
+def _attribute(problem: str, source: RecipeSource) -> tuple[str | None, str]:
+    """(the prefix that says where, the problem's text) for one problem."""
+    for key in _QUOTED_KEY.findall(problem):
+        for option_key, option in source.options.items():
+            if not _related(key, option_key):
+                continue
+            if key == option_key and not option.startswith("--set "):  # name the flag itself: '--seq-len: 0 ...'
+                return None, problem.replace(f"'{key}'", option, 1)
+            return option, problem
+    return str(source), problem
+
+
+def problems_error(problems: list[str], source: str | RecipeSource) -> MatvlmError:
+    """One MatvlmError for every problem, each under the file, flag or --set its value came from."""
+    source = source if isinstance(source, RecipeSource) else RecipeSource(source)
+    grouped: dict[str | None, list[str]] = {}
+    for problem in problems:
+        where, text = _attribute(problem, source)
+        grouped.setdefault(where, []).append(text)
+    return MatvlmError("; ".join((f"{where}: " if where else "") + "; ".join(texts) for where, texts in grouped.items()))
+
+
+def build_recipe(cls, values: dict[str, Any], source: str | RecipeSource = "recipe"):
     """Validate `values` against dataclass `cls`; raise one MatvlmError listing every problem."""
     problems: list[str] = []
     recipe = _collect(cls, values, "", problems)
     if problems:
-        raise MatvlmError(f"{source}: " + "; ".join(problems))
+        raise problems_error(problems, source)
     return recipe
 
 
@@ -125,7 +170,25 @@ def set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
 
 class RecipeLoader(yaml.SafeLoader):
     """PyYAML's safe loader with YAML 1.2's floats: `5e-4` and `1E3` are numbers, as people write them
-    (YAML 1.1 wants a dot and a signed exponent, so PyYAML reads those as strings)."""
+    (YAML 1.1 wants a dot and a signed exponent, so PyYAML reads those as strings), and unique keys:
+    PyYAML keeps the last of two equal keys, so a second `training:` would silently replace the first."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_at: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` overrides on purpose
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = first_at.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if first is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}, first at line {first.start_mark.line + 1}", key_node.start_mark,
+                    )
+        return super().construct_mapping(node, deep)
 
 
 RecipeLoader.yaml_implicit_resolvers = {
@@ -174,10 +237,26 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), parse_yaml(raw, f"override {text!r}")
 
 
-def load_recipe(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None):
+def load_recipe(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None, sets: list[str] = (),
+                flag_names: dict[str, str] | None = None):
+    """The recipe file (if any), then `sets` (`--set key=value` texts), then `overrides` (dotted key -> the
+    value of a command-line option, None = not given), validated: its types, and the class's own checks
+    (`RECIPE_CHECKS`). A problem names the option that set the value it is about: `--key-name`, or the
+    name in `flag_names` (key -> flag) where the flag is called otherwise."""
     values = read_yaml(path) if path else {}
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return build_recipe(cls, values, source=str(path) if path else "options")
+    source = RecipeSource(str(path) if path else None)
+    for text in sets:
+        key, value = parse_override(text)
+        set_dotted(values, key, value)
+        source.options[key] = f"--set {text}"
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            set_dotted(values, key, value)
+            source.options[key] = (flag_names or {}).get(key) or "--" + key.replace("_", "-")
+    recipe = build_recipe(cls, values, source)
+    if cls in RECIPE_CHECKS:
+        RECIPE_CHECKS[cls](recipe, source)
+    return recipe
 
 
 def save_recipe(recipe, path: str | Path) -> None:
@@ -385,7 +464,7 @@ def _training_problems(recipe: DistillRecipe) -> list[str]:
     return problems
 
 
-def check_distill_recipe(recipe: DistillRecipe, source: str = "recipe") -> None:
+def check_distill_recipe(recipe: DistillRecipe, source: str | RecipeSource = "recipe") -> None:
     """Impossible combinations and missing files, before any model is loaded."""
     problems = _training_problems(recipe)
     choices = {
@@ -394,8 +473,8 @@ def check_distill_recipe(recipe: DistillRecipe, source: str = "recipe") -> None:
         "student.placement": (recipe.student.placement, ("even", "front", "middle", "back")),
     }
     problems += [f"'{key}' must be one of {', '.join(allowed)}, got {value!r}" for key, (value, allowed) in choices.items() if value not in allowed]
-    if recipe.training.batch_size < 1 or recipe.training.gradient_accumulation < 1 or recipe.training.epochs < 1:
-        problems.append("'training': batch_size, gradient_accumulation and epochs must be >= 1")
+    problems += [f"'training.{key}' must be >= 1, got {getattr(recipe.training, key)}"
+                 for key in ("batch_size", "gradient_accumulation", "epochs") if getattr(recipe.training, key) < 1]
     if recipe.training.num_workers is not None and recipe.training.num_workers < 0:
         problems.append(f"'training.num_workers' must be >= 0 (0 loads data in the training process), got {recipe.training.num_workers}")
     output = recipe.output
@@ -428,7 +507,7 @@ def check_distill_recipe(recipe: DistillRecipe, source: str = "recipe") -> None:
     if resume not in (None, "auto") and not Path(resume).is_dir():
         problems.append(f"'output.resume': {resume} is not a checkpoint directory")
     if problems:
-        raise MatvlmError(f"{source}: " + "; ".join(problems))
+        raise problems_error(problems, source)
 
 
 @dataclass
@@ -469,7 +548,7 @@ class BenchRecipe:
     trust_remote_code: bool = False
 
 
-def check_bench_recipe(recipe: BenchRecipe, source: str = "recipe") -> None:
+def check_bench_recipe(recipe: BenchRecipe, source: str | RecipeSource = "recipe") -> None:
     from .hybrid.kernels import BACKENDS
 
     problems = []
@@ -487,9 +566,15 @@ def check_bench_recipe(recipe: BenchRecipe, source: str = "recipe") -> None:
         problems.append(f"'device' must be auto, cuda or cpu, got {recipe.device!r}")
     problems += [f"'seq_lens': {n} must be >= 2" for n in recipe.seq_lens if n < 2]
     problems += [f"'batches': {n} must be >= 1" for n in recipe.batches if n < 1]
-    if recipe.gen_len < 2 or recipe.repeats < 1:
-        problems.append("'gen_len' must be >= 2 and 'repeats' >= 1")
+    if recipe.gen_len < 2:
+        problems.append(f"'gen_len' must be >= 2, got {recipe.gen_len}")
+    if recipe.repeats < 1:
+        problems.append(f"'repeats' must be >= 1, got {recipe.repeats}")
     problems += [f"'throughput_seq_lens': {n} must be >= 2" for n in recipe.throughput_seq_lens if n < 2]
     problems += [f"'students': {p} is not a model directory" for p in recipe.students if not (Path(p) / "config.json").is_file()]
     if problems:
-        raise MatvlmError(f"{source}: " + "; ".join(problems))
+        raise problems_error(problems, source)
+
+
+# The checks `load_recipe` runs after the types (convert and evaluate check theirs in their engines).
+RECIPE_CHECKS = {DistillRecipe: check_distill_recipe, BenchRecipe: check_bench_recipe}

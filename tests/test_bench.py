@@ -129,10 +129,10 @@ def test_bench_cli_on_the_embedded_teacher(tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--ratio", "1.5"], "'ratios': 1.5 is outside (0, 1]"),
+        (["--ratio", "1.5"], "--ratio: 1.5 is outside (0, 1]"),  # the flag, not the recipe key (#23)
         (["--engine", "vllm"], "unknown engine 'vllm'"),
-        (["--backend", "cutlass"], "'backend' must be one of"),
-        (["--student", "/nonexistent/hybrid"], "'students': /nonexistent/hybrid is not a model directory"),
+        (["--backend", "cutlass"], "--backend must be one of"),
+        (["--student", "/nonexistent/hybrid"], "--student: /nonexistent/hybrid is not a model directory"),
         (["--teacher", "gpt-5"], "teacher 'gpt-5': neither a preset"),
         (["--kernels"], "needs a GPU"),
         (["--backend", "mamba-ssm"], "backend: backend 'mamba-ssm' requested but it does not import here"),

@@ -96,6 +96,8 @@ def test_unsupported_architecture_is_a_user_error(tmp_path):
 
 
 def test_existing_output_is_refused_unless_overwrite(tiny_teachers, tmp_path):
+    """--overwrite replaces an empty folder or matvlm's own output, never a folder holding the user's files
+    (issue #23)."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -103,8 +105,13 @@ def test_existing_output_is_refused_unless_overwrite(tiny_teachers, tmp_path):
     assert result.returncode != 0 and "already exists" in result.stderr
     assert (out / "keep.txt").read_text() == "mine"
     result = matvlm("convert", "--teacher", tiny_teachers["llama"], "--output", out, "--overwrite")
-    assert result.returncode == 0, result.stderr
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert result.returncode == 2 and "not a folder matvlm wrote" in result.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    for _ in range(2):  # the empty folder, then what the first run wrote
+        result = matvlm("convert", "--teacher", tiny_teachers["llama"], "--output", out, "--overwrite")
+        assert result.returncode == 0, result.stderr
+        assert (out / "config.json").is_file()
 
 
 def test_converting_a_hybrid_again_is_refused(tiny_teachers, tmp_path):

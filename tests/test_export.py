@@ -29,6 +29,8 @@ TEXT_TEACHERS = {
     "llama-gqa-llama3-rope": (LlamaForCausalLM, LlamaConfig, {"rope_parameters": LLAMA3_ROPE}),
     "llama-attention-bias": (LlamaForCausalLM, LlamaConfig, {"attention_bias": True}),
     "mistral": (MistralForCausalLM, MistralConfig, {"sliding_window": None}),
+    # a window longer than the positions never applies (issue #23): the export is exact without one
+    "mistral-window-beyond-positions": (MistralForCausalLM, MistralConfig, {"sliding_window": 4096}),
     "qwen2-tied-embeddings": (Qwen2ForCausalLM, Qwen2Config, {"tie_word_embeddings": True}),
 }
 LAYERS = [1, 3]
@@ -283,14 +285,20 @@ def test_transformers_without_per_group_gated_norm_is_refused(llava_hybrid, tmp_
 
 @needs_per_group_norm
 def test_overwrite_replaces_and_an_exported_model_is_not_exported_again(llava_hybrid, llava_export, tmp_path):
+    """--overwrite replaces what export wrote, never a file the user put beside it (issue #23)."""
     target = tmp_path / "export"
     target.mkdir()
     (target / "stale.txt").write_text("old")
     with pytest.raises(MatvlmError, match="already exists"):
         export_hybrid(llava_hybrid, target)
-    assert (target / "stale.txt").exists()
+    with pytest.raises(MatvlmError, match="not a folder matvlm wrote"):
+        export_hybrid(llava_hybrid, target, overwrite=True)
+    assert (target / "stale.txt").read_text() == "old"
+    (target / "stale.txt").unlink()
     export_hybrid(llava_hybrid, target, overwrite=True)
-    assert not (target / "stale.txt").exists() and (target / "model.safetensors").is_file()
+    (target / "model.safetensors").unlink()  # what the user does to an output is theirs; it is still matvlm's
+    export_hybrid(llava_hybrid, target, overwrite=True)
+    assert (target / "model.safetensors").is_file()
     with pytest.raises(MatvlmError, match="not a matvlm hybrid"):
         export_hybrid(llava_export, tmp_path / "again")
 

@@ -21,7 +21,8 @@ from ..errors import MatvlmError
 from ..families import model_family
 from ..hybrid import choose_layers, convert_to_hybrid, load_model
 from ..hybrid.conversion import attention_windows
-from ..hybrid.io import check_model, load_config, model_class_for
+from ..hybrid.io import HYBRID_KEY, check_model, load_config, model_class_for
+from ..hybrid.stock import is_stock_hybrid
 from ..tiny import default_teacher_dir
 from .engines import BenchInputs
 
@@ -58,6 +59,13 @@ def check_models(teacher: str, students: list[str], lengths: list[int], trust_re
     """Before anything is timed: every model directory is readable (config, weight headers, image processor) and
     holds the longest context asked for. A preset is exempt from the length check: its random weights are an
     architecture to time at any length, not a model whose answers beyond its trained positions matter."""
+    for path in students:  # a speedup of a model without Mamba-2 layers over its teacher means nothing
+        config = load_config(path, trust_remote_code)
+        if not (getattr(config, HYBRID_KEY, None) or is_stock_hybrid(config)):
+            raise MatvlmError(
+                f"{path}: --student takes a hybrid, and this model has no Mamba-2 layers (no '{HYBRID_KEY}' block in "
+                "its config.json); time it as --teacher, or convert it first"
+            )
     directories = ([] if teacher in PRESETS else [teacher]) + list(students)
     for path in directories:
         # bench prompts are token ids, so only the image processor is needed (read in `image_input`)
@@ -69,6 +77,47 @@ def check_models(teacher: str, students: list[str], lengths: list[int], trust_re
                 f"{path}: a context of {max(lengths)} tokens (--seq-len plus --gen-len) is beyond its "
                 f"max_position_embeddings of {limit}: shorten --seq-len (or --gen-len), or time a preset teacher"
             )
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on `device`: the GPU's free memory, or the machine's available
+    memory within the container's limit (cgroup v2 or v1), which the machine-wide figure does not show."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil  # accelerate's own dependency
+
+    free = psutil.virtual_memory().available
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit, usage = Path(limit_file).read_text().strip(), int(Path(usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit():  # "max" means no limit
+            free = min(free, int(limit) - usage)
+    return free
+
+
+def check_memory(teacher: str, students: list[str], device: torch.device, dtype: torch.dtype,
+                 trust_remote_code: bool = False) -> None:
+    """Before any model is built: the largest one's weights fit in what is free on `device`. One model is
+    resident at a time, but a 7B teacher in float32 on a 16 GiB machine would be killed by the kernel after
+    minutes, with no message."""
+    sizes = {}
+    for spec in [teacher, *students]:
+        config = AutoConfig.from_pretrained(PRESETS_DIR / spec) if spec in PRESETS else load_config(spec, trust_remote_code)
+        with torch.device("meta"):
+            model = model_class_for(config).from_config(config, trust_remote_code=trust_remote_code)
+        sizes[spec] = sum(p.numel() for p in model.parameters()) * dtype.itemsize
+    spec, need = max(sizes.items(), key=lambda item: item[1])
+    free = free_memory(device)
+    if need > free:
+        where = "the GPU" if device.type == "cuda" else "this machine"
+        ways = [*(["a GPU (--device cuda)"] if device.type == "cpu" else []), *(["--dtype bfloat16"] if dtype.itemsize > 2 else [])]
+        raise MatvlmError(
+            f"{spec}: its weights alone take {need / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')}, and "
+            f"{where} has {free / 2**30:.1f} GiB free; use {', '.join(ways + ['a smaller model'])}".replace(", a smaller", " or a smaller")
+        )
 
 
 def teacher_dir(spec: str) -> Path:

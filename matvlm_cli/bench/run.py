@@ -20,7 +20,7 @@ from ..recipes import BenchRecipe, check_bench_recipe
 from . import floor
 from . import throughput as throughput_search
 from .engines import ENGINES, GraphEngine, Timing
-from .models import bench_inputs, check_models, check_teacher, default_teacher, image_input, model_specs
+from .models import bench_inputs, check_memory, check_models, check_teacher, default_teacher, image_input, model_specs
 from .profile import profile_decode
 from .report import save_report, write_report
 
@@ -121,6 +121,7 @@ def run_bench(recipe: BenchRecipe, console: Console | None = None) -> Path:
         console.print("--throughput: the largest-batch search needs a GPU; skipped on the CPU")
     lengths += [n + throughput_search.GEN_LEN for n in throughput_lengths]
     check_models(teacher, recipe.students, lengths, recipe.trust_remote_code)
+    check_memory(teacher, recipe.students, device, dtype, recipe.trust_remote_code)
     ratios = recipe.ratios if recipe.ratios is not None else ([] if recipe.students else [0.25, 0.5])
     specs = model_specs(teacher, recipe.students, ratios, recipe.placement, device, dtype, recipe.seed, recipe.trust_remote_code)
     report["teacher"] = teacher

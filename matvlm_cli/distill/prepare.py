@@ -22,7 +22,7 @@ import torch
 from .records import BrokenRecord, RecordEncoder, SkipReport, image_token_count, iter_json_list
 
 # Bump when what a prepared cache holds changes, so old caches are rebuilt rather than misread.
-PREPARED_VERSION = 2  # 2: the placeholder is the processor's own (image_token), meta.json holds max_length
+PREPARED_VERSION = 3  # 2: the placeholder is the processor's own (image_token), meta.json holds max_length; 3: turns alternate
 RECORDS_PER_TASK = 512
 SCHEMA = pa.schema([
     ("id", pa.string()),

@@ -151,6 +151,8 @@ def to_messages(conversations: list[dict], has_image: bool) -> list[dict]:
         value = turn.get("value")
         if turn.get("from") not in ("human", "gpt") or not isinstance(value, str):
             raise BrokenRecord("a turn is not {from: human|gpt, value: str}")
+        if i and turn["from"] == conversations[i - 1]["from"]:  # a chat template would run them together or refuse
+            raise BrokenRecord(f"two {turn['from']} turns in a row")
         if turn["from"] == "human":
             content = []
             if IMAGE_TAG in value:

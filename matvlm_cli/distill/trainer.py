@@ -13,6 +13,8 @@ import os
 import random
 import resource
 import shutil
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -32,6 +34,7 @@ from torch.distributed.tensor import DTensor
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from ..atomic import OUTPUT_MARK, check_output_dir, lock_directory, mark_output, remove_contents
 from ..errors import MatvlmError
 from ..families import model_family
 from ..hybrid.conversion import attention_windows, choose_layers, convert_to_hybrid, find_decoder, hybrid_layers
@@ -286,11 +289,16 @@ def _first(output):
     return output[0] if isinstance(output, tuple) else output
 
 
+# What a run writes in output.dir (its mark lists them, so output.overwrite replaces only these).
+RUN_ENTRIES = ("recipe.yaml", "log.jsonl", "summary.json", "checkpoints", "final", "tensorboard")
+
+
 class DistillRun:
     def __init__(self, recipe: DistillRecipe, console: Console | None = None):
         self.recipe = recipe
         self.console = console or Console()
         self.out = Path(recipe.output.dir)
+        self.created_output, self.output_lock = False, None
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -309,18 +317,12 @@ class DistillRun:
                               "when it wraps the model, and a stage changes them); run it without --num-gpus")
         if self.out.exists() and not self.out.is_dir():
             raise MatvlmError(f"output.dir: {self.out} exists and is not a directory")
-        resume = self._resume_dir()
-        self.created_output = not self.out.exists()
-        if self.out.exists() and resume is None and r.output.resume != "auto" and self.accelerator.is_main_process:
-            if r.output.overwrite:
-                shutil.rmtree(self.out)
-                self.created_output = True
-            elif any(self.out.iterdir()):
-                raise MatvlmError(f"output.dir: {self.out} already exists (set output.resume: auto to continue, or output.overwrite: true)")
         from ..tiny import default_teacher_dir
         from ..world import cache_dir
 
         self.teacher_dir = Path(r.teacher) if r.teacher else default_teacher_dir()
+        resume = self._resume_dir()
+        replace = self._claim_output(resume) if self.accelerator.is_main_process else False
         processor_dir = Path(r.student.path or self.teacher_dir)
         self.processor = load_processor(processor_dir, trust_remote_code=r.trust_remote_code)
         # The main process generates the embedded world and prepares the data; the others then map its cache.
@@ -391,8 +393,42 @@ class DistillRun:
             self._load_checkpoint(resume)
         self._enter_stage(stage_index(self.plan, self.step))
         if self.accelerator.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
+            if replace:  # only now that models and data are ready: a run that fails before this keeps the old one
+                remove_contents(self.out)
+            mark_output(self.out, RUN_ENTRIES)
             (self.out / "recipe.yaml").write_text(yaml.safe_dump(asdict(r), sort_keys=False))
+
+    def _claim_output(self, resume: Path | None) -> bool:
+        """Check output.dir before any work, then create it and lock it: one run writes to it at a time (a
+        second would interleave log.jsonl and race for `final`). True when its old contents are to be replaced:
+        output.overwrite, on a folder matvlm wrote, that holds none of the run's inputs."""
+        r, out = self.recipe, self.out
+        if r.output.resume == "auto" and resume is None and out.is_dir() and any(p.name != OUTPUT_MARK for p in out.iterdir()):
+            raise MatvlmError(
+                f"--resume: {out} has no checkpoint to resume from (output.save_every is {r.output.save_every}); "
+                "run without --resume to start again (output.overwrite: true replaces it), or choose another output.dir"
+            )
+        occupied = out.is_dir() and any(out.iterdir())
+        fresh = r.output.resume is None
+        if fresh and occupied and not r.output.overwrite:
+            raise MatvlmError(f"output.dir: {out} already exists (set output.resume: auto to continue, or output.overwrite: true)")
+        replace = fresh and occupied
+        models = (self.teacher_dir, *([r.student.path] if r.student.path else []))
+        data = tuple(path for d in r.data for path in (d.json, d.image_root))
+        check_output_dir(out, "output.dir", exists_ok=not replace, overwrite=replace, inputs=models, data_inputs=data)
+        created = not out.exists()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise MatvlmError(f"output.dir: {out} cannot be made: {err.strerror or err}") from None
+        self.output_lock = lock_directory(out, "output.dir")
+        self.created_output = created  # only once it is ours: a run refused the lock removes nothing
+        return replace
+
+    def release_output(self) -> None:
+        if self.output_lock is not None:
+            os.close(self.output_lock)
+            self.output_lock = None
 
     def _enter_stage(self, index: int) -> None:
         """From here on the student runs the stage's layers as Mamba-2 and trains what it says."""
@@ -436,7 +472,7 @@ class DistillRun:
                         if not torch.isfinite(total):
                             raise MatvlmError(
                                 f"loss became {total.item()} at step {self.step + 1}; stopped. "
-                                f"Last good checkpoint: {self._latest_checkpoint() or 'none'}. Lower optimizer.lr or use fp32."
+                                f"Last good checkpoint: {self._latest_checkpoint() or 'none'}. {self._nonfinite_advice()}"
                             )
                         acc.backward(total)
                         if acc.sync_gradients:
@@ -551,6 +587,12 @@ class DistillRun:
             parts["layer"] = torch.stack(distances).mean()
         return parts
 
+    def _nonfinite_advice(self) -> str:
+        precision = self.recipe.training.precision
+        if precision == "fp32":
+            return "Lower optimizer.lr, or optimizer.max_grad_norm."
+        return f"Lower optimizer.lr, or use training.precision: fp32 (it is {precision})."
+
     # -- checkpoints ---------------------------------------------------------------------------
     def _checkpoints(self) -> list[Path]:
         return sorted((self.out / "checkpoints").glob("step-*"))
@@ -583,7 +625,7 @@ class DistillRun:
         if bad is not None:
             raise MatvlmError(
                 f"non-finite values in {bad} after step {self.step}; stopped. Last good checkpoint: "
-                f"{self._latest_checkpoint() or 'none'}. Lower optimizer.lr or use fp32."
+                f"{self._latest_checkpoint() or 'none'}. {self._nonfinite_advice()}"
             )
         if acc.is_main_process:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -632,8 +674,7 @@ class DistillRun:
     def discard_unfinished_output(self) -> None:
         """After a failure: an output directory this run created and left with nothing to resume from
         (no checkpoint, no final hybrid) is removed, so the same command can simply be run again."""
-        if getattr(self, "created_output", False) and self.out.is_dir() and not self._checkpoints() \
-                and not (self.out / "final").exists() and getattr(self, "accelerator", None) and self.accelerator.is_main_process:
+        if self.created_output and self.out.is_dir() and not self._checkpoints() and not (self.out / "final").exists():
             shutil.rmtree(self.out, ignore_errors=True)
 
     def save_final(self, seconds: float) -> Path:
@@ -668,12 +709,35 @@ def launch_processes(num_gpus: int, recipe_path: Path, overrides: list[str], res
     import subprocess
     import sys
 
+    visible = torch.cuda.device_count()
+    if visible < num_gpus:
+        raise MatvlmError(f"--num-gpus {num_gpus}: this machine shows {visible} CUDA GPU(s); each process needs its own GPU")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_gpus),
                "-m", "matvlm_cli", "distill", str(recipe_path)]
     command += [arg for text in overrides for arg in ("--set", text)] + (["--resume"] if resume else [])
     return subprocess.call(command)
 
 
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (`kill`, a scheduler's cancel) raised as KeyboardInterrupt, as Ctrl-C is, so the run cleans
+    up the same way: an output folder it created with nothing to resume from is removed, and the same
+    command can be run again. Signal handlers belong to the main thread; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@sigterm_as_interrupt()
 def run_distill(recipe: DistillRecipe, console: Console | None = None, on_step=None) -> Path:
     run = DistillRun(recipe, console)
     try:
@@ -690,3 +754,5 @@ def run_distill(recipe: DistillRecipe, console: Console | None = None, on_step=N
     except BaseException:
         run.discard_unfinished_output()
         raise
+    finally:
+        run.release_output()

@@ -148,9 +148,10 @@ def run_evaluate(recipe: EvaluateRecipe, console: Console | None = None) -> list
         models = [default_teacher_dir()]
         console.print(f"No --model given: evaluating the embedded teacher at {models[0]}")
     labels = model_labels(models)
+    ours = [name for name in names if (TASKS_DIR / f"{name}.yaml").is_file()]  # pope, mmmu, textvqa: image tasks
     with console.status("Checking the models"):
         for path in models:  # all of them: a broken second model must not cost the first one's run
-            check_model(path)
+            check_model(path, images_for=f"the image task {ours[0]}" if ours else None)
 
     # lm-eval reports through logging and tqdm; the progress bars and the table below say what matters.
     logging.getLogger("lm_eval").setLevel(logging.ERROR)

@@ -18,6 +18,6 @@ def _image_processor(config):
 
 
 TEXT = (
-    TextFamily(model_types=("mistral",), export=ExportMapping(requires={"sliding_window": (None, "sliding-window attention")})),
+    TextFamily(model_types=("mistral",), export=ExportMapping()),
 )
 MODELS = (ModelFamily(model_types=("mistral3",), image_processor=_image_processor),)

@@ -20,7 +20,7 @@ def qwen_vl_image_processor(config):
     )
 
 
-_QWEN2_EXPORT = ExportMapping(biased=("q_proj", "k_proj", "v_proj"), requires={"sliding_window": (None, "sliding-window attention")})
+_QWEN2_EXPORT = ExportMapping(biased=("q_proj", "k_proj", "v_proj"))
 
 TEXT = (
     TextFamily(model_types=("qwen2",), export=_QWEN2_EXPORT),

@@ -105,9 +105,14 @@ def find_decoder(model: nn.Module) -> DecoderLayout:
 
 def attention_windows(text_config) -> list[int | None]:
     """Each decoder layer's attention window in tokens, None for full attention. Read from `layer_types`
-    (Gemma 2 and 3, Qwen2's max_window_layers) or from a model-wide `sliding_window` (Mistral v0.1)."""
+    (Gemma 2 and 3, Qwen2's max_window_layers) or from a model-wide `sliding_window` (Mistral v0.1).
+    A window at least as long as max_position_embeddings never hides a token the model was made for,
+    so it is none (Mistral configs often carry 4096 beside shorter positions)."""
     num_layers = text_config.num_hidden_layers
     window = getattr(text_config, "sliding_window", None)
+    positions = getattr(text_config, "max_position_embeddings", None)
+    if window is not None and positions is not None and window >= positions:
+        window = None
     kinds = getattr(text_config, "layer_types", None)
     if kinds is None:
         return [window] * num_layers

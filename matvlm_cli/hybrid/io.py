@@ -26,7 +26,7 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedModel
 
-from ..atomic import atomic_directory, write_atomic  # noqa: F401 (the subcommands take it from here)
+from ..atomic import atomic_directory, check_output_dir, write_atomic  # noqa: F401 (the subcommands take them from here)
 from ..errors import MatvlmError
 from . import tinyllava
 from .conversion import HYBRID_KEY, build_empty_mixers, find_decoder
@@ -97,13 +97,37 @@ PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt
 
 
 def load_config(path: str | os.PathLike, trust_remote_code: bool = False):
+    """The directory's config, with its matvlm block (if any) checked against the model it describes."""
     path = check_model_dir(path)
     if reader := layout_reader(path):
-        return reader.config(path, weight_files(path))
+        config = reader.config(path, weight_files(path))
+    else:
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except _FILE_ERRORS as err:
+            raise MatvlmError(f"{path}/config.json: cannot be read as a transformers config: {_first_line(err)}") from None
+    if getattr(config, HYBRID_KEY, None):
+        check_hybrid_block(path, config)
+    return config
+
+
+def check_hybrid_block(path: Path, config) -> None:
+    """A hand-edited or foreign matvlm block fails here, naming what is wrong, rather than deep inside
+    model building: its layers must be distinct decoder layers the model has, its mixer a Mamba2Config."""
+    block, where = getattr(config, HYBRID_KEY), f"{path}/config.json: '{HYBRID_KEY}'"
+    layers = block.get("layers") if isinstance(block, dict) else None
+    count = getattr(config.get_text_config(decoder=True), "num_hidden_layers", None)
+    if not isinstance(layers, list) or not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise MatvlmError(f"{where}.layers must be a list of layer indices, got {layers!r}")
+    if len(set(layers)) != len(layers):
+        raise MatvlmError(f"{where}.layers {layers} names a layer twice")
+    missing = [i for i in layers if isinstance(count, int) and not 0 <= i < count]
+    if missing:
+        raise MatvlmError(f"{where}.layers names layer {missing[0]}, which the model lacks (its {count} decoder layers are 0..{count - 1})")
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except _FILE_ERRORS as err:
-        raise MatvlmError(f"{path}/config.json: cannot be read as a transformers config: {_first_line(err)}") from None
+        Mamba2Config.from_dict(block["mixer"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise MatvlmError(f"{where}.mixer is not a Mamba-2 mixer's settings: {_first_line(err)}") from None
 
 
 def weight_files(path: str | os.PathLike) -> list[Path]:
@@ -232,11 +256,16 @@ def load_processor(path: str | os.PathLike, trust_remote_code: bool = False):
         raise MatvlmError(f"{path}: no usable processor (preprocessor_config.json, tokenizer files): {_first_line(err)}") from None
 
 
-def check_model(path: str | os.PathLike, trust_remote_code: bool = False, processor: bool = True) -> None:
+def check_model(path: str | os.PathLike, trust_remote_code: bool = False, processor: bool = True,
+                images_for: str | None = None) -> None:
     """Everything about a teacher or hybrid directory that can be checked without reading its weights:
     the config, the architecture built on the meta device, the weight files' headers and (unless
-    `processor` is False: bench reads no text, only images) the processor."""
+    `processor` is False: bench reads no text, only images) the processor. `images_for` (what needs
+    images, e.g. "generate"): a text-only model is refused, rather than failing on its processor."""
     config = load_config(path, trust_remote_code)
+    if images_for and model_class_for(config) is not AutoModelForImageTextToText:
+        architecture = (getattr(config, "architectures", None) or [config.model_type])[0]
+        raise MatvlmError(f"{path}: a text-only model ({architecture}); {images_for} needs a vision-language model")
     try:
         with torch.device("meta"):
             model_class_for(config).from_config(config, trust_remote_code=trust_remote_code)
@@ -245,31 +274,6 @@ def check_model(path: str | os.PathLike, trust_remote_code: bool = False, proces
     weight_files(path)
     if processor:
         load_processor(path, trust_remote_code)
-
-
-def check_output_dir(output: str | os.PathLike, what: str = "--output", exists_ok: bool = False,
-                     inputs: tuple = ()) -> Path:
-    """Before any work: `output` can be made (or, with `exists_ok`, reused) as a directory, and is neither
-    one of `inputs` nor inside one nor around one (replacing it would delete them)."""
-    if not str(output).strip():
-        raise MatvlmError(f"{what}: the path is empty")
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise MatvlmError(f"{output}: {what} exists and is not a directory")
-    if output.exists() and not exists_ok:
-        raise MatvlmError(f"{output}: already exists (pass --overwrite to replace it)")
-    resolved = output.resolve()
-    for source in map(Path, inputs):
-        source_resolved = source.resolve()
-        if resolved == source_resolved or source_resolved in resolved.parents or resolved in source_resolved.parents:
-            relation = "is" if resolved == source_resolved else "is inside" if source_resolved in resolved.parents else "contains"
-            raise MatvlmError(f"{output}: {what} {relation} the input {source}; write somewhere else")
-    existing = next(p for p in (output, *output.parents) if p.exists() or p == Path(p.anchor or "."))
-    if not existing.is_dir():
-        raise MatvlmError(f"{existing}: not a directory, so {what} {output} cannot be made")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise MatvlmError(f"{existing}: not writable, so {what} {output} cannot be written")
-    return output
 
 
 def model_class_for(config):

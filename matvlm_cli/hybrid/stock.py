@@ -35,6 +35,13 @@ def per_group_norm_problem(groups: int) -> str | None:
     )
 
 
+def is_stock_hybrid(config) -> bool:
+    """A stock transformers hybrid with at least one Mamba layer (what `matvlm export` writes)."""
+    text_config = config.get_text_config(decoder=True)
+    kinds = getattr(text_config, "layer_types", None) or []
+    return text_config.model_type in STOCK_HYBRID_TYPES and any(kind in ("mamba", "linear_attention") for kind in kinds)
+
+
 def check_stock_hybrid(path, config) -> None:
     """Refuse a stock hybrid that this transformers would load without error but compute wrongly."""
     text_config = config.get_text_config(decoder=True)
