@@ -117,7 +117,10 @@ class ModelFamily:
     # - keywords the family's processor passes to its image processor (InternVL's tiling is switched on there).
     image_kwargs: dict = field(default_factory=dict)
     # How vLLM serves the family's export, or why it cannot.
-    serve: ServeMapping | str = "no vLLM class of this family is extended for a hybrid text model"
+    serve: ServeMapping | str = (
+        "matvlm's vLLM plugin has no class for this family yet, and vLLM's own would allocate no Mamba state "
+        "for the GraniteMoeHybrid text model inside"
+    )
 
 
 def square(vision_config) -> dict:

@@ -22,6 +22,7 @@ from packaging.version import InvalidVersion, Version
 
 from ..errors import MatvlmError
 from ..families import MODEL_FAMILIES, ServeMapping
+from ..hybrid.io import check_model_dir
 from ..hybrid.stock import PER_GROUP_NORM_SINCE, STOCK_HYBRID_TYPES
 
 SERVE_INSTALL = (
@@ -40,11 +41,7 @@ class ServePlan:
 
 
 def _read_config(path: Path) -> dict:
-    if not path.is_dir():
-        raise MatvlmError(f"{path}: not a directory (expected a folder `matvlm export` wrote)")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise MatvlmError(f"{path}: not a model directory (no config.json)")
+    config_file = check_model_dir(path) / "config.json"
     try:
         data = json.loads(config_file.read_text())
     except (ValueError, UnicodeDecodeError) as err:
