@@ -29,7 +29,7 @@ needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed her
 needs_per_group_norm = pytest.mark.skipif(
     not per_group_gated_norm_available(), reason="this transformers' GraniteMoeHybrid gated norm is not per group"
 )
-pytestmark = [pytest.mark.usefixtures("one_thread"), needs_per_group_norm]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _export(tmp_path_factory, teacher: Path, layers: list[int], name: str) -> Path:
@@ -55,10 +55,11 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
     return {str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()}
 
 
+@needs_per_group_norm
 def test_a_llava_export_is_served_by_the_plugin_class_and_the_folder_is_untouched(llava_export):
     before = _snapshot(llava_export)
     plan = check_servable(llava_export)
-    assert plan.architecture == "MatvlmLlavaForConditionalGeneration" and not plan.text_only
+    assert plan.architecture == "MatvlmLlavaForConditionalGeneration"
     options = engine_options(plan, cpu=True)
     assert options == {"mamba_ssm_cache_dtype": "float32", "enable_prefix_caching": False,
                        "hf_overrides": {"architectures": ["MatvlmLlavaForConditionalGeneration"]}}
@@ -71,6 +72,7 @@ def test_a_llava_export_is_served_by_the_plugin_class_and_the_folder_is_untouche
     assert json.loads((llava_export / "config.json").read_text())["architectures"] == ["LlavaForConditionalGeneration"]
 
 
+@needs_per_group_norm
 def test_a_text_only_export_is_served_by_vllms_own_class(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -81,10 +83,11 @@ def test_a_text_only_export_is_served_by_vllms_own_class(tmp_path):
     convert_to_hybrid(model, [1])
     save_hybrid(model, tmp_path / "hybrid", source=teacher)
     plan = check_servable(export_hybrid(tmp_path / "hybrid", tmp_path / "export"))
-    assert plan.text_only and plan.architecture is None
+    assert plan.architecture is None
     assert serve_arguments(plan, cpu=False) == ["--mamba-ssm-cache-dtype", "float32"]
 
 
+@needs_per_group_norm
 def test_the_tower_rename_gives_vllms_names_for_every_saved_tower_weight(llava_export):
     """transformers 5 saves the SigLIP tower flat; vLLM's tower keeps `vision_model.`. The rule must
     reach every tower weight of a real export, leave everything else, and leave a nested name alone."""
@@ -98,6 +101,7 @@ def test_the_tower_rename_gives_vllms_names_for_every_saved_tower_weight(llava_e
     assert re.sub(pattern, replacement, nested) == nested
 
 
+@needs_per_group_norm
 def test_bad_input_is_one_line_exit_2_and_nothing_written(llava_export, tmp_path):
     cases = {
         "no such": (tmp_path / "missing",),
@@ -112,6 +116,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(llava_export, tmp_path
         assert sorted(tmp_path.rglob("*")) == before
 
 
+@needs_per_group_norm
 def test_an_export_saved_by_transformers_before_5_23_is_refused(llava_export, tmp_path):
     """5.17-5.22 compute the gated norm over the whole width: what they saved is not what vLLM serves."""
     old = tmp_path / "old"
@@ -129,6 +134,7 @@ def test_an_export_saved_by_transformers_before_5_23_is_refused(llava_export, tm
     assert check_servable(one_group).architecture  # one group: the same norm in every version
 
 
+@needs_per_group_norm
 def test_a_family_vllm_cannot_serve_is_refused_with_the_reason(tmp_path_factory):
     """A real Idefics3 export (Llama text, so `export` writes it) whose family has no vLLM hybrid class."""
     import zoo
@@ -143,6 +149,7 @@ def test_a_family_vllm_cannot_serve_is_refused_with_the_reason(tmp_path_factory)
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1 and "cannot serve" in run.stderr
 
 
+@needs_per_group_norm
 @pytest.mark.skipif(HAVE_VLLM, reason="vLLM is installed here: this checks the message when it is not")
 def test_serving_without_vllm_says_how_to_install_it(llava_export):
     run = _serve(str(llava_export), "--port", "8123")
@@ -152,10 +159,10 @@ def test_serving_without_vllm_says_how_to_install_it(llava_export):
 
 @needs_vllm
 def test_the_plugin_class_is_vllms_llava_marked_hybrid_with_the_export_names_mapped():
+    from matvlm_cli.serve import models  # first: without torchvision, vLLM's LLaVA imports through its stand-in
+
     from vllm.model_executor.models.interfaces import has_inner_state, is_hybrid
     from vllm.model_executor.models.llava import LlavaForConditionalGeneration
-
-    from matvlm_cli.serve import models
 
     served = models.MatvlmLlavaForConditionalGeneration
     assert issubclass(served, LlavaForConditionalGeneration) and is_hybrid(served) and has_inner_state(served)

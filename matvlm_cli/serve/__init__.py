@@ -1,6 +1,7 @@
 """vLLM serving of `matvlm export`'s folders: the plugin vLLM loads through its `vllm.general_plugins`
-entry point (`register`), the vLLM classes it registers (`models`, the only module that imports vLLM
-at import time), and the checks and flags `matvlm serve` runs with (`servable`). See docs/serving.md."""
+entry point (`register`), the vLLM classes it registers (`models`), the checks and flags `matvlm serve`
+runs with (`servable`, `run`; no vLLM needed) and `make serve-check` (`check`). Nothing outside this
+package imports vLLM. See docs/serving.md."""
 
 from __future__ import annotations
 

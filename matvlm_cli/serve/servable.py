@@ -22,6 +22,7 @@ from packaging.version import InvalidVersion, Version
 
 from ..errors import MatvlmError
 from ..families import MODEL_FAMILIES, ServeMapping
+from ..hybrid.conversion import HYBRID_KEY
 from ..hybrid.io import check_model_dir
 from ..hybrid.stock import PER_GROUP_NORM_SINCE, STOCK_HYBRID_TYPES
 
@@ -36,8 +37,7 @@ class ServePlan:
     """What `vllm serve` needs to be told for one export."""
 
     path: Path
-    architecture: str | None  # the plugin's class for a VLM; None: vLLM's own class serves it
-    text_only: bool
+    architecture: str | None  # the plugin's class for a VLM; None (a text-only export): vLLM's own class
 
 
 def _read_config(path: Path) -> dict:
@@ -68,7 +68,7 @@ def check_servable(path: str | Path) -> ServePlan:
     """The plan for serving `path`, or a MatvlmError saying why vLLM cannot serve it."""
     path = Path(path)
     data = _read_config(path)
-    if "matvlm" in data:
+    if HYBRID_KEY in data:
         raise MatvlmError(f"{path}: a matvlm hybrid, not an export; vLLM serves what `matvlm export {path} --output DIR` writes")
     text = data.get("text_config", data)
     if not isinstance(text, dict) or text.get("model_type") not in STOCK_HYBRID_TYPES:
@@ -77,7 +77,9 @@ def check_servable(path: str | Path) -> ServePlan:
             f"{path}: its text model is {kind!r}, not the GraniteMoeHybrid that `matvlm export` writes; "
             "`matvlm serve` serves exported hybrids"
         )
-    groups = int(text.get("mamba_n_groups") or 1)
+    groups = text.get("mamba_n_groups") or 1
+    if not isinstance(groups, int):
+        raise MatvlmError(f"{path}/config.json: mamba_n_groups is {groups!r}, not an integer")
     if written := _saved_by_whole_width_norm(data, groups):
         raise MatvlmError(
             f"{path}: saved by transformers {written}, whose GraniteMoeHybrid normalises the Mamba gated norm over all "
@@ -85,13 +87,13 @@ def check_servable(path: str | Path) -> ServePlan:
             f"differently from what vLLM would serve; export it again with transformers >= {PER_GROUP_NORM_SINCE}"
         )
     if text is data:
-        return ServePlan(path, architecture=None, text_only=True)
+        return ServePlan(path, architecture=None)
     model_type = data.get("model_type")
     family = MODEL_FAMILIES.get(model_type)
     mapping = family.serve if family else f"no family description for {model_type!r}"
     if not isinstance(mapping, ServeMapping):
         raise MatvlmError(f"{path}: vLLM cannot serve a {model_type} export as a hybrid: {mapping}")
-    return ServePlan(path, architecture=mapping.architecture, text_only=False)
+    return ServePlan(path, architecture=mapping.architecture)
 
 
 def vllm_is_cpu_build() -> bool:
