@@ -143,7 +143,7 @@ def test_a_family_vllm_cannot_serve_is_refused_with_the_reason(tmp_path_factory)
     export = _export(tmp_path_factory, teacher, [1], "idefics3")
     reason = MODEL_FAMILIES["idefics3"].serve
     assert not isinstance(reason, ServeMapping)
-    with pytest.raises(MatvlmError, match=re.escape(f"vLLM cannot serve a idefics3 export as a hybrid: {reason}")):
+    with pytest.raises(MatvlmError, match=re.escape(f"vLLM cannot serve this idefics3 export as a hybrid: {reason}")):
         check_servable(export)
     run = _serve(str(export))
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1 and "cannot serve" in run.stderr

@@ -124,6 +124,7 @@ def reference(work: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
+    from ..atomic import write_atomic
     from ..hybrid.io import load_processor, render_chat
 
     work.mkdir(parents=True, exist_ok=True)
@@ -159,7 +160,7 @@ def reference(work: Path) -> None:
                                   **next(p for p in prompts if p["kind"] == "image" and p["question"] == QUESTIONS[1])}
         result["exports"][name] = {"path": str(path), "prompts": prompts}
         del model
-    (work / "reference.json").write_text(json.dumps(result, indent=1))
+    write_atomic(work / "reference.json", json.dumps(result, indent=1))
     print(f"reference: {sum(len(e['prompts']) for e in result['exports'].values())} prompts over "
           f"{len(exports)} exports -> {work / 'reference.json'}")
 
@@ -187,7 +188,7 @@ def compare(tally: Tally, name: str, expected: dict, prompt_ids: list[int], toke
         tally.check(name, False, f"tokens {list(tokens)} vs transformers' {expected['tokens']}")
         return
     gap = 0.0
-    for step, (got, want) in enumerate(zip(logprobs, expected["logprobs"], strict=True)):
+    for got, want in zip(logprobs, expected["logprobs"], strict=True):
         for token, value in got.items():
             if str(token) not in want:  # far outside transformers' top 20: as wrong as a token
                 gap = math.inf

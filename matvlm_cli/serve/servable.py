@@ -92,7 +92,7 @@ def check_servable(path: str | Path) -> ServePlan:
     family = MODEL_FAMILIES.get(model_type)
     mapping = family.serve if family else f"no family description for {model_type!r}"
     if not isinstance(mapping, ServeMapping):
-        raise MatvlmError(f"{path}: vLLM cannot serve a {model_type} export as a hybrid: {mapping}")
+        raise MatvlmError(f"{path}: vLLM cannot serve this {model_type} export as a hybrid: {mapping}")
     return ServePlan(path, architecture=mapping.architecture)
 
 
