@@ -39,6 +39,9 @@ MODELS = (
         model_types=("llava",), image_processor=_llava,
         serve=ServeMapping("vllm.model_executor.models.llava:LlavaForConditionalGeneration", _FLAT_TOWER),
     ),
-    ModelFamily(model_types=("llava_next", "llava_next_video"), image_processor=_next),
+    ModelFamily(
+        model_types=("llava_next", "llava_next_video"), image_processor=_next,
+        serve=ServeMapping("vllm.model_executor.models.llava_next:LlavaNextForConditionalGeneration", _FLAT_TOWER),
+    ),
     ModelFamily(model_types=("llava_onevision",), image_processor=_onevision),
 )

@@ -3,8 +3,9 @@
 Two environments, two phases, one work folder:
 - `reference` (the project's environment; transformers >= 5.23 computes an export as it was
   trained): through the CLI, convert the embedded default, distil it briefly, export both, and export
-  a text-only hybrid of the embedded teacher's language model; then transformers' greedy tokens and
-  top log-probabilities for each prompt, into `reference.json`.
+  a text-only hybrid of the embedded teacher's language model and a tiny random LLaVA-NeXT hybrid
+  (tests/zoo.py); then transformers' greedy tokens and top log-probabilities for each prompt, into
+  `reference.json`.
 - `vllm` (the serving environment, `.venv-serve`): each export in `vllm.LLM` (text prompts, image
   prompts, a prompt longer than one Mamba chunk), and the distilled VLM behind `matvlm serve` on
   127.0.0.1, asked a chat message carrying an image through the `openai` client. Each is compared
@@ -91,6 +92,21 @@ def _text_only_teacher(path: Path) -> Path:
     return path
 
 
+def _tiny_llava_next(path: Path) -> Path:
+    """The tiny random LLaVA-NeXT of tests/zoo.py (anyres tiles, its real processor) with head_dim 32:
+    vLLM's CPU attention has no kernel for the zoo's 16."""
+    sys.path.insert(0, str(Path("tests").resolve()))
+    import zoo
+
+    text = dict(zoo.TEXT)
+    zoo.TEXT["hidden_size"] = 128
+    try:
+        return zoo.save("llava_next", path)
+    finally:
+        zoo.TEXT.clear()
+        zoo.TEXT.update(text)
+
+
 def build_exports(work: Path) -> dict[str, Path]:
     _matvlm("convert", "--layers", LAYERS, "--output", str(work / "hybrid-converted"), "--overwrite")
     _matvlm("distill", "recipes/tiny-default.yaml", "--set", f"training.max_steps={DISTILL_STEPS}",
@@ -99,7 +115,11 @@ def build_exports(work: Path) -> dict[str, Path]:
     _text_only_teacher(work / "text-teacher")
     _matvlm("convert", "--teacher", str(work / "text-teacher"), "--layers", LAYERS,
             "--output", str(work / "hybrid-text"), "--overwrite")
-    exports = {"converted": work / "hybrid-converted", "distilled": work / "distill" / "final", "text": work / "hybrid-text"}
+    _tiny_llava_next(work / "llava-next-teacher")
+    _matvlm("convert", "--teacher", str(work / "llava-next-teacher"), "--layers", "1,3",
+            "--output", str(work / "hybrid-llava-next"), "--overwrite")
+    exports = {"converted": work / "hybrid-converted", "distilled": work / "distill" / "final", "text": work / "hybrid-text",
+               "llava-next": work / "hybrid-llava-next"}
     for name, hybrid in exports.items():
         _matvlm("export", str(hybrid), "--output", str(work / f"export-{name}"), "--overwrite")
     return {name: work / f"export-{name}" for name in exports}
