@@ -150,6 +150,18 @@ def test_a_family_vllm_cannot_serve_is_refused_with_the_reason(tmp_path_factory)
 
 
 @needs_per_group_norm
+def test_a_class_of_a_served_family_that_the_plugin_does_not_extend_is_refused(llava_export, tmp_path):
+    """The family is served (LLaVA) but the export's class is another of its classes: refused, not served
+    by the wrong vLLM class."""
+    other = tmp_path / "other"
+    shutil.copytree(llava_export, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "architectures": ["LlavaNextVideoForConditionalGeneration"]}))
+    with pytest.raises(MatvlmError, match="no class for LlavaNextVideoForConditionalGeneration"):
+        check_servable(other)
+
+
+@needs_per_group_norm
 @pytest.mark.skipif(HAVE_VLLM, reason="vLLM is installed here: this checks the message when it is not")
 def test_serving_without_vllm_says_how_to_install_it(llava_export):
     run = _serve(str(llava_export), "--port", "8123")

@@ -70,8 +70,13 @@ class ServeMapping:
     renames: tuple[tuple[str, str], ...] = ()
 
     @property
+    def serves(self) -> str:
+        """The transformers class whose exports it serves: vLLM names its classes after them."""
+        return self.vllm_class.rpartition(":")[2]
+
+    @property
     def architecture(self) -> str:
-        return "Matvlm" + self.vllm_class.rpartition(":")[2]
+        return "Matvlm" + self.serves
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,12 @@ def check_servable(path: str | Path) -> ServePlan:
     mapping = family.serve if family else f"no family description for {model_type!r}"
     if not isinstance(mapping, ServeMapping):
         raise MatvlmError(f"{path}: vLLM cannot serve this {model_type} export as a hybrid: {mapping}")
+    outer = (data.get("architectures") or [None])[0]
+    if outer != mapping.serves:  # a family's other classes (LLaVA-NeXT-Video beside LLaVA-NeXT)
+        raise MatvlmError(
+            f"{path}: vLLM cannot serve this {outer} export as a hybrid: the plugin extends vLLM's {mapping.serves} "
+            f"for {model_type}, and has no class for {outer} yet"
+        )
     return ServePlan(path, architecture=mapping.architecture)
 
 
