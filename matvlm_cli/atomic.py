@@ -97,13 +97,13 @@ class atomic_directory:
         return False
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str | bytes) -> None:
     """Write to a temporary file beside `path`, then rename it over `path`: readers see the old file or
-    the whole new one, never a half-written one."""
+    the whole new one, never a half-written one. Bytes are written as they are (a PNG)."""
     remove_stale_temps(path)
     handle, temp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(handle, "w") as stream:
+        with os.fdopen(handle, "wb" if isinstance(text, bytes) else "w") as stream:
             stream.write(text)
         umask = os.umask(0)
         os.umask(umask)
