@@ -50,7 +50,7 @@ def rows() -> dict[str, tuple[float, int, dict]]:
     table = {}
     for ratio in (0.25, 0.5):
         base = HALF_BEFORE if ratio == 0.5 else {}
-        for placement in ("even", "scored"):
+        for placement in ("even", "scored") if SCORES_FILE.exists() else ("even",):
             for seed in SEEDS:
                 layers = EVEN[ratio] if placement == "even" else scored_layers(seed, ratio)
                 table[f"{ratio} {placement}; seed {seed}"] = (ratio, seed, base | {"student.layers": layers})

@@ -288,12 +288,12 @@ def pick_scored(scores: list[LayerScore], k: int, windows: list[int | None] | No
 def ranking_table(scores: list[LayerScore], chosen: list[int], windows: list[int | None] | None = None) -> Table:
     """The layers from cheapest to costliest, in 80 columns."""
     sliding = windows is not None and any(w is not None for w in windows) and not all(w is not None for w in windows)
-    table = Table(title=f"layer scores: KL on answer tokens, one layer converted ({FIT_STEPS}-step fit)")
+    table = Table(title="KL on answer tokens, each layer converted alone")
     for name in ("rank", "layer", *(("attention",) if sliding else ()), "KL fitted", "KL unfitted", "layer loss", "convert"):
         table.add_column(name, justify="left" if name == "attention" else "right")
     for rank, s in enumerate(sorted(scores, key=lambda s: (s.kl, s.layer)), 1):
         kind = ("global" if windows[s.layer] is None else f"window {windows[s.layer]}",) if sliding else ()
-        table.add_row(str(rank), str(s.layer), *kind, f"{s.kl:.4f}", f"{s.kl_unfitted:.4f}", f"{s.layer_loss:.3f}",
+        table.add_row(str(rank), str(s.layer), *kind, f"{s.kl:.4g}", f"{s.kl_unfitted:.4g}", f"{s.layer_loss:.4g}",
                       "yes" if s.layer in chosen else "")
     return table
 

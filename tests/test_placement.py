@@ -72,8 +72,11 @@ def test_convert_scored_ranks_layers_stores_scores_and_draws_them(tiny_teachers,
     # The fit lowers what converting a layer costs, on most layers at least (it fits the layer, not the KL).
     assert sum(s["kl"] < s["kl_unfitted"] for s in table.values()) >= 2
     assert block["placement_calibration"]["records"] == 4 and block["placement_calibration"]["source"] == str(calibration)
-    ranking = [line for line in result.stdout.splitlines() if line.strip().startswith("│ 1 ")]
-    assert ranking and f"│ {cheapest[0]} " in ranking[0]
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in result.stdout.splitlines() if line.count("│") == 7]
+    ranks = {row[0]: row for row in rows if row[0].isdigit()}
+    assert sorted(ranks) == ["1", "2", "3", "4"]
+    assert [ranks[str(r)][1] for r in (1, 2)] == [str(i) for i in cheapest]
+    assert [ranks[str(r)][-1] for r in (1, 2, 3, 4)] == ["yes", "yes", "", ""]
     assert (out / "placement-scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

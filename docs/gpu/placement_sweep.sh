@@ -9,20 +9,28 @@ out=${1:?usage: placement_sweep.sh OUT_DIR [ROW ...]}; shift
 results=${RESULTS:-$out}
 mkdir -p "$out/rows" "$results"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-# The layer scores (seeds 0, 1, 2) first, unless given: the scored rows convert the layers they pick.
-[ -f docs/placement-scores.json ] || python3 docs/placement_ablation.py --score >"$out/rows/score.log" 2>&1
-cp docs/placement-scores.json "$results/"
-python3 docs/placement_ablation.py --warm >"$out/rows/warm.log" 2>&1
-if [ $# -eq 0 ]; then mapfile -t rows < <(python3 docs/placement_ablation.py --names); else rows=("$@"); fi
+python3 docs/placement_ablation.py --warm >"$out/rows/warm.log" 2>&1   # the worlds and prepared data, once
+i=0
+start_rows() {
+  for row in "$@"; do
+    python3 docs/placement_ablation.py --out "$out/rows/row-$i.json" "$row" >"$out/rows/row-$i.log" 2>&1 &
+    i=$((i + 1))
+  done
+}
+# The rows that need no scores start at once; the layer scores (seeds 0, 1, 2) are computed beside them,
+# unless given, and the other rows start once they are there.
+if [ $# -eq 0 ]; then mapfile -t first < <(python3 docs/placement_ablation.py --names); else first=("$@"); fi
+start_rows "${first[@]}"
+if [ $# -eq 0 ] && [ ! -f docs/placement-scores.json ]; then
+  python3 docs/placement_ablation.py --score >"$out/rows/score.log" 2>&1
+  mapfile -t rest < <(python3 docs/placement_ablation.py --names | grep -vxF -f <(printf '%s\n' "${first[@]}"))
+  start_rows "${rest[@]}"
+fi
+cp docs/placement-scores.json "$results/" 2>/dev/null || true
 collect() {
   python3 docs/placement_ablation.py --merge "$results/sweep.json" "$out"/rows/row-*.json >/dev/null 2>&1 || true
   tar -czf "$out/logs.tar.gz" -C "$out/rows" . 2>/dev/null && cp "$out/logs.tar.gz" "$results/" || true
 }
-i=0; pids=()
-for row in "${rows[@]}"; do
-  python3 docs/placement_ablation.py --out "$out/rows/row-$i.json" "$row" >"$out/rows/row-$i.log" 2>&1 &
-  pids+=($!); i=$((i + 1))
-done
 while [ -n "$(jobs -rp)" ]; do sleep 20; collect; done
 wait || true
 collect
