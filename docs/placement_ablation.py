@@ -41,8 +41,9 @@ CANDIDATES = {
 }
 
 
-def scored_layers(seed: int, ratio: float) -> list[int]:
-    return json.loads(SCORES_FILE.read_text())[str(seed)]["chosen"][str(ratio)]
+def scored_layers(seed: int, ratio: float, iterative: bool = False) -> list[int]:
+    scores = json.loads(SCORES_FILE.read_text())[str(seed)]
+    return (scores["iterative"] if iterative else scores)["chosen"][str(ratio)]
 
 
 def rows() -> dict[str, tuple[float, int, dict]]:
@@ -54,6 +55,10 @@ def rows() -> dict[str, tuple[float, int, dict]]:
             for seed in SEEDS:
                 layers = EVEN[ratio] if placement == "even" else scored_layers(seed, ratio)
                 table[f"{ratio} {placement}; seed {seed}"] = (ratio, seed, base | {"student.layers": layers})
+    # The iterative variant (greedy_layers: convert one, re-score the rest), where it picks other layers.
+    for seed in SEEDS if SCORES_FILE.exists() else ():
+        if scored_layers(seed, 0.5, iterative=True) != scored_layers(seed, 0.5):
+            table[f"0.5 iterative; seed {seed}"] = (0.5, seed, HALF_BEFORE | {"student.layers": scored_layers(seed, 0.5, True)})
     for name, change in CANDIDATES.items():
         for seed in SEEDS:
             table[f"0.5 {name}; seed {seed}"] = (0.5, seed, HALF_BEFORE | change)
@@ -77,7 +82,7 @@ def score(out: Path) -> None:
 
     from matvlm_cli.hybrid.conversion import find_decoder, layer_count
     from matvlm_cli.hybrid.io import load_processor, load_teacher
-    from matvlm_cli.placement import load_calibration, pick_scored, score_layers
+    from matvlm_cli.placement import greedy_layers, load_calibration, pick_scored, score_layers
     from matvlm_cli.tiny import default_teacher_dir
     from dataclasses import asdict
 
@@ -92,7 +97,13 @@ def score(out: Path) -> None:
         t = time.time()
         scores = score_layers(model, layout, calibration.batches, seed=seed)
         chosen = {str(r): pick_scored(scores, layer_count(len(layout.layers), r), None)[0] for r in (0.25, 0.5)}
-        results[str(seed)] = {"scores": [asdict(s) for s in scores], "chosen": chosen, "seconds": round(time.time() - t, 1),
+        seconds = round(time.time() - t, 1)
+        t = time.time()
+        rounds = greedy_layers(model, layout, calibration.batches, layer_count(len(layout.layers), 0.5), seed=seed)
+        order = [min(r, key=lambda s: (s.kl, s.layer)).layer for r in rounds]
+        results[str(seed)] = {"scores": [asdict(s) for s in scores], "chosen": chosen, "seconds": seconds,
+                              "iterative": {"order": order, "chosen": {"0.25": sorted(order[:2]), "0.5": sorted(order)},
+                                            "rounds": [[asdict(s) for s in r] for r in rounds], "seconds": round(time.time() - t, 1)},
                               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
         print(seed, json.dumps(chosen), flush=True)
     write_atomic(out, json.dumps(results, indent=1))

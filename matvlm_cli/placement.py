@@ -198,59 +198,109 @@ def _fit(layout: DecoderLayout, idx: int, mixer: nn.Module, calls: list, batches
     return sum(losses) / len(losses)
 
 
+class _Scorer:
+    """What scoring needs once: the teacher's answer log-probabilities and every layer's input and output
+    (one teacher pass records them all: a few GB for a 3B model's 64 records). `score` converts one more
+    layer on top of those `install`ed, fits it, and measures the model against the teacher."""
+
+    def __init__(self, model: nn.Module, layout: DecoderLayout, batches: list[dict], seed: int, fit_steps: int):
+        self.model, self.layout, self.batches, self.seed, self.fit_steps = model, layout, batches, seed, fit_steps
+        self.device = next(model.parameters()).device
+        geometry = attention_geometry(layout.attention(0), model.config.get_text_config(decoder=True))
+        self.geometry = geometry
+        self.config = mixer_config_for(geometry, bc_norm_eps=qk_norm_eps(layout.attention(0), layout.family))
+        self.attentions = {i: layout.attention(i) for i in range(len(layout.layers))}
+        self.tap = _FixedMask()  # every mixer of the scorer reads its padding mask here
+        self.installed: dict[int, nn.Module] = {}
+        torch.manual_seed(seed)
+        model.eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
+        # A half-precision teacher scores under autocast, with the fitted mixers' weights in fp32.
+        dtype = next(model.parameters()).dtype
+        self.autocast = torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
+        captures = [_LayerCapture(layer) for layer in layout.layers]
+        try:
+            with torch.no_grad():
+                self.teacher = [_answer_log_probs(model, batch, self.device) for batch in batches]
+        finally:
+            for capture in captures:
+                capture.remove()
+        self.calls = [capture.calls for capture in captures]
+
+    def _set(self, idx: int, module: nn.Module) -> None:
+        setattr(self.layout.layers[idx], self.layout.attention_name, module)
+
+    def score(self, idx: int) -> tuple[LayerScore, nn.Module]:
+        mixer = mixer_from_attention(self.attentions[idx], self.geometry, self.config, idx, self.seed, self.layout.family).float()
+        mixer.padding_mask_tap = self.tap
+        self._set(idx, mixer)
+        try:
+            with self.autocast:
+                with torch.no_grad(), _mask_from(self.model, self.tap):
+                    unfitted = _kl(self.model, self.batches, self.teacher, self.device)
+                fitted_loss = _fit(self.layout, idx, mixer, self.calls[idx], self.batches, self.tap, self.fit_steps, self.device)
+                with torch.no_grad(), _mask_from(self.model, self.tap):
+                    fitted = _kl(self.model, self.batches, self.teacher, self.device)
+        finally:
+            self._set(idx, self.installed.get(idx, self.attentions[idx]))
+        return LayerScore(idx, round(fitted, 6), round(unfitted, 6), round(fitted_loss, 6)), mixer
+
+    def install(self, idx: int, mixer: nn.Module) -> None:
+        self.installed[idx] = mixer
+        self._set(idx, mixer)
+
+    def restore(self) -> None:
+        for idx in list(self.installed):
+            self._set(idx, self.attentions[idx])
+        self.installed.clear()
+
+
+def _progress(console: Console, total: int) -> Progress:
+    return Progress(TextColumn("[bold]scoring layers[/bold] {task.completed}/{task.total}"), BarColumn(),
+                    TextColumn("{task.fields[last]}"), TimeRemainingColumn(), console=console)
+
+
 def score_layers(model: nn.Module, layout: DecoderLayout, batches: list[dict], seed: int = 0, fit_steps: int = FIT_STEPS,
                  console: Console | None = None) -> list[LayerScore]:
     """Each decoder layer's cost when it alone is converted (see the module's docstring). `model` is left
     as it came: each layer's attention is put back after its score."""
-    console = console or Console()
-    device = next(model.parameters()).device
-    text_config = model.config.get_text_config(decoder=True)
-    geometry = attention_geometry(layout.attention(0), text_config)
-    config = mixer_config_for(geometry, bc_norm_eps=qk_norm_eps(layout.attention(0), layout.family))
-    torch.manual_seed(seed)
     was_training = model.training
-    model.eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    with torch.no_grad():
-        teacher = [_answer_log_probs(model, batch, device) for batch in batches]
-    # A half-precision teacher scores under autocast, with the fitted mixer's weights in fp32.
-    dtype = next(model.parameters()).dtype
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    scorer = _Scorer(model, layout, batches, seed, fit_steps)
     scores = []
-    progress = Progress(TextColumn("[bold]scoring layers[/bold] {task.completed}/{task.total}"), BarColumn(),
-                        TextColumn("{task.fields[last]}"), TimeRemainingColumn(), console=console)
-    with progress:
+    with _progress(console or Console(), len(layout.layers)) as progress:
         task = progress.add_task("score", total=len(layout.layers), last="")
-        # One teacher pass records every layer's input and output (a few GB for a 3B model's 64 records).
-        captures = [_LayerCapture(layer) for layer in layout.layers]
-        try:
-            with torch.no_grad():
-                for batch in batches:
-                    model(**_inputs(batch, device), use_cache=False)
-        finally:
-            for capture in captures:
-                capture.remove()
         for idx in range(len(layout.layers)):
-            attention, capture = layout.attention(idx), captures[idx]
-            mixer = mixer_from_attention(attention, geometry, config, idx, seed, layout.family).float()
-            tap = _FixedMask()
-            mixer.padding_mask_tap = tap
-            setattr(layout.layers[idx], layout.attention_name, mixer)
-            try:
-                with autocast:
-                    with torch.no_grad(), _mask_from(model, tap):
-                        unfitted = _kl(model, batches, teacher, device)
-                    fitted_loss = _fit(layout, idx, mixer, capture.calls, batches, tap, fit_steps, device)
-                    with torch.no_grad(), _mask_from(model, tap):
-                        fitted = _kl(model, batches, teacher, device)
-            finally:
-                setattr(layout.layers[idx], layout.attention_name, attention)
-            captures[idx] = None  # its activations are no longer needed
-            scores.append(LayerScore(idx, round(fitted, 6), round(unfitted, 6), round(fitted_loss, 6)))
-            progress.update(task, advance=1, last=f"layer {idx}: KL {fitted:.4f}")
+            score, _ = scorer.score(idx)
+            scores.append(score)
+            progress.update(task, advance=1, last=f"layer {idx}: KL {score.kl:.4g}")
     model.train(was_training)
     return scores
+
+
+def greedy_layers(model: nn.Module, layout: DecoderLayout, batches: list[dict], k: int, seed: int = 0,
+                  fit_steps: int = FIT_STEPS, console: Console | None = None) -> list[list[LayerScore]]:
+    """The iterative variant: convert the cheapest layer (its fitted mixer stays), re-score the rest with it
+    converted, and so on k times. Returns each round's scores; round r's cheapest is the r-th layer chosen."""
+    was_training = model.training
+    scorer = _Scorer(model, layout, batches, seed, fit_steps)
+    n = len(layout.layers)
+    rounds = []
+    try:
+        with _progress(console or Console(), sum(n - r for r in range(k))) as progress:
+            task = progress.add_task("score", total=sum(n - r for r in range(k)), last="")
+            for _ in range(k):
+                results = []
+                for idx in (i for i in range(n) if i not in scorer.installed):
+                    results.append(scorer.score(idx))
+                    progress.update(task, advance=1, last=f"layer {idx}: KL {results[-1][0].kl:.4g}")
+                best, mixer = min(results, key=lambda r: (r[0].kl, r[0].layer))
+                scorer.install(best.layer, mixer)
+                rounds.append([score for score, _ in results])
+    finally:
+        scorer.restore()
+    model.train(was_training)
+    return rounds
 
 
 class _mask_from:
