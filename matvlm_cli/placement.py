@@ -360,15 +360,18 @@ def bar_chart(scores: list[LayerScore], chosen: list[int], path: Path, title: st
     layers = [s.layer for s in scores]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(layers) + 2), 3.6))
     width = 0.4
-    ax.bar([i - width / 2 for i in layers], [s.kl_unfitted for s in scores], width, color="#c9c9c9", label="unfitted")
+    ax.bar([i - width / 2 for i in layers], [s.kl_unfitted for s in scores], width, color="#c9c9c9")
     ax.bar([i + width / 2 for i in layers], [s.kl for s in scores], width,
-           color=["#1f77b4" if s.layer in chosen else "#ff7f0e" for s in scores], label="fitted (blue: converted)")
+           color=["#1f77b4" if s.layer in chosen else "#ff7f0e" for s in scores])
     ax.set_yscale("log")
     ax.set_xticks(layers)
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("KL on answer tokens (log)")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color="#c9c9c9", label="mixer as initialised"), Patch(color="#1f77b4", label="fitted, converted"),
+                       Patch(color="#ff7f0e", label="fitted, kept as attention")], fontsize=8)
     fig.tight_layout()
     import io
 
