@@ -11,7 +11,7 @@ from rich.console import Console
 
 from matvlm_cli.hybrid.conversion import find_decoder
 from matvlm_cli.hybrid.io import load_processor, load_teacher
-from matvlm_cli.placement import LayerScore, load_calibration, pick_scored, score_layers
+from matvlm_cli.placement import LayerScore, greedy_layers, load_calibration, pick_scored, score_layers
 
 from test_errors import assert_one_line, matvlm
 
@@ -92,6 +92,13 @@ def test_scores_are_deterministic_for_a_seed_and_leave_the_teacher_intact(tiny_t
     after = teacher.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert type(find_decoder(teacher).attention(0)).__name__.endswith("Attention")
+    # The iterative variant: its first round is the plain scores, each later round scores the layers left
+    # with the cheapest so far converted, and the teacher comes back whole.
+    rounds = greedy_layers(teacher, find_decoder(teacher), batches, 2, seed=7, fit_steps=4)
+    assert rounds[0] == runs[0] and len(rounds[1]) == len(runs[0]) - 1
+    first = min(rounds[0], key=lambda s: (s.kl, s.layer)).layer
+    assert first not in [s.layer for s in rounds[1]]
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     # Another seed draws other records and initialises the mixers otherwise.
     other = score_layers(teacher, find_decoder(teacher),
                          load_calibration(str(calibration), None, processor, 3, 8, 512, Console()).batches, seed=8, fit_steps=4)
