@@ -136,7 +136,7 @@ def run_convert(recipe: ConvertRecipe, console: Console | None = None) -> Path:
 
 def _score(recipe: ConvertRecipe, teacher_dir: Path, model, layout, k: int, windows, console: Console) -> tuple[list[int], dict]:
     """--placement scored: every layer's cost on the calibration records, the k cheapest, the ranking."""
-    from .placement import load_calibration, pick_scored, ranking_table, score_layers, scores_block
+    from .placement import OUTLIER, load_calibration, pick_scored, ranking_table, score_layers, scores_block
 
     processor = load_processor(teacher_dir, trust_remote_code=recipe.trust_remote_code)
     text_config = model.config.get_text_config(decoder=True)
@@ -155,5 +155,6 @@ def _score(recipe: ConvertRecipe, teacher_dir: Path, model, layout, k: int, wind
     layers, demoted = pick_scored(scores, k, windows)
     console.print(ranking_table(scores, layers, windows))
     if demoted:
-        console.print(f"sliding-window teacher: global layer(s) {demoted} cost more than any window layer, so they come last")
+        console.print(f"sliding-window teacher: global layer(s) {demoted} cost over {OUTLIER:g}x the median layer, so they "
+                      "come after the window layers")
     return layers, scores_block(scores, calibration, recipe.seed, demoted)
