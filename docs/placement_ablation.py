@@ -15,7 +15,8 @@ before this ablation (layers 1, 3, 4, 7, KL on every position, `trainable: conve
 row's layers and `training.seed`. "even" is the paper's rule (0, 4 and 0, 2, 4, 6 of 8 layers);
 "scored" is the k cheapest layers of docs/placement-scores.json for the row's seed, so the scorer's
 seed and the training seed are the same number.
-docs/gpu/placement_sweep.sh runs every row at once on one GPU.
+docs/gpu/placement_sweep.sh runs every row at once on one GPU. Not run yet (no device time left on
+2026-12-03: docs/placement.md); the scores of seeds 0, 1, 2 are in docs/placement-scores.json.
 """
 import argparse, copy, json, statistics, sys, time
 from pathlib import Path
