@@ -242,13 +242,13 @@ class atomic_directory:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str | bytes) -> None:
     """Write to a temporary file beside `path`, then rename it over `path`: readers see the old file or
-    the whole new one, never a half-written one."""
+    the whole new one, never a half-written one. Bytes are written as they are (a PNG)."""
     remove_stale_temps(path)
     handle, temp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(handle, "w") as stream:
+        with os.fdopen(handle, "wb" if isinstance(text, bytes) else "w") as stream:
             stream.write(text)
         os.chmod(temp, 0o666 & ~_umask())  # mkstemp's file is private; results are ordinary files
         os.replace(temp, path)

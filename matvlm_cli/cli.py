@@ -70,8 +70,12 @@ def convert(
     teacher: Optional[str] = typer.Option(None, help="Teacher model directory (default: the embedded tiny teacher)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Where to write the hybrid."),
     ratio: Optional[float] = typer.Option(None, help="Fraction of decoder layers to replace, in (0, 1]. [default: 0.25]"),
-    placement: Optional[str] = typer.Option(None, help="even | front | middle | back. [default: even]"),
+    placement: Optional[str] = typer.Option(None, help="even | front | middle | back | scored (the k layers whose conversion costs least on calibration data). [default: even]"),
     layers: Optional[str] = typer.Option(None, help="Explicit layer indices, e.g. 0,4,8 (overrides --ratio)."),
+    count: Optional[int] = typer.Option(None, help="How many layers to replace (instead of --ratio)."),
+    calibration: Optional[str] = typer.Option(None, help="--placement scored: a LLaVA-format data JSON (default: the embedded world)."),
+    calibration_images: Optional[str] = typer.Option(None, help="Folder the calibration JSON's images are relative to (default: its folder)."),
+    calibration_records: Optional[int] = typer.Option(None, help="Image records drawn (by --seed) to score layers on. [default: 64]"),
     keep_bias: Optional[bool] = typer.Option(None, "--keep-bias", help="Carry attention biases into the mixer."),
     seed: Optional[int] = typer.Option(None, help="Seed for the Mamba-2 parameters not taken from attention. [default: 0]"),
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16. [default: auto]"),
@@ -83,7 +87,8 @@ def convert(
     from .recipes import ConvertRecipe, load_recipe
 
     overrides = dict(
-        teacher=teacher, output=output, ratio=ratio, placement=placement, layers=_layer_list(layers),
+        teacher=teacher, output=output, ratio=ratio, placement=placement, layers=_layer_list(layers), count=count,
+        calibration=calibration, calibration_images=calibration_images, calibration_records=calibration_records,
         keep_bias=keep_bias, seed=seed, dtype=dtype, overwrite=overwrite, trust_remote_code=trust_remote_code,
     )
     recipe = _recipe_path(recipe, keep_bias=keep_bias, overwrite=overwrite, trust_remote_code=trust_remote_code)

@@ -11,20 +11,31 @@ from rich.table import Table
 from .errors import MatvlmError
 from .hybrid.cache import cache_bytes_per_token
 from .hybrid.conversion import (
-    PLACEMENTS, attention_geometry, attention_windows, choose_layers, convert_to_hybrid, find_decoder, not_carried,
+    PLACEMENTS, attention_geometry, attention_windows, choose_layers, convert_to_hybrid, find_decoder, layer_count,
+    not_carried,
 )
-from .hybrid.io import check_output_dir, load_config, load_teacher, model_class_for, save_hybrid, weight_files
+from .hybrid.io import check_output_dir, load_config, load_processor, load_teacher, model_class_for, save_hybrid, weight_files
 from .recipes import DTYPES, ConvertRecipe
+
+SCORED = "scored"  # chosen from calibration data (placement.py) rather than by position
+CHART = "placement-scores.png"  # written beside the weights by --placement scored
 
 
 def default_output(recipe: ConvertRecipe, teacher: Path) -> Path:
-    tag = f"layers{'-'.join(map(str, recipe.layers))}" if recipe.layers else f"{recipe.ratio:g}-{recipe.placement}"
+    size = f"{recipe.count}of" if recipe.count is not None else f"{recipe.ratio:g}"
+    tag = f"layers{'-'.join(map(str, recipe.layers))}" if recipe.layers else f"{size}-{recipe.placement}"
     return Path(f"{teacher.name}-hybrid-{tag}")
 
 
 def check_recipe(recipe: ConvertRecipe) -> None:
-    if recipe.placement not in PLACEMENTS:
-        raise MatvlmError(f"placement: {recipe.placement!r} is not one of {', '.join(PLACEMENTS)}")
+    if recipe.placement not in (*PLACEMENTS, SCORED):
+        raise MatvlmError(f"placement: {recipe.placement!r} is not one of {', '.join((*PLACEMENTS, SCORED))}")
+    if recipe.placement == SCORED and recipe.layers is not None:
+        raise MatvlmError("--placement scored chooses the layers itself: give --ratio or --count, not --layers")
+    if recipe.placement == SCORED and recipe.calibration is not None and not Path(recipe.calibration).is_file():
+        raise MatvlmError(f"calibration: {recipe.calibration} does not exist")
+    if recipe.calibration_records < 1:
+        raise MatvlmError(f"calibration_records: must be positive, got {recipe.calibration_records}")
     if recipe.layers is None and recipe.ratio is not None and not 0 < recipe.ratio <= 1:
         raise MatvlmError(f"ratio: {recipe.ratio} is outside (0, 1]")
     if recipe.dtype not in DTYPES:
@@ -52,12 +63,20 @@ def run_convert(recipe: ConvertRecipe, console: Console | None = None) -> Path:
         find_decoder(model_class_for(config).from_config(config, trust_remote_code=recipe.trust_remote_code))
     text_config = config.get_text_config(decoder=True)
     num_layers, windows = text_config.num_hidden_layers, attention_windows(text_config)
-    layers = choose_layers(num_layers, recipe.ratio, recipe.placement, recipe.layers, windows)
+    scored = recipe.placement == SCORED
+    if scored:
+        k = layer_count(num_layers, recipe.ratio, recipe.count)  # before any weight is read
+    else:
+        layers = choose_layers(num_layers, recipe.ratio, recipe.placement, recipe.layers, windows, recipe.count)
 
     dtype = recipe.dtype if recipe.dtype == "auto" else getattr(torch, recipe.dtype)
     with console.status(f"Loading teacher {teacher_dir}"):
         model = load_teacher(teacher_dir, dtype=dtype, trust_remote_code=recipe.trust_remote_code)
     layout = find_decoder(model)
+    if scored:
+        layers, extra = _score(recipe, teacher_dir, model, layout, k, windows, console)
+    else:
+        extra = {}
     geometry = attention_geometry(layout.attention(layers[0]), text_config)
     dropped = not_carried(layout, layers, keep_bias=recipe.keep_bias)
     params_before = sum(p.numel() for p in model.parameters())
@@ -66,11 +85,17 @@ def run_convert(recipe: ConvertRecipe, console: Console | None = None) -> Path:
         mixer_config = convert_to_hybrid(
             model, layers, keep_bias=recipe.keep_bias, seed=recipe.seed, chunk_size=recipe.chunk_size,
             source=str(teacher_dir), ratio=len(layers) / num_layers, placement=None if recipe.layers else recipe.placement,
+            **extra,
         )
     params_after = sum(p.numel() for p in model.parameters())
 
     with console.status(f"Writing {output}"):
         save_hybrid(model, output, source=teacher_dir, overwrite=recipe.overwrite)
+    if scored:
+        from .placement import LayerScore, bar_chart
+
+        scores = [LayerScore(**s) for s in extra["placement_scores"]]
+        bar_chart(scores, layers, output / CHART, f"{teacher_dir.name}: each layer converted alone; converted: {layers}")
 
     dtype_bytes = next(model.parameters()).element_size()
     kv_layer = cache_bytes_per_token(geometry.num_kv_heads, geometry.head_dim, dtype_bytes)
@@ -107,3 +132,29 @@ def run_convert(recipe: ConvertRecipe, console: Console | None = None) -> Path:
         console.print(f"[yellow]not carried:[/yellow] {line}")
     console.print(f"Saved hybrid to [bold]{output}[/bold]")
     return output
+
+
+def _score(recipe: ConvertRecipe, teacher_dir: Path, model, layout, k: int, windows, console: Console) -> tuple[list[int], dict]:
+    """--placement scored: every layer's cost on the calibration records, the k cheapest, the ranking."""
+    from .placement import OUTLIER, load_calibration, pick_scored, ranking_table, score_layers, scores_block
+
+    processor = load_processor(teacher_dir, trust_remote_code=recipe.trust_remote_code)
+    text_config = model.config.get_text_config(decoder=True)
+    max_length = min(2048, getattr(text_config, "max_position_embeddings", 2048) or 2048)
+    with console.status("Reading calibration records"):
+        calibration = load_calibration(recipe.calibration, recipe.calibration_images, processor, recipe.calibration_records,
+                                       recipe.seed, max_length, console)
+    console.print(f"calibration: {calibration.records} image records from {calibration.source} (seed {recipe.seed})")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    home = next(model.parameters()).device
+    model.to(device)
+    try:
+        scores = score_layers(model, layout, calibration.batches, seed=recipe.seed, console=console)
+    finally:
+        model.to(home)
+    layers, demoted = pick_scored(scores, k, windows)
+    console.print(ranking_table(scores, layers, windows))
+    if demoted:
+        console.print(f"sliding-window teacher: global layer(s) {demoted} cost over {OUTLIER:g}x the median layer, so they "
+                      "come after the window layers")
+    return layers, scores_block(scores, calibration, recipe.seed, demoted)

@@ -30,6 +30,10 @@ class ConvertRecipe:
     ratio: float | None = 0.25
     placement: str = "even"
     layers: list[int] | None = None  # explicit indices; overrides ratio/placement
+    count: int | None = None  # how many layers to replace; overrides ratio
+    calibration: str | None = None  # placement scored: a LLaVA-format data JSON; None = the embedded world
+    calibration_images: str | None = None  # the folder its image paths are relative to (default: the JSON's)
+    calibration_records: int = 64  # image records drawn from it (by `seed`) to score the layers on
     keep_bias: bool = False  # carry q/k/v/o biases into in_proj/out_proj (MaTVLM drops them)
     chunk_size: int = 128
     seed: int = 0

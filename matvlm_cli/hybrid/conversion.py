@@ -123,11 +123,30 @@ def _spread(candidates: list[int], k: int) -> list[int]:
     return [candidates[i * len(candidates) // k] for i in range(k)]
 
 
+def layer_count(num_layers: int, ratio: float | None = None, count: int | None = None) -> int:
+    """How many layers to replace: `count`, or k = round(ratio * N)."""
+    if count is not None:
+        if count < 1:
+            raise MatvlmError(f"count: must be at least 1, got {count}")
+        if count > num_layers:
+            raise MatvlmError(f"count: {count} layers is more than the decoder has ({num_layers})")
+        return count
+    if ratio is None:
+        raise MatvlmError("give either a ratio or a list of layers")
+    if not 0 < ratio <= 1:
+        raise MatvlmError(f"ratio: {ratio} is outside (0, 1]")
+    k = round(ratio * num_layers)
+    if k < 1:
+        raise MatvlmError(f"ratio: {ratio} of {num_layers} layers rounds to 0 layers; use at least {1 / num_layers:.3g}")
+    return k
+
+
 def choose_layers(
     num_layers: int, ratio: float | None = None, placement: str = "even", layers: list[int] | None = None,
-    windows: list[int | None] | None = None,
+    windows: list[int | None] | None = None, count: int | None = None,
 ) -> list[int]:
-    """Indices of the layers to replace: explicit `layers`, or k = round(ratio * N) placed by `placement`.
+    """Indices of the layers to replace: explicit `layers`, or k (`count`, or round(ratio * N)) placed by
+    `placement`.
 
     With `windows` (see `attention_windows`) that mix sliding-window and global layers, `even` spreads
     the k layers over the global layers first, then over the window layers: a converted global layer
@@ -142,13 +161,7 @@ def choose_layers(
         if dupes:
             raise MatvlmError(f"layers: duplicate indices {dupes}")
         return sorted(layers)
-    if ratio is None:
-        raise MatvlmError("give either a ratio or a list of layers")
-    if not 0 < ratio <= 1:
-        raise MatvlmError(f"ratio: {ratio} is outside (0, 1]")
-    k = round(ratio * num_layers)
-    if k < 1:
-        raise MatvlmError(f"ratio: {ratio} of {num_layers} layers rounds to 0 layers; use at least {1 / num_layers:.3g}")
+    k = layer_count(num_layers, ratio, count)
     if placement == "even":
         globals_ = [i for i, window in enumerate(windows or []) if window is None]
         if windows is None or not globals_ or len(globals_) == num_layers:
