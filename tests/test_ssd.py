@@ -139,3 +139,31 @@ def test_packed_conv_equals_each_record_convolved_alone():
                 assert torch.allclose(out[row : row + 1, :, at : at + n], alone, atol=1e-12), (row, at)
             at += n
     assert not torch.allclose(causal_conv1d(x, weight, bias), out)
+
+
+def test_mamba_ssm_triton_kernels_load_without_its_compiled_extension(tmp_path, monkeypatch):
+    """mamba_ssm's package __init__ imports a CUDA extension its Mamba-2 Triton kernels never use: where
+    that extension was not built, `kernels` still loads the kernels' modules (a stand-in package here)."""
+    import importlib
+    import sys
+
+    from matvlm_cli.hybrid import kernels
+
+    triton_dir = tmp_path / "mamba_ssm" / "ops" / "triton"
+    triton_dir.mkdir(parents=True)
+    (tmp_path / "mamba_ssm" / "__init__.py").write_text("import selective_scan_cuda_not_built\n")
+    (tmp_path / "mamba_ssm" / "ops" / "__init__.py").write_text("")
+    (triton_dir / "__init__.py").write_text("")
+    (triton_dir / "helper.py").write_text("VALUE = 42\n")
+    (triton_dir / "ssd_combined.py").write_text("from mamba_ssm.ops.triton.helper import VALUE\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = {name for name in sys.modules if name.startswith("mamba_ssm")}
+    for name in before:
+        monkeypatch.delitem(sys.modules, name)
+    try:
+        with pytest.raises(ImportError):
+            importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
+        assert kernels._import_mamba_ssm_triton("mamba_ssm.ops.triton.ssd_combined").VALUE == 42
+    finally:
+        for name in [n for n in sys.modules if n.startswith("mamba_ssm")]:
+            del sys.modules[name]

@@ -116,14 +116,17 @@ class RowsOf(Dataset):
         return self.dataset[index] | {"row": row}
 
 
-def collate_packed(batch: list[dict], pad_id: int, rows: int, row_length: int) -> dict:
+def collate_packed(batch: list[dict], pad_id: int, rows: int, row_length: int, longest: int | None = None) -> dict:
     """Rows of `row_length` tokens, each holding its records one after another, then padding. Besides
     input_ids and labels (a record's first token is never a target of the one before it) it holds:
     - `attention_mask`: 1 on records' tokens (the losses and the token counts read it; the model does not);
     - `position_ids`: 0, 1, ... from each record's start (and from the padding's);
     - `seq_idx`: each position's record within its row (the padding a record of its own);
-    - `cu_seq_lens_q`: where records and paddings start and end over the flattened rows; `max_length_q`;
+    - `cu_seq_lens_q`: where records and paddings start and end over the flattened rows, the padding cut
+      into pieces of at most `longest` (the longest a record can be, by default the row), and
+      `max_length_q`, that bound: the varlen kernels size their grids by it;
     - `pixel_values`: the images in the order of their tokens in the flattened rows."""
+    longest = min(longest or row_length, row_length)
     broken = [(b["id"], b["broken"]) for b in batch if "broken" in b]
     shape = (rows, row_length)
     ids, labels = torch.full(shape, pad_id), torch.full(shape, -100)
@@ -141,9 +144,9 @@ def collate_packed(batch: list[dict], pad_id: int, rows: int, row_length: int) -
             if b.get("image_inputs") or b.get("per_token"):
                 raise MatvlmError(f"data: record {b['id']}: packed rows take images of a fixed token count only")
             n = len(b["input_ids"])
-            if at + n > row_length:
+            if at + n > row_length or n > longest:
                 raise MatvlmError(f"data: record {b['id']} ({n} tokens) does not fit its packed row of {row_length} "
-                                  f"(training.pack_length); its image expanded to more tokens than prepared")
+                                  f"(training.pack_length) or is longer than {longest}; its image expanded to more tokens than prepared")
             ids[r, at : at + n], labels[r, at : at + n], mask[r, at : at + n] = b["input_ids"], b["labels"], 1
             labels[r, at] = -100
             position_ids[r, at : at + n] = torch.arange(n)
@@ -155,9 +158,10 @@ def collate_packed(batch: list[dict], pad_id: int, rows: int, row_length: int) -
         if at < row_length:
             position_ids[r, at:] = torch.arange(row_length - at)
             seq_idx[r, at:] = len(records)
+            boundaries += range(r * row_length + at + longest, (r + 1) * row_length, longest)
             boundaries.append((r + 1) * row_length)
     out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": position_ids, "seq_idx": seq_idx,
-           "cu_seq_lens_q": torch.tensor(boundaries, dtype=torch.int32), "max_length_q": row_length, "broken": broken}
+           "cu_seq_lens_q": torch.tensor(boundaries, dtype=torch.int32), "max_length_q": longest, "broken": broken}
     if images:
         out["pixel_values"] = torch.stack(images)
     out["model_inputs"] = [key for key in out if key not in ("input_ids", "labels", "attention_mask", "broken")]

@@ -408,7 +408,7 @@ class DistillRun:
             if longest > row_length:
                 raise MatvlmError(f"training.pack_length: {row_length} tokens is shorter than record {record} ({longest} tokens, "
                                   f"the longest); set it to at least {longest}, or to null for model_max_length")
-            collate_rows = functools.partial(collate_packed, pad_id=pad, rows=t.batch_size, row_length=row_length)
+            collate_rows = functools.partial(collate_packed, pad_id=pad, rows=t.batch_size, row_length=row_length, longest=r.model_max_length)
             loader = DataLoader(RowsOf(train_set), batch_sampler=PackedBatches(lengths[held_out:], t.batch_size, row_length, t.seed),
                                 collate_fn=collate_rows, **loading)
             eval_batches = PackedBatches(lengths[:held_out], t.batch_size, row_length, t.seed, shuffle=False)
