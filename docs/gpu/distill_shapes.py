@@ -75,18 +75,22 @@ def distill(run: str, teacher: Path, data: Path, root: Path, steps: int, cuda: b
     recipe.write_text(json.dumps(recipe_for(run, teacher, data, out, steps, cuda)))  # JSON is YAML
     env = os.environ | {"MATVLM_CACHE": str(root / "cache"), "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
     started = time.time()
+    row = {"run": run, "recipe": recipe_for(run, teacher, data, out, steps, cuda)["training"]}
     try:
         done = subprocess.run([sys.executable, "-m", "matvlm_cli", "distill", str(recipe)], env=env, capture_output=True,
                               text=True, timeout=timeout)
+        if done.returncode != 0:
+            row |= {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:500], "returncode": done.returncode}
     except subprocess.TimeoutExpired:
-        return {"run": run, "error": f"no end within {timeout:.0f} s"}
-    wall = time.time() - started
-    if done.returncode != 0:
-        return {"run": run, "error": (done.stderr.strip().splitlines() or ["?"])[-1][:500], "returncode": done.returncode}
-    summary = json.loads((out / "summary.json").read_text())
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    return {"run": run, "recipe": recipe_for(run, teacher, data, out, steps, cuda)["training"], "command_seconds": round(wall, 1),
-            "summary": summary, "steps": [{k: e[k] for k in ("step", "tokens", "tokens_per_s", "padding", "mfu", "compiled_graphs")} for e in log]}
+        row["error"] = f"no end within {timeout:.0f} s"
+    row["command_seconds"] = round(time.time() - started, 1)
+    # What the run logged, also when it was stopped: the step-60 line holds the 10-60 window's numbers.
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] if (out / "log.jsonl").is_file() else []
+    row["steps"] = [{k: e.get(k) for k in ("step", "tokens", "tokens_per_s", "padding", "mfu", "compiled_graphs")} for e in log]
+    row["logged"] = {k: v for e in log for k, v in e.items() if k.endswith("_10_60") or k in ("warmup_s", "seconds_to_first_step")}
+    if (out / "summary.json").is_file():
+        row["summary"] = json.loads((out / "summary.json").read_text())
+    return row
 
 
 def padding_only(args) -> dict:
@@ -173,7 +177,7 @@ def main() -> None:
             rates = (row.get("summary", {}).get("throughput") or {}).get(part)
             if rates:
                 rates["mfu_vs_788"] = round(rates["tokens_per_s"] * 6 * params / H200_DENSE_BF16, 4)
-        print(json.dumps({k: v for k, v in row.items() if k != "steps"})[:3000], flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "steps"})[:4000], flush=True)
         result["runs"].append(row)
         Path(args.output).write_text(json.dumps(result, indent=1))
 

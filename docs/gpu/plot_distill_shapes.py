@@ -14,13 +14,13 @@ source = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("di
 result = json.loads(source.read_text())
 fig, ax = plt.subplots(figsize=(9, 4.5))
 for row in result["runs"]:
-    if "steps" not in row:
+    if len(row.get("steps", [])) < 2:
         continue
     steps = row["steps"]
     # Each log line holds the tokens so far and tokens/s since the first step: their ratio is the time so far.
     elapsed = [s["tokens"] / s["tokens_per_s"] for s in steps]
     per_step = [(b["tokens"] - a["tokens"]) / (tb - ta) for a, b, ta, tb in zip(steps, steps[1:], elapsed, elapsed[1:])]
-    window = row["summary"]["throughput"]["steps_10_60"] or {}
+    window = (row.get("summary") or {}).get("throughput", {}).get("steps_10_60") or {}
     label = (f"{row['run']}: {window.get('tokens_per_s', 0) / 1e3:.1f}k tok/s, MFU {100 * window.get('mfu', 0):.1f} % "
              f"(vs 788 TFLOP/s: {100 * window.get('mfu_vs_788', 0):.1f} %), padding {100 * (window.get('padding') or 0):.1f} %")
     ax.plot([s["step"] for s in steps[1:]], per_step, lw=1.2, label=label)
