@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 25's GPU measurement, in one call on an H200 (about 6 minutes; no CUDA build):
+# Issue 25's GPU measurement, in one call on an H200 (about 6 minutes expected, not yet timed; no CUDA build):
 #   /work/shared/device/get-kernel-sources.sh (here, once), then `run` with carry [".wt/NAME", ".kernels"] and
 #   cd .wt/NAME && bash docs/gpu/distill_shapes.sh ../../.kernels
 # fla's wheel is installed and mamba_ssm's sdist unpacked (its Triton kernels load without the CUDA build,
