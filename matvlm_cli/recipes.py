@@ -319,6 +319,12 @@ class TrainingSettings:
     seed: int = 0
     num_workers: int | None = None  # DataLoader workers decoding images; null = on a GPU one per spare core (up to 8), on a CPU none
     group_by_length: bool = True  # batches of similar length (less padding); false = plain shuffled batches
+    # Batch shapes (distill/shapes.py): padded = each batch to its longest record; buckets = to the next of
+    # `buckets`; packed = whole records packed into `batch_size` rows of `pack_length` tokens, one shape for
+    # every step (the GPU's: docs/distill-shapes.md).
+    shapes: str = "padded"
+    buckets: list[int] | None = None  # shapes: buckets; null = eighths of model_max_length
+    pack_length: int | None = None  # shapes: packed; tokens per row; null = model_max_length
 
 
 @dataclass
@@ -468,6 +474,27 @@ def _training_problems(recipe: DistillRecipe) -> list[str]:
     return problems
 
 
+def _shape_problems(recipe: DistillRecipe) -> list[str]:
+    t, longest = recipe.training, recipe.model_max_length
+    if t.shapes not in ("padded", "buckets", "packed"):
+        return [f"'training.shapes' must be one of padded, buckets, packed, got {t.shapes!r}"]
+    problems = []
+    if t.buckets is not None:
+        if t.shapes != "buckets":
+            problems.append(f"'training.buckets' is read with training.shapes: buckets only (shapes is {t.shapes})")
+        elif not t.buckets or any(b < 1 for b in t.buckets) or any(b <= a for a, b in zip(t.buckets, t.buckets[1:])):
+            problems.append(f"'training.buckets' must be lengths >= 1 in ascending order, got {t.buckets}")
+        elif t.buckets[-1] < longest:
+            problems.append(f"'training.buckets': the longest bucket ({t.buckets[-1]}) does not cover model_max_length "
+                            f"({longest}); records up to {longest} tokens would have no bucket (add {longest})")
+    if t.pack_length is not None:
+        if t.shapes != "packed":
+            problems.append(f"'training.pack_length' is read with training.shapes: packed only (shapes is {t.shapes})")
+        elif t.pack_length < 1:
+            problems.append(f"'training.pack_length' must be >= 1, got {t.pack_length}")
+    return problems
+
+
 def check_distill_recipe(recipe: DistillRecipe, source: str | RecipeSource = "recipe") -> None:
     """Impossible combinations and missing files, before any model is loaded."""
     problems = _training_problems(recipe)
@@ -481,6 +508,7 @@ def check_distill_recipe(recipe: DistillRecipe, source: str | RecipeSource = "re
                  for key in ("batch_size", "gradient_accumulation", "epochs") if getattr(recipe.training, key) < 1]
     if recipe.training.num_workers is not None and recipe.training.num_workers < 0:
         problems.append(f"'training.num_workers' must be >= 0 (0 loads data in the training process), got {recipe.training.num_workers}")
+    problems += _shape_problems(recipe)
     output = recipe.output
     if output.eval_every < 0 or (output.eval_every and output.eval_samples < 1):
         problems.append("'output.eval_every' must be >= 0, with 'output.eval_samples' >= 1")

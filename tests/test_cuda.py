@@ -244,3 +244,75 @@ def test_prefill_skip_gate_norm_kernel_matches_the_pytorch_norm(dtype, channels_
     out = skip_gate_norm(y, x, D, z, norm.weight, d_inner // groups, headdim, 1e-5, dtype)
     assert out.shape == (batch, length, d_inner) and out.dtype == dtype
     assert rel_err(out, reference) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+def packed_seq_idx(lengths_per_row, total):
+    seq_idx = torch.zeros(len(lengths_per_row), total, dtype=torch.int32, device="cuda")
+    cu = [0]
+    for row, lengths in enumerate(lengths_per_row):
+        at = 0
+        for i, n in enumerate(lengths + [total - sum(lengths)]):
+            seq_idx[row, at : at + n] = i
+            at += n
+            if n:
+                cu.append(row * total + at)
+    return seq_idx, torch.tensor(cu, dtype=torch.int32, device="cuda")
+
+
+PACKED = [[300, 251, 90], [700]]  # records crossing and ending inside chunks, one filling its row but the tail
+
+
+def test_packed_chunk_scan_kernel_matches_the_reference_forward_and_backward(torch_backend):
+    """seq_idx through a kernel backend's scan (the one training uses) against the fp32 reference."""
+    (x, B, C), dt, A, D = inputs(length=800)
+    seq_idx, _ = packed_seq_idx(PACKED, 800)
+    if kernels.kernel("chunk_scan", x, needs_grad=True, packed=True) is None:
+        pytest.skip(f"{kernels.get_backend()} has no packed training scan here (its rows would need flattening)")
+    leaves = [t.float().requires_grad_() for t in (x, dt, B, C)]
+    y, _ = ssd_chunk_scan(leaves[0].bfloat16(), leaves[1], A, leaves[2].bfloat16(), leaves[3].bfloat16(), 64, D=D, seq_idx=seq_idx)
+    y.float().square().sum().backward()
+    grads = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    torch_backend()
+    y_ref, _ = ssd_chunk_scan(leaves[0], leaves[1], A, leaves[2], leaves[3], 64, D=D, seq_idx=seq_idx)
+    y_ref.square().sum().backward()
+    assert rel_err(y, y_ref) < 1e-2
+    for got, leaf in zip(grads, leaves):
+        assert rel_err(got, leaf.grad) < 1e-2
+
+
+def test_packed_conv_kernel_matches_the_reference_forward_and_backward(torch_backend):
+    seq_idx, cu = packed_seq_idx(PACKED, 800)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(2, 800, 96, device="cuda", generator=g).bfloat16().transpose(1, 2).requires_grad_()  # channels-last, as the mixer's
+    weight = torch.randn(96, 4, device="cuda", generator=g).bfloat16()
+    bias = torch.randn(96, device="cuda", generator=g).bfloat16()
+    if kernels.kernel("conv1d", x, packed=True) is None:
+        pytest.skip(f"{kernels.get_backend()} has no packed conv here")
+    out = causal_conv1d(x, weight, bias, seq_idx, cu)
+    out.float().square().sum().backward()
+    grad, x.grad = x.grad.clone(), None
+    torch_backend()
+    ref = causal_conv1d(x.float(), weight.float(), bias.float(), seq_idx)
+    ref.square().sum().backward()
+    assert rel_err(out, ref) < 1e-2 and rel_err(grad, x.grad) < 1e-2
+
+
+def test_packed_varlen_attention_matches_the_block_diagonal_reference():
+    """hybrid.packed's GPU path (PyTorch's varlen flash attention) against its masked-SDPA path."""
+    from matvlm_cli.hybrid import packed
+
+    if packed.VARLEN is None:
+        pytest.skip("no torch.nn.attention.varlen in this torch")
+    seq_idx, cu = packed_seq_idx(PACKED, 800)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q, k, v = (torch.randn(2, 8, 800, 80, device="cuda", generator=g).bfloat16().requires_grad_() for _ in range(3))
+    module = torch.nn.Module()
+    out, _ = packed.attend_within_records(module, q, k, v, None, scaling=80**-0.5, seq_idx=seq_idx, cu_seq_lens_q=cu, max_length_q=800)
+    out.float().square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref, _ = packed.attend_within_records(module, *leaves, None, scaling=80**-0.5, seq_idx=seq_idx, cu_seq_lens_q=cu, max_length_q=800)
+    ref.square().sum().backward()
+    assert rel_err(out, ref) < 1e-2
+    for got, leaf in zip(grads, leaves):
+        assert rel_err(got, leaf.grad) < 1e-2

@@ -71,3 +71,99 @@ def test_conv_step_equals_causal_conv():
     steps = torch.stack([causal_conv1d_step(x[:, :, t], state, weight, bias) for t in range(9)], -1)
     assert torch.allclose(steps, full, atol=1e-12)
     assert torch.equal(state, x[:, :, -4:])
+
+
+def packed_rows(lengths_per_row, total):
+    """seq_idx (rows, total) for records of the given lengths laid one after another in each row; the
+    rest of a row is padding, one more record."""
+    seq_idx = torch.zeros(len(lengths_per_row), total, dtype=torch.int64)
+    for row, lengths in enumerate(lengths_per_row):
+        at = 0
+        for i, n in enumerate(lengths):
+            seq_idx[row, at : at + n] = i
+            at += n
+        seq_idx[row, at:] = len(lengths)
+    return seq_idx
+
+
+@pytest.mark.parametrize("lengths,chunk", [
+    ([[7, 20, 13], [40]], 16),            # a record crossing chunk boundaries, one ending mid-chunk
+    ([[16, 16, 8], [3, 3, 3, 3, 5]], 16),  # boundaries on a chunk edge, many records inside one chunk
+    ([[1, 44], [29, 2, 2]], 8),           # one-token records
+])
+def test_packed_scan_equals_each_record_scanned_alone(lengths, chunk):
+    """Several records in one row (seq_idx): each record's outputs equal its own scan from a zero state,
+    and the final state is the last record's (its trailing padding is its own record)."""
+    total = 45
+    x, dt, A, B, C, D = random_inputs(2, total, 4, 8, 2, 8, seed=11)
+    seq_idx = packed_rows(lengths, total)
+    y, final = ssd_chunk_scan(x, dt, A, B, C, chunk, D=D, seq_idx=seq_idx)
+    for row, row_lengths in enumerate(lengths):
+        at = 0
+        for n in row_lengths + [total - sum(row_lengths)]:
+            piece = slice(at, at + n)
+            if n:
+                y_ref, final_ref = ssd_naive(*(t[row : row + 1, piece] for t in (x, dt)), A,
+                                             *(t[row : row + 1, piece] for t in (B, C)), D=D)
+                assert torch.allclose(y[row : row + 1, piece], y_ref, atol=1e-10), (row, at, n)
+                last_final = final_ref
+            at += n
+        assert torch.allclose(final[row : row + 1], last_final, atol=1e-10)
+    # Without seq_idx the same rows run as one sequence each: the check above can fail.
+    y_joined, _ = ssd_chunk_scan(x, dt, A, B, C, chunk, D=D)
+    assert not torch.allclose(y_joined, y, atol=1e-3)
+
+
+def test_packed_scan_keeps_an_initial_state_for_the_first_record_only():
+    x, dt, A, B, C, D = random_inputs(1, 30, 4, 8, 2, 8, seed=4)
+    start = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    seq_idx = packed_rows([[12, 18]], 30)
+    y, _ = ssd_chunk_scan(x, dt, A, B, C, 8, D=D, initial_states=start, seq_idx=seq_idx)
+    first, _ = ssd_naive(x[:, :12], dt[:, :12], A, B[:, :12], C[:, :12], D=D, initial_states=start)
+    second, _ = ssd_naive(x[:, 12:], dt[:, 12:], A, B[:, 12:], C[:, 12:], D=D)
+    assert torch.allclose(y, torch.cat([first, second], 1), atol=1e-10)
+
+
+def test_packed_conv_equals_each_record_convolved_alone():
+    g = torch.Generator().manual_seed(1)
+    lengths = [[1, 5, 2, 3], [11]]
+    x = torch.randn(2, 6, 12, generator=g, dtype=torch.float64)
+    weight = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    bias = torch.randn(6, generator=g, dtype=torch.float64)
+    out = causal_conv1d(x, weight, bias, seq_idx=packed_rows(lengths, 12))
+    for row, row_lengths in enumerate(lengths):
+        at = 0
+        for n in row_lengths + [12 - sum(row_lengths)]:
+            if n:
+                alone = causal_conv1d(x[row : row + 1, :, at : at + n], weight, bias)
+                assert torch.allclose(out[row : row + 1, :, at : at + n], alone, atol=1e-12), (row, at)
+            at += n
+    assert not torch.allclose(causal_conv1d(x, weight, bias), out)
+
+
+def test_mamba_ssm_triton_kernels_load_without_its_compiled_extension(tmp_path, monkeypatch):
+    """mamba_ssm's package __init__ imports a CUDA extension its Mamba-2 Triton kernels never use: where
+    that extension was not built, `kernels` still loads the kernels' modules (a stand-in package here)."""
+    import importlib
+    import sys
+
+    from matvlm_cli.hybrid import kernels
+
+    triton_dir = tmp_path / "mamba_ssm" / "ops" / "triton"
+    triton_dir.mkdir(parents=True)
+    (tmp_path / "mamba_ssm" / "__init__.py").write_text("import selective_scan_cuda_not_built\n")
+    (tmp_path / "mamba_ssm" / "ops" / "__init__.py").write_text("")
+    (triton_dir / "__init__.py").write_text("")
+    (triton_dir / "helper.py").write_text("VALUE = 42\n")
+    (triton_dir / "ssd_combined.py").write_text("from mamba_ssm.ops.triton.helper import VALUE\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = {name for name in sys.modules if name.startswith("mamba_ssm")}
+    for name in before:
+        monkeypatch.delitem(sys.modules, name)
+    try:
+        with pytest.raises(ImportError):
+            importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
+        assert kernels._import_mamba_ssm_triton("mamba_ssm.ops.triton.ssd_combined").VALUE == 42
+    finally:
+        for name in [n for n in sys.modules if n.startswith("mamba_ssm")]:
+            del sys.modules[name]

@@ -37,22 +37,29 @@ class Stop(Exception):
     pass
 
 
-def build_teacher(root: Path, tiny: bool) -> tuple[Path, int]:
-    """A LLaVA directory of the preset's shape with random weights, a word-level tokenizer of its
-    vocabulary and a SigLIP image processor; returns it and the image-token count."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
-    from transformers import SiglipImageProcessor
+def teacher_config(tiny: bool):
+    """The preset's LLaVA config, or (tiny) the same structure small enough for a CPU test."""
+    from transformers import LlavaConfig
 
     config = LlavaConfig.from_dict(json.loads(PRESET.read_text()))
-    if tiny:  # same structure, small enough for a CPU test
+    if tiny:
         t, v = config.text_config, config.vision_config
         t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads = 64, 128, 4, 4, 4
         t.vocab_size = 512
         v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads, v.image_size, v.patch_size = 32, 64, 2, 2, 64, 16
         config.image_token_index = t.vocab_size - 1
+    return config
+
+
+def build_processor(config, known_words: list[str] = ()):
+    """A word-level tokenizer of the config's vocabulary (`known_words` first, then w0, w1, ...) and a
+    SigLIP image processor."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlavaProcessor, PreTrainedTokenizerFast, SiglipImageProcessor
+
     vocab_size = config.text_config.vocab_size
-    words = ["<unk>", "<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(vocab_size - 5)] + ["<image>"]
+    known = list(dict.fromkeys(known_words))[: vocab_size - 5]
+    words = ["<unk>", "<pad>", "<s>", "</s>"] + known + [f"w{i}" for i in range(vocab_size - 5 - len(known))] + ["<image>"]
     assert words.index("<image>") == config.image_token_index
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -65,6 +72,16 @@ def build_teacher(root: Path, tiny: bool) -> tuple[Path, int]:
         num_additional_image_tokens=0, image_token="<image>", chat_template=CHAT_TEMPLATE,
     )
     config.text_config.pad_token_id = tokenizer.pad_token_id
+    return processor
+
+
+def build_teacher(root: Path, tiny: bool, known_words: list[str] = ()) -> tuple[Path, int]:
+    """A LLaVA directory of the preset's shape with random weights and `build_processor`'s processor;
+    returns it and the parameter count."""
+    from transformers import LlavaForConditionalGeneration
+
+    config = teacher_config(tiny)
+    processor = build_processor(config, known_words)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlavaForConditionalGeneration(config).to(torch.bfloat16)

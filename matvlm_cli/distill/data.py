@@ -132,14 +132,14 @@ class _MappedSource:
         }
 
 
-def collate(batch: list[dict], pad_id: int) -> dict:
-    """Pads to the batch's longest record; records whose image could not be read travel as `broken`
-    (id, reason) for the trainer to count."""
+def collate(batch: list[dict], pad_id: int, width: int = 0) -> dict:
+    """Pads to the batch's longest record (or to `width`, if longer); records whose image could not be
+    read travel as `broken` (id, reason) for the trainer to count."""
     broken = [(b["id"], b["broken"]) for b in batch if "broken" in b]
     batch = [b for b in batch if "broken" not in b]
     if not batch:
         return {"broken": broken}
-    width = max(len(b["input_ids"]) for b in batch)
+    width = max(width, *(len(b["input_ids"]) for b in batch))
     ids = torch.full((len(batch), width), pad_id)
     labels = torch.full((len(batch), width), -100)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -159,8 +159,8 @@ def collate(batch: list[dict], pad_id: int) -> dict:
             if key in b.get("per_token", {}):
                 column[row, : len(b["input_ids"])] = b["per_token"][key]
         out[key] = column
-    # What the model's forward takes beyond input_ids and attention_mask.
-    out["model_inputs"] = [key for key in out if key not in ("input_ids", "labels", "attention_mask", "broken")]
+    # What the model's forward takes beyond input_ids.
+    out["model_inputs"] = [key for key in out if key not in ("input_ids", "labels", "broken")]
     return out
 
 
@@ -190,7 +190,10 @@ class EpochShuffle(Sampler):
         self.epoch = epoch
 
     def permutation(self) -> list[int]:
-        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)).tolist()
+        return self.permutation_for(self.epoch)
+
+    def permutation_for(self, epoch: int) -> list[int]:
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 10_007 + epoch)).tolist()
 
     def __iter__(self):
         return iter(self.permutation())

@@ -54,7 +54,7 @@ class SharedTeacherStudent:
         self.model, self.layers, self.trainable = student, sorted(attentions), trainable
         self.active = list(self.layers)
         layout = find_decoder(student)
-        self.decoder_layers = layout.layers
+        self.text_model, self.decoder_layers = layout.text_model, layout.layers
         self._slots = [(layout.layers[i], layout.attention_name) for i in self.layers]
         self.duals = []
         for (layer, name), idx in zip(self._slots, self.layers):
@@ -76,17 +76,35 @@ class SharedTeacherStudent:
                 setattr(layer, name, dual)
         self._set_trainable()
 
-    def compile_frozen_parts(self) -> None:
-        """torch.compile each decoder layer's attention, MLP and norms on their own, dynamic in the sequence
-        length (regional compilation: one small graph per module, shared by the teacher and the student
-        pass). It fuses the elementwise work around the matmuls (Phi-2's tanh GELU is eight kernels
-        eager). The Mamba-2 mixers stay eager: their scans are already fused kernels."""
+    def compile_frozen_parts(self, dynamic: bool | None = True) -> list[type]:
+        """torch.compile each decoder layer's attention, MLP and norms on their own (regional compilation:
+        one small graph per module class, shared by every layer and by the teacher and the student pass).
+        It fuses the elementwise work around the matmuls (Phi-2's tanh GELU is eight kernels eager). The
+        Mamba-2 mixers stay eager: their scans are already fused kernels. `dynamic`: True compiles for any
+        sequence length at once; None compiles the first shape as it is and makes a dimension dynamic
+        only once it changes (batches of a few fixed shapes). Returns the compiled module classes."""
+        compiled = []
         for layer in self.decoder_layers:
             for child in layer.children():
-                if isinstance(child, TeacherStudentMixer):
-                    child.attention.compile(dynamic=True)
-                elif not isinstance(child, Mamba2Mixer):
-                    child.compile(dynamic=True)
+                module = child.attention if isinstance(child, TeacherStudentMixer) else child
+                if not isinstance(module, Mamba2Mixer):
+                    module.compile(dynamic=dynamic)
+                    compiled.append(type(module))
+        return list(dict.fromkeys(compiled))
+
+    def teacher_parameters(self) -> int:
+        """The teacher's parameter count: the shared model less its Mamba-2 mixers (or the separate teacher's)."""
+        if self.separate_teacher is not None:
+            return sum(p.numel() for p in self.separate_teacher.parameters())
+        return sum(p.numel() for p in self.model.parameters()) - sum(p.numel() for d in self.duals for p in d.mamba.parameters())
+
+    def text_decoders(self) -> list[nn.Module]:
+        """Every text decoder a forward pass runs: the model's, the teacher's copies of trained layers and
+        the separate teacher's (`packed_attention` switches their attention)."""
+        decoders = [self.text_model, *self.teacher_blocks.values()]
+        if self.separate_teacher is not None:
+            decoders.append(find_decoder(self.separate_teacher).text_model)
+        return decoders
 
     def set_stage(self, layers: list[int], trainable: str) -> None:
         """The student runs Mamba-2 in `layers` (a subset of the converted ones) and trains `trainable`."""

@@ -16,7 +16,7 @@ import shutil
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,12 +39,15 @@ from ..errors import MatvlmError
 from ..families import model_family
 from ..hybrid.conversion import attention_windows, choose_layers, convert_to_hybrid, find_decoder, hybrid_layers
 from ..hybrid.io import HYBRID_KEY, atomic_directory, load_hybrid, load_processor, load_teacher, save_hybrid, write_atomic
+from ..hybrid.packed import packed_attention
 from ..recipes import DataSource, DistillRecipe, LossWeights, OptimizerSettings, stage_settings
 from .data import ConversationDataset, EpochShuffle, LengthGroupedShuffle, collate
 from .prepare import prepare
 from .records import SkipReport
 from .losses import chunked_logit_losses, layer_loss
+from .shapes import PackedBatches, RowsOf, collate_packed, collate_to_bucket, default_buckets, longest_record, packing_problem
 from .shared import SharedTeacherStudent
+from .throughput import ThroughputMeter, measured_peak_flops
 
 # Whole (unsharded) state, gathered onto the main process's CPU.
 WHOLE_ON_MAIN = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -294,11 +297,12 @@ RUN_ENTRIES = ("recipe.yaml", "log.jsonl", "summary.json", "checkpoints", "final
 
 
 class DistillRun:
-    def __init__(self, recipe: DistillRecipe, console: Console | None = None):
+    def __init__(self, recipe: DistillRecipe, console: Console | None = None, started_at: float | None = None):
         self.recipe = recipe
         self.console = console or Console()
         self.out = Path(recipe.output.dir)
         self.created_output, self.output_lock = False, None
+        self.started_at = started_at if started_at is not None else time.time()
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -345,25 +349,12 @@ class DistillRun:
         if r.training.gradient_checkpointing:
             # transformers 5.24 calls it activation checkpointing and warns on the old name; versions without it keep that.
             getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
-        if r.training.compile:
-            self.shared.compile_frozen_parts()
+        regions = self.shared.compile_frozen_parts(dynamic=r.training.shapes == "padded") if r.training.compile else []
         model.train()
         held_out = r.output.eval_samples if r.output.eval_every else 0
         if held_out >= len(self.dataset):
             raise MatvlmError(f"output.eval_samples: {held_out} would hold out all {len(self.dataset)} usable records")
-        train_set = Subset(self.dataset, range(held_out, len(self.dataset)))
-        if r.training.group_by_length:
-            sampler = LengthGroupedShuffle(self.dataset.lengths[held_out:], r.training.seed, r.training.batch_size)
-        else:
-            sampler = EpochShuffle(len(train_set), r.training.seed)
-        pad = self.processor.tokenizer.pad_token_id
-        workers = r.training.num_workers if r.training.num_workers is not None else default_workers(self.accelerator.num_processes, self.accelerator.device)
-        # Images are decoded in the workers, a few batches ahead of the step.
-        loading = {"num_workers": workers, "persistent_workers": workers > 0, "prefetch_factor": 4 if workers else None}
-        loader = DataLoader(train_set, batch_size=r.training.batch_size, sampler=sampler,
-                            collate_fn=functools.partial(collate, pad_id=pad), **loading)
-        eval_loader = DataLoader(Subset(self.dataset, range(held_out)), batch_size=r.training.batch_size,
-                                 collate_fn=functools.partial(collate, pad_id=pad)) if held_out else None
+        loader, eval_loader = self._loaders(held_out)
         optimizer = torch.optim.AdamW(param_groups(model, r.optimizer.weight_decay, self.shared.optimized),
                                       lr=r.optimizer.lr, betas=tuple(r.optimizer.betas))
         self.steps_per_epoch = math.ceil(len(loader) / r.training.gradient_accumulation)
@@ -377,6 +368,10 @@ class DistillRun:
             # Each decoder layer its own FSDP unit, so the layer loss can call a converted layer alone.
             plugin = self.accelerator.state.fsdp_plugin
             plugin.transformer_cls_names_to_wrap = fsdp_units(model, self.shared.decoder_layer(self.shared.layers[0]))
+        # MFU's basis (throughput.py), counted and measured before the model is wrapped.
+        matmul_dtype = FROZEN_DTYPE[r.training.precision]
+        self.meter = ThroughputMeter(self.started_at, 6 * self.shared.teacher_parameters(),
+                                     measured_peak_flops(self.accelerator.device, matmul_dtype), self.accelerator.num_processes, regions)
         self.model, self.optimizer, self.loader, self.scheduler = self.accelerator.prepare(model, optimizer, loader, scheduler)
         self.eval_loader = self.accelerator.prepare(eval_loader) if eval_loader is not None else None
         if self.shared.teacher_connector is not None:
@@ -430,6 +425,41 @@ class DistillRun:
             os.close(self.output_lock)
             self.output_lock = None
 
+    def _loaders(self, held_out: int) -> tuple[DataLoader, DataLoader | None]:
+        """The training and held-out loaders, batching as `training.shapes` says (shapes.py)."""
+        r, t = self.recipe, self.recipe.training
+        pad = self.processor.tokenizer.pad_token_id
+        workers = t.num_workers if t.num_workers is not None else default_workers(self.accelerator.num_processes, self.accelerator.device)
+        # Images are decoded in the workers, a few batches ahead of the step.
+        loading = {"num_workers": workers, "persistent_workers": workers > 0, "prefetch_factor": 4 if workers else None}
+        train_set, eval_set = Subset(self.dataset, range(held_out, len(self.dataset))), Subset(self.dataset, range(held_out))
+        lengths = self.dataset.lengths
+        if t.shapes == "packed":
+            model = self.shared.model
+            why = packing_problem(model_family(model.config), self.dataset.reader.images, model.config.get_text_config(decoder=True))
+            if why:
+                raise MatvlmError(f"training.shapes: packed: this teacher's records cannot share rows ({why}); use buckets")
+            row_length = t.pack_length or r.model_max_length
+            record, longest = longest_record(self.dataset, range(len(self.dataset)))
+            if longest > row_length:
+                raise MatvlmError(f"training.pack_length: {row_length} tokens is shorter than record {record} ({longest} tokens, "
+                                  f"the longest); set it to at least {longest}, or to null for model_max_length")
+            collate_rows = functools.partial(collate_packed, pad_id=pad, rows=t.batch_size, row_length=row_length, longest=r.model_max_length)
+            loader = DataLoader(RowsOf(train_set), batch_sampler=PackedBatches(lengths[held_out:], t.batch_size, row_length, t.seed),
+                                collate_fn=collate_rows, **loading)
+            eval_batches = PackedBatches(lengths[:held_out], t.batch_size, row_length, t.seed, shuffle=False)
+            return loader, DataLoader(RowsOf(eval_set), batch_sampler=eval_batches, collate_fn=collate_rows) if held_out else None
+        if t.shapes == "buckets":
+            collate_fn = functools.partial(collate_to_bucket, pad_id=pad, buckets=t.buckets or default_buckets(r.model_max_length))
+        else:
+            collate_fn = functools.partial(collate, pad_id=pad)
+        if t.group_by_length:
+            sampler = LengthGroupedShuffle(lengths[held_out:], t.seed, t.batch_size)
+        else:
+            sampler = EpochShuffle(len(train_set), t.seed)
+        loader = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, collate_fn=collate_fn, **loading)
+        return loader, DataLoader(eval_set, batch_size=t.batch_size, collate_fn=collate_fn) if held_out else None
+
     def _enter_stage(self, index: int) -> None:
         """From here on the student runs the stage's layers as Mamba-2 and trains what it says."""
         stage = self.plan[index]
@@ -452,6 +482,8 @@ class DistillRun:
             acc.init_trackers("tensorboard")
         started, tokens = time.time(), 0
         real, padded = 0, 0  # tokens since the last log line, for its padding fraction
+        step_tokens, step_slots = 0, 0  # since the last optimizer step, all processes
+        self.meter.start()
         with progress:
             task = progress.add_task("distill", total=self.total_steps, completed=self.step, stats="")
             while self.step < self.total_steps:
@@ -482,6 +514,8 @@ class DistillRun:
                     in_batch = int(batch["attention_mask"].sum())
                     tokens += in_batch * acc.num_processes
                     real, padded = real + in_batch, padded + batch["attention_mask"].numel()
+                    step_tokens += in_batch * acc.num_processes
+                    step_slots += batch["attention_mask"].numel() * acc.num_processes
                     if not acc.sync_gradients:
                         continue
                     self.scheduler.step()
@@ -489,8 +523,10 @@ class DistillRun:
                     # Mean over processes, so a multi-GPU log reads like a single-process one.
                     logged = {k: acc.reduce(v.detach(), "mean") for k, v in (parts | {"loss": total}).items()}
                     stats = {k: round(v.item(), 5) for k, v in logged.items()}
+                    speed = self.meter.step(self.step, step_tokens, step_slots, acc.device)
+                    step_tokens, step_slots = 0, 0
                     stats |= {"lr": self.scheduler.get_last_lr()[0], "tokens_per_s": round(tokens / (time.time() - started)),
-                              "padding": round(1 - real / max(1, padded), 4), "tokens": tokens}
+                              "padding": round(1 - real / max(1, padded), 4), "tokens": tokens} | speed
                     if len(self.plan) > 1:
                         stats["stage"] = self.stage
                     progress.update(task, completed=self.step, stats="  ".join(
@@ -498,7 +534,9 @@ class DistillRun:
                         + [f"lr {stats['lr']:.2e}", f"{stats['tokens_per_s']} tok/s"]))
                     if r.output.eval_every and (self.step % r.output.eval_every == 0 or self.step == self.total_steps):
                         stats |= self.evaluate()
-                    if self.step % r.output.log_every == 0 or self.step == self.total_steps or "eval_loss" in stats:
+                    # The first step and the end of the 10-60 window are logged whatever log_every says.
+                    if (self.step % r.output.log_every == 0 or self.step == self.total_steps or "eval_loss" in stats
+                            or "seconds_to_first_step" in stats or "tokens_per_s_10_60" in stats):
                         acc.log(stats, step=self.step)
                         if log:
                             log.write(json.dumps({"step": self.step, "epoch": self.epoch} | stats) + "\n")
@@ -554,8 +592,15 @@ class DistillRun:
         return {"kl": l.kl_weight, "layer": l.layer_weight, "ce": l.ce_weight}
 
     def _losses(self, batch) -> dict[str, torch.Tensor]:
+        # Packed rows: every text decoder attends within records (hybrid/packed.py).
+        with packed_attention(*self.shared.text_decoders()) if "seq_idx" in batch.get("model_inputs", ()) else nullcontext():
+            return self._packed_or_padded_losses(batch)
+
+    def _packed_or_padded_losses(self, batch) -> dict[str, torch.Tensor]:
         l = self.plan[self.stage].losses
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", *batch.get("model_inputs", ())) if k in batch}
+        # No cache: a training forward never continues from it, and building one per pass made torch.compile
+        # recompile on its state (issue 25).
+        inputs = {k: batch[k] for k in ("input_ids", *batch.get("model_inputs", ())) if k in batch} | {"use_cache": False}
         student_model = self.accelerator.unwrap_model(self.model)
         with torch.no_grad(), self.shared.teacher_path(self.model) as teacher:
             teacher_model = self.accelerator.unwrap_model(teacher)
@@ -695,7 +740,8 @@ class DistillRun:
                 save_hybrid(model, final, source=self.teacher_dir, overwrite=True, state_dict=whole)
         if acc.is_main_process:
             summary = {"steps": self.step, "seconds": round(seconds, 1), "peak_memory": peak, "processes": acc.num_processes,
-                       "distributed": acc.distributed_type.value,
+                       "distributed": acc.distributed_type.value, "shapes": self.recipe.training.shapes,
+                       "throughput": self.meter.summary(),
                        "skipped_records": dict(self.dataset.skipped.counts), "unreadable_images": dict(self.unreadable.counts)}
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             self.console.print(f"Distilled {self.step} steps in {seconds:.0f}s, peak memory {peak}. Hybrid saved to [bold]{final}[/bold]")
@@ -718,28 +764,15 @@ def launch_processes(num_gpus: int, recipe_path: Path, overrides: list[str], res
     return subprocess.call(command)
 
 
-@contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM (`kill`, a scheduler's cancel) raised as KeyboardInterrupt, as Ctrl-C is, so the run cleans
-    up the same way: an output folder it created with nothing to resume from is removed, and the same
-    command can be run again. Signal handlers belong to the main thread; elsewhere nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 @sigterm_as_interrupt()
-def run_distill(recipe: DistillRecipe, console: Console | None = None, on_step=None) -> Path:
-    run = DistillRun(recipe, console)
+def run_distill(recipe: DistillRecipe, console: Console | None = None, on_step=None, started_at: float | None = None) -> Path:
+    """`started_at`: when the command started (time.time()), for the time to the first step; by default
+    when this process started (the Python imports count: a user waits for them too)."""
+    if started_at is None:
+        import psutil
+
+        started_at = psutil.Process().create_time()
+    run = DistillRun(recipe, console, started_at)
     try:
         run.setup()
         try:

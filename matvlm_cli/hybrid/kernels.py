@@ -18,6 +18,7 @@ in the order measured on an H100/H200 (docs/bench.md, `matvlm bench --kernels`).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import SimpleNamespace
 from typing import Callable
 
@@ -83,21 +84,45 @@ def _load(name: str) -> SimpleNamespace | None:
         return None
 
 
+def _import_mamba_ssm_triton(name: str):
+    """A module of mamba_ssm's Triton kernels. Its package `__init__` imports the compiled selective-scan
+    extension (Mamba-1), which the Mamba-2 Triton kernels never call; where that extension was not built
+    (it takes minutes of nvcc), the package is registered without running its `__init__`."""
+    import sys
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        spec = importlib.util.find_spec("mamba_ssm")
+        if spec is None or not spec.submodule_search_locations or "mamba_ssm" in sys.modules:
+            raise
+        sys.modules["mamba_ssm"] = importlib.util.module_from_spec(spec)
+        return importlib.import_module(name)
+
+
 def _load_mamba_ssm() -> SimpleNamespace:
-    ssd = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
-    state = importlib.import_module("mamba_ssm.ops.triton.selective_state_update")
-    conv = importlib.import_module("causal_conv1d")
+    ssd = _import_mamba_ssm_triton("mamba_ssm.ops.triton.ssd_combined")
+    state = _import_mamba_ssm_triton("mamba_ssm.ops.triton.selective_state_update")
+    try:
+        conv = importlib.import_module("causal_conv1d")
+    except ImportError:  # a CUDA package of its own: without it the conv comes from the next backend
+        conv = None
+
+    def conv1d(x, weight, bias, activation, seq_idx=None, cu_seqlens=None):
+        # channels-first or channels-last strides both work without seq_idx, which needs channels-last
+        if not (x.stride(1) == 1 or (seq_idx is None and x.stride(2) == 1)):
+            x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        return conv.causal_conv1d_fn(x, weight, bias, seq_idx=seq_idx, activation=activation)
+
     return SimpleNamespace(
         chunk_scan=ssd.mamba_chunk_scan_combined,
         state_update=state.selective_state_update,
-        # channels-first or channels-last strides both work; anything else is copied
-        conv1d=lambda x, weight, bias, activation: conv.causal_conv1d_fn(
-            x if 1 in (x.stride(1), x.stride(2)) else x.contiguous(), weight, bias, activation=activation
-        ),
-        conv1d_update=conv.causal_conv1d_update,
+        conv1d=conv1d if conv else None,
+        conv1d_update=conv.causal_conv1d_update if conv else None,
         mixer_step=None,
         skip_gate_norm=None,
         chunk_scan_trains=True,
+        packs={"chunk_scan", "conv1d"},  # both take seq_idx
     )
 
 
@@ -126,17 +151,24 @@ def _load_fla() -> SimpleNamespace:
             y = y + x * D[:, None].to(x.dtype)
         return y.to(x.dtype), final
 
-    def conv1d(x, weight, bias, activation="silu"):
-        # fla's kernel reads x (batch, length, channels) through its strides, and loads a tile of channels
-        # at each step: channels must be adjacent in memory. A prefill chunk after the first arrives
-        # channels-first (the cached window concatenated in front of it), where adjacent channels lie a
-        # whole sequence apart; one copy into channels-last costs less than the scattered loads.
-        y, _ = conv.causal_conv1d(x.transpose(1, 2).contiguous(), weight, bias, activation=activation)
-        return y.transpose(1, 2)
+    def conv1d(x, weight, bias, activation="silu", seq_idx=None, cu_seqlens=None):
+        if seq_idx is None:
+            # fla's kernel reads x (batch, length, channels) through its strides, and loads a tile of channels
+            # at each step: channels must be adjacent in memory. A prefill chunk after the first arrives
+            # channels-first (the cached window concatenated in front of it), where adjacent channels lie a
+            # whole sequence apart; one copy into channels-last costs less than the scattered loads.
+            y, _ = conv.causal_conv1d(x.transpose(1, 2).contiguous(), weight, bias, activation=activation)
+            return y.transpose(1, 2)
+        # Packed records: fla takes their boundaries over one flattened row.
+        batch, channels, length = x.shape
+        flat = x.transpose(1, 2).reshape(1, batch * length, channels)
+        y, _ = conv.causal_conv1d(flat, weight, bias, activation=activation, cu_seqlens=cu_seqlens)
+        return y.reshape(batch, length, channels).transpose(1, 2)
 
     return SimpleNamespace(
         chunk_scan=chunk_scan, state_update=None, conv1d=conv1d, conv1d_update=None, mixer_step=None,
         skip_gate_norm=None, chunk_scan_trains=not broken_backward,
+        packs={"conv1d"},  # its chunk scan would need the rows flattened too; packed scans go to mamba-ssm
     )
 
 
@@ -149,16 +181,17 @@ def _load_triton() -> SimpleNamespace:
 
     return SimpleNamespace(
         chunk_scan=None, state_update=None, conv1d=None, conv1d_update=None, mixer_step=fused_step,
-        skip_gate_norm=skip_gate_norm, chunk_scan_trains=True,
+        skip_gate_norm=skip_gate_norm, chunk_scan_trains=True, packs=set(),
     )
 
 
 _LOADERS = {"triton": _load_triton, "mamba-ssm": _load_mamba_ssm, "fla": _load_fla}
 
 
-def kernel(op: str, tensor: torch.Tensor, needs_grad: bool = False) -> Callable | None:
+def kernel(op: str, tensor: torch.Tensor, needs_grad: bool = False, packed: bool = False) -> Callable | None:
     """The kernel for `op` on this tensor under the selected backend, or None for the PyTorch path.
-    With `needs_grad`, a chunk scan whose backward cannot run here, and forward-only kernels, are passed over."""
+    With `needs_grad`, a chunk scan whose backward cannot run here, and forward-only kernels, are passed over;
+    with `packed`, a kernel that cannot keep packed records apart (seq_idx) is."""
     if _selected == "torch" or not tensor.is_cuda or (needs_grad and op in FORWARD_ONLY):
         return None
     candidates = AUTO_ORDER[op] if _selected == "auto" else (_selected,)
@@ -167,6 +200,8 @@ def kernel(op: str, tensor: torch.Tensor, needs_grad: bool = False) -> Callable 
         if ops is None or getattr(ops, op) is None:
             continue
         if needs_grad and op == "chunk_scan" and not ops.chunk_scan_trains:
+            continue
+        if packed and op not in ops.packs:
             continue
         return getattr(ops, op)
     return None

@@ -105,8 +105,13 @@ class Mamba2Mixer(nn.Module):
         cache=None,
         padding_mask: torch.Tensor | None = None,
         past_key_values=None,
+        seq_idx: torch.Tensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
+        """`seq_idx` (batch, length): packed records, each position's record (transformers' name, as its
+        DataCollatorWithFlattening and Bamba use it); `cu_seq_lens_q`: the same boundaries over the flattened
+        rows. Neither the conv nor the scan then carries anything from one record into the next."""
         cfg = self.config
         batch, length, _ = hidden_states.shape
         # transformers >= 5.2x names the cache `cache`; 5.17 names it `past_key_values`.
@@ -149,14 +154,16 @@ class Mamba2Mixer(nn.Module):
             if slot is not None:
                 # Prepends the cached window when continuing, and stores the last d_conv inputs.
                 conv_input = slot.update_conv_state(conv_input, conv_kernel_size=cfg.d_conv)
-            xBC = causal_conv1d(conv_input, conv_weight, self.conv1d.bias)[..., -length:].transpose(1, 2)
+            if seq_idx is not None and slot is not None:
+                raise ValueError("packed records (seq_idx) are a training input; a cache holds one sequence per row")
+            xBC = causal_conv1d(conv_input, conv_weight, self.conv1d.bias, seq_idx, cu_seq_lens_q)[..., -length:].transpose(1, 2)
             x, B, C = self._split_xBC(xBC)
             needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, z, self.D, self.norm.weight))
             # the skip term then goes to the fused norm, which reads x anyway
             fused_norm = kernels.kernel("skip_gate_norm", x, needs_grad)
             y, final_state = ssd_chunk_scan(
                 x, dt, A, B, C, cfg.chunk_size, D=None if fused_norm else self.D,
-                initial_states=slot.recurrent_states[0] if has_state else None,
+                initial_states=slot.recurrent_states[0] if has_state else None, seq_idx=seq_idx,
             )
             if slot is not None:
                 slot.update_recurrent_state(final_state)

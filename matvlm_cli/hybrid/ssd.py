@@ -8,6 +8,11 @@ Shapes: b batch, l length, h heads, p headdim, g groups, n d_state, d channels, 
 Per head h, reading group g(h) = h // (heads / groups):
     state_t = exp(dt_t * A) * state_{t-1} + dt_t * x_t B_t^T        (p x n)
     y_t     = state_t C_t + D * x_t
+
+Packed rows (several records one after another in a row) pass `seq_idx` (b, l): the record each position
+belongs to, non-decreasing along a row. Nothing crosses from one record into the next: the conv window
+and the state both start again at zero where `seq_idx` changes, as mamba_ssm's kernels do with the same
+argument.
 """
 
 from __future__ import annotations
@@ -18,13 +23,28 @@ import torch.nn.functional as F
 from . import kernels
 
 
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Depthwise causal conv + SiLU. x (b, d, l), weight (d, w) -> (b, d, l)."""
-    conv1d = kernels.kernel("conv1d", x)
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  seq_idx: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Depthwise causal conv + SiLU. x (b, d, l), weight (d, w) -> (b, d, l). With `seq_idx` (b, l) a
+    position sees only earlier positions of its own record; `cu_seqlens` are the same boundaries over the
+    flattened rows (int32, for kernels that take them in that form)."""
+    conv1d = kernels.kernel("conv1d", x, packed=seq_idx is not None)
     if conv1d is not None:
-        return conv1d(x, weight, bias, activation="silu")
+        if seq_idx is None:
+            return conv1d(x, weight, bias, activation="silu")
+        return conv1d(x, weight, bias, activation="silu", seq_idx=seq_idx, cu_seqlens=cu_seqlens)
     width = weight.shape[-1]
-    out = F.conv1d(F.pad(x, (width - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[1])
+    if seq_idx is None:
+        out = F.conv1d(F.pad(x, (width - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[1])
+        return F.silu(out)
+    # Tap j reads position t - j, and only from the same record.
+    out = x * weight[:, -1:]
+    for j in range(1, min(width, x.shape[-1])):
+        same = seq_idx[:, j:] == seq_idx[:, :-j]
+        tap = (x[..., :-j] * weight[:, width - 1 - j : width - j]).masked_fill(~same.unsqueeze(1), 0)
+        out = out + F.pad(tap, (j, 0))
+    if bias is not None:
+        out = out + bias.unsqueeze(-1)
     return F.silu(out)
 
 
@@ -66,20 +86,22 @@ def ssd_chunk_scan(
     chunk_size: int,
     D: torch.Tensor | None = None,
     initial_states: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked SSD over a whole sequence.
 
     x (b, l, h, p); dt (b, l, h), already positive (softplus and clamps applied by the caller);
-    A (h,); B, C (b, l, g, n); D (h,); initial_states (b, h, p, n).
+    A (h,); B, C (b, l, g, n); D (h,); initial_states (b, h, p, n), the state before the first record;
+    seq_idx (b, l) int, packed records (module docstring).
     Returns y (b, l, h, p) in x's dtype and the final state (b, h, p, n) in float32.
     """
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C) + ((D,) if D is not None else ()))
-    chunk_scan = kernels.kernel("chunk_scan", x, needs_grad)
+    chunk_scan = kernels.kernel("chunk_scan", x, needs_grad, packed=seq_idx is not None)
     if chunk_scan is not None:
         y, final = chunk_scan(
             x, dt, A, B, C, chunk_size, D=D,
             initial_states=None if initial_states is None else initial_states.float(),
-            return_final_states=True,
+            return_final_states=True, **({} if seq_idx is None else {"seq_idx": seq_idx.to(torch.int32)}),
         )
         return y, final.float()
     out_dtype = x.dtype
@@ -104,24 +126,36 @@ def ssd_chunk_scan(
     a = to_chunks(dt * A).permute(0, 3, 1, 2)  # (b, h, c, s)
     a_cum = a.cumsum(dim=-1)
 
-    # 1. Within each chunk: the quadratic (attention-like) form.
     decay = torch.exp(segment_sum(a))  # (b, h, c, s, s)
+    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, h, c, s)
+    chunk_decay = torch.exp(segment_sum(F.pad(a_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
+    decay_in = torch.exp(a_cum)  # (b, h, c, s): from the chunk's start
+    if seq_idx is not None:
+        # Records are contiguous, so a state carries from one position to a later one exactly when both
+        # belong to the same record: every factor that links two positions of different records is zeroed.
+        # (b, c, s); the padding belongs to the last record (its steps are identities, see above)
+        seq = to_chunks(torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], dim=1) if pad else seq_idx)
+        ends = torch.cat([seq_idx[:, :1], seq[:, :, -1]], dim=1)  # (b, c+1): the record at each state's position
+        decay = decay * (seq.unsqueeze(-1) == seq.unsqueeze(-2)).unsqueeze(1)
+        decay_to_end = decay_to_end * (seq == seq[:, :, -1:]).unsqueeze(1)
+        chunk_decay = chunk_decay * (ends.unsqueeze(-1) == ends.unsqueeze(-2)).unsqueeze(1)
+        decay_in = decay_in * (seq == ends[:, :-1].unsqueeze(-1)).unsqueeze(1)
+
+    # 1. Within each chunk: the quadratic (attention-like) form.
     y_diag = torch.einsum("bcshn,bcthn,bhcst,bcthp->bcshp", C, B, decay, xdt)
 
     # 2. The state each chunk adds, measured at the chunk's end.
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, h, c, s)
     chunk_states = torch.einsum("bcshn,bhcs,bcshp->bchpn", B, decay_to_end, xdt)
 
     # 3. Across chunks: a short recurrence over chunk boundaries.
     if initial_states is None:
         initial_states = torch.zeros_like(chunk_states[:, 0])
     states = torch.cat([initial_states.to(work).unsqueeze(1), chunk_states], dim=1)
-    chunk_decay = torch.exp(segment_sum(F.pad(a_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
     states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
     states, final_state = states[:, :-1], states[:, -1]
 
     # 4. What the state entering each chunk contributes to its outputs.
-    y_off = torch.einsum("bcshn,bchpn,bhcs->bcshp", C, states, torch.exp(a_cum))
+    y_off = torch.einsum("bcshn,bchpn,bhcs->bcshp", C, states, decay_in)
 
     y = (y_diag + y_off).reshape(batch, chunks * chunk_size, heads, -1)[:, :length]
     if D is not None:
