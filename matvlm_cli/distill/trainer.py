@@ -764,6 +764,25 @@ def launch_processes(num_gpus: int, recipe_path: Path, overrides: list[str], res
     return subprocess.call(command)
 
 
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (`kill`, a scheduler's cancel) raised as KeyboardInterrupt, as Ctrl-C is, so the run cleans
+    up the same way: an output folder it created with nothing to resume from is removed, and the same
+    command can be run again. Signal handlers belong to the main thread; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @sigterm_as_interrupt()
 def run_distill(recipe: DistillRecipe, console: Console | None = None, on_step=None, started_at: float | None = None) -> Path:
     """`started_at`: when the command started (time.time()), for the time to the first step; by default
