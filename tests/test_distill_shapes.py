@@ -259,3 +259,17 @@ def test_throughput_is_recorded_in_the_log_and_the_summary(world, tmp_path, monk
     assert summary["steps_10_60"]["steps"] == 3 and summary["run"]["steps"] == 6
     assert summary["run"]["tokens"] == log[-1]["tokens"] and summary["compiled_graphs"] == 0
     assert summary["flops_per_token"] > 6 * 1e6 and summary["peak_flops"] > 1e8
+
+
+def test_a_compiled_packed_run_makes_all_its_graphs_in_its_first_step(world, tmp_path):
+    """training.compile on packed rows, over an epoch's end (a short last batch, padded to its rows): every
+    graph is made in the first step (each region once per grad mode, the norms once more for an input
+    that requires grad) and none after. With the cache the training forward used to build, or with the
+    record count's dimension left static, the attention region recompiled at every new count until dynamo's
+    limit of 8 (issue 25)."""
+    run_distill(make(values_for(world, tmp_path / "run", training={"max_steps": 8, "compile": True})))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["throughput"]
+    assert log[-1]["epoch"] >= 1 and summary["compiled_graphs"] > 0
+    assert {entry["compiled_graphs"] for entry in log} == {summary["compiled_graphs"]}
+    assert summary["graphs_per_region"] and max(summary["graphs_per_region"].values()) <= 3, summary["graphs_per_region"]

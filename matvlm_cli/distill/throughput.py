@@ -48,7 +48,11 @@ def compiled_graphs(regions: list[type]) -> tuple[int, dict[str, int]]:
     except ImportError:
         _debug_get_cache_entry_list = None
     if _debug_get_cache_entry_list is not None:
-        per_region = {cls.__name__: len(_debug_get_cache_entry_list(cls.forward.__code__)) for cls in regions}
+        # Graphs attach to a forward's code; classes that share one (a wrapper's) share their count.
+        by_code: dict = {}
+        for cls in regions:
+            by_code.setdefault(cls.forward.__code__, []).append(cls.__name__)
+        per_region = {"+".join(names): len(_debug_get_cache_entry_list(code)) for code, names in by_code.items()}
     return int(counters["stats"]["unique_graphs"]), per_region
 
 

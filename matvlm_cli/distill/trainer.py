@@ -16,7 +16,7 @@ import shutil
 import signal
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -349,7 +349,9 @@ class DistillRun:
         if r.training.gradient_checkpointing:
             # transformers 5.24 calls it activation checkpointing and warns on the old name; versions without it keep that.
             getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
-        regions = self.shared.compile_frozen_parts(dynamic=r.training.shapes == "padded") if r.training.compile else []
+        # Packed batches have one shape: compiled for it. Padded and bucketed ones compile once for any length
+        # (compiled per bucket, the recompile limit of 8 was reached by the norms after a few buckets).
+        regions = self.shared.compile_frozen_parts(dynamic=r.training.shapes != "packed" or None) if r.training.compile else []
         model.train()
         held_out = r.output.eval_samples if r.output.eval_every else 0
         if held_out >= len(self.dataset):
@@ -592,8 +594,13 @@ class DistillRun:
         return {"kl": l.kl_weight, "layer": l.layer_weight, "ce": l.ce_weight}
 
     def _losses(self, batch) -> dict[str, torch.Tensor]:
-        # Packed rows: every text decoder attends within records (hybrid/packed.py).
-        with packed_attention(*self.shared.text_decoders()) if "seq_idx" in batch.get("model_inputs", ()) else nullcontext():
+        if "seq_idx" not in batch.get("model_inputs", ()):
+            return self._packed_or_padded_losses(batch)
+        # Packed rows: every text decoder attends within records (hybrid/packed.py). The number of records
+        # changes from batch to batch: compiled attention takes their boundaries at any length, rather than
+        # compiling once per count (dynamo does not make a dimension reached through **kwargs dynamic itself).
+        torch._dynamo.mark_dynamic(batch["cu_seq_lens_q"], 0)
+        with packed_attention(*self.shared.text_decoders()):
             return self._packed_or_padded_losses(batch)
 
     def _packed_or_padded_losses(self, batch) -> dict[str, torch.Tensor]:
