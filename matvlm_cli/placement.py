@@ -5,7 +5,7 @@ convert does), that one mixer is fitted for `FIT_STEPS` steps to the teacher's l
 calibration records (the layer loss of distillation, method.md §5), and the model with it is
 compared with the teacher: the mean next-token KL(teacher || hybrid) on the answer tokens. The k
 cheapest layers are converted. The same KL before the fit is kept beside it (it is what the layer
-probe in docs/layer_probe.py measures, and it ranks layers differently: docs/placement.md).
+probe in experiments/layer_probe.py measures, and it ranks layers differently: docs/placement.md).
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ INSTALL_HINT = {
 
 # A plain dict, not functools.cache: torch.compile reads a dict lookup as a constant, but through a
 # cached function it traces into the loader, whose import breaks the graph (40 graphs per decode step
-# of a 0.25 TinyLLaVA hybrid instead of one; docs/gpu/graph-count-h100.txt).
+# of a 0.25 TinyLLaVA hybrid instead of one; docs/results/bench/graph-count-h100.txt).
 _loaded: dict[str, SimpleNamespace | None] = {}
 
 
