@@ -37,7 +37,7 @@ def stepwise(layers: list[int], steps: int, trainable: str = "mamba") -> dict:
         {"layers": layers, "max_steps": steps - 250, "trainable": trainable, "optimizer": {"warmup_steps": 20}}]}
 
 
-# The embedded teacher's held-out scores (README, Distill), for the recovery column of --table.
+# The embedded teacher's held-out scores (docs/distill.md), for the recovery column of --table.
 TEACHER = {"pope_adversarial_accuracy": 0.93, "pope_popular_accuracy": 0.95, "pope_random_accuracy": 0.96,
            "mmmu_accuracy": 0.947, "textvqa_accuracy": 1.0}
 
@@ -48,7 +48,7 @@ LAYERS_1347 = {"student.layers": [1, 3, 4, 7]}
 KL_ALL = {"losses.kl_positions": "all"}
 RECIPE = LAYERS_1347 | KL_ALL | {"trainable": "converted"}
 
-# name -> overrides of the base recipe. The first rows are the ones the README's table names.
+# name -> overrides of the base recipe. The first rows are the ones docs/distill.md's table names.
 ROWS = {
     "layers 1,4,6,7; plain": {"student.layers": [1, 4, 6, 7]},
     "layers 1,4,6,7; stepwise + converted": stepwise([1, 4, 6, 7], 650, "converted"),

@@ -36,7 +36,7 @@ EVEN = {0.25: [0, 4], 0.5: [0, 2, 4, 6]}
 HALF_BEFORE = {"student.layers": [1, 3, 4, 7], "losses.kl_positions": "all", "trainable": "converted",
                "training.max_steps": 650, "optimizer.decay_steps": 200, "losses.layer_weight": 1.0}
 # Candidate changes to the 0.5 recipe (its layers 1, 3, 4, 7), each run with every seed: the layer loss
-# weight, whose lowering cost POPE 0.04-0.08 in the 0.5 sweep (README), doubled.
+# weight, whose lowering cost POPE 0.04-0.08 in the 0.5 sweep (docs/distill.md), doubled.
 CANDIDATES = {
     "layers 1,3,4,7; layer loss 2": {"losses.layer_weight": 2.0},
 }

@@ -2,6 +2,7 @@
 # The 0.5 hybrid's ablation rows (experiments/half_ablation.py), one process a row, all on one GPU at once:
 #   bash experiments/gpu/half_sweep.sh OUT_DIR [ROW ...]      (no rows = all of them)
 # Each row writes OUT_DIR/row-N.json; python experiments/half_ablation.py --merge INTO OUT_DIR/row-*.json joins them.
+# The committed merge is docs/results/distill/half-sweep-h200.json (docs/distill.md, the 0.5 ablation).
 set -euo pipefail
 out=${1:?usage: half_sweep.sh OUT_DIR [ROW ...]}; shift
 mkdir -p "$out"

@@ -4,6 +4,7 @@
 # Rows write OUT_DIR/rows/row-N.json; every 20 s (and at the end) they are merged into RESULTS/sweep.json
 # and the logs packed into RESULTS/logs.tar.gz (RESULTS defaults to OUT_DIR), so a run stopped at its time
 # limit still returns what finished.
+# Merged results belong in docs/results/placement/ (docs/placement.md).
 set -euo pipefail
 out=${1:?usage: placement_sweep.sh OUT_DIR [ROW ...]}; shift
 results=${RESULTS:-$out}
