@@ -235,7 +235,7 @@ def test_shipped_distill_recipes_validate():
 
 
 def test_half_ablation_rows_are_valid_recipes_and_one_is_the_committed_one(tmp_path):
-    """experiments/half_ablation.py's rows (the README's 0.5 ablation) each build a valid recipe, the common
+    """experiments/half_ablation.py's rows (docs/distill.md's 0.5 ablation) each build a valid recipe, the common
     ground is the previous 0.5 recipe, the recipe's row equals recipes/tiny-default-0.5.yaml, and
     --merge/--table read the sweep's files."""
     import dataclasses
