@@ -2,10 +2,10 @@
 
 Each layer is scored alone: its attention is replaced by a Mamba-2 mixer initialised from it (as
 convert does), that one mixer is fitted for `FIT_STEPS` steps to the teacher's layer output on the
-calibration records (the layer loss of distillation, method.md §5), and the model with it is
+calibration records (the layer loss of distillation, docs/distill.md), and the model with it is
 compared with the teacher: the mean next-token KL(teacher || hybrid) on the answer tokens. The k
 cheapest layers are converted. The same KL before the fit is kept beside it (it is what the layer
-probe in docs/layer_probe.py measures, and it ranks layers differently: docs/placement.md).
+probe in experiments/layer_probe.py measures, and it ranks layers differently: docs/placement.md).
 """
 
 from __future__ import annotations

@@ -357,7 +357,7 @@ class DistillStage:
 
 @dataclass
 class DistillRecipe:
-    """`matvlm distill`: teacher -> hybrid distillation (method.md §5)."""
+    """`matvlm distill`: teacher -> hybrid distillation (MaTVLM's losses; docs/distill.md)."""
 
     teacher: str | None = None  # a local model directory; None = the embedded default
     student: StudentSpec = field(default_factory=StudentSpec)

@@ -210,7 +210,7 @@ def test_presets_build_convert_and_report_their_floor(name):
     assert floors[None]["state_bytes"] == 0
     assert floors[0.5]["kv_bytes"] < floors[0.25]["kv_bytes"] < floors[None]["kv_bytes"]
     assert 0 < floors[0.25]["state_bytes"] < floors[0.5]["state_bytes"]
-    print(name, {r: {k: round(v / 2**20, 1) for k, v in f.items()} for r, f in floors.items()})  # MiB, for the README
+    print(name, {r: {k: round(v / 2**20, 1) for k, v in f.items()} for r, f in floors.items()})  # MiB, for docs/bench.md
 
 
 def _hand_floor(name: str, ratio_layers: list[int]):

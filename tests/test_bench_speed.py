@@ -1,5 +1,5 @@
 """The bench's prefill attention over filled slots, the largest-batch search and its cache replication,
-and the decode-step profile, on the CPU (the GPU runs them in `docs/gpu/h200_bench.sh`)."""
+and the decode-step profile, on the CPU (the GPU runs them in `experiments/gpu/h200_bench.sh`)."""
 
 import math
 

@@ -235,7 +235,7 @@ def test_shipped_distill_recipes_validate():
 
 
 def test_half_ablation_rows_are_valid_recipes_and_one_is_the_committed_one(tmp_path):
-    """docs/half_ablation.py's rows (the README's 0.5 ablation) each build a valid recipe, the common
+    """experiments/half_ablation.py's rows (docs/distill.md's 0.5 ablation) each build a valid recipe, the common
     ground is the previous 0.5 recipe, the recipe's row equals recipes/tiny-default-0.5.yaml, and
     --merge/--table read the sweep's files."""
     import dataclasses
@@ -244,7 +244,7 @@ def test_half_ablation_rows_are_valid_recipes_and_one_is_the_committed_one(tmp_p
     from matvlm_cli.recipes import read_yaml
 
     root = Path(__file__).parents[1]
-    spec = importlib.util.spec_from_file_location("half_ablation", root / "docs/half_ablation.py")
+    spec = importlib.util.spec_from_file_location("half_ablation", root / "experiments/half_ablation.py")
     ablation = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ablation)
     recipes = {name: ablation.recipe_of(name, {}) for name in ablation.ROWS}
@@ -255,13 +255,13 @@ def test_half_ablation_rows_are_valid_recipes_and_one_is_the_committed_one(tmp_p
     stepwise = recipes["layers 1,2,4,7; stepwise"]
     assert [(s.layers, s.max_steps) for s in stepwise.stages] == [([1, 7], 250), ([1, 2, 4, 7], 400)]
 
-    sweep = json.loads((root / "docs/gpu/half-sweep-h200.json").read_text())
+    sweep = json.loads((root / "docs/results/distill/half-sweep-h200.json").read_text())
     assert set(sweep) - {"_note"} <= set(ablation.ROWS)
     parts = []
     for i, name in enumerate(["layers 1,2,4,7; plain", "layers 1,3,4,7"]):
         parts.append(tmp_path / f"row-{i}.json")
         parts[-1].write_text(json.dumps({name: sweep[name]}))
-    script = [sys.executable, str(root / "docs/half_ablation.py")]
+    script = [sys.executable, str(root / "experiments/half_ablation.py")]
     merged = tmp_path / "merged.json"
     subprocess.run([*script, "--merge", str(merged), *map(str, parts[::-1])], check=True, cwd=root)
     assert list(json.loads(merged.read_text())) == ["layers 1,2,4,7; plain", "layers 1,3,4,7"]  # ROWS order
@@ -443,7 +443,7 @@ def test_unreadable_images_are_counted_in_the_summary_and_all_unreadable_is_an_e
 
 def test_the_gpu_throughput_script_runs_on_the_cpu(tmp_path):
     out = tmp_path / "throughput.json"
-    subprocess.run([sys.executable, str(Path(__file__).parents[1] / "docs/gpu/distill_throughput.py"), "--tiny", "--batches", "2",
+    subprocess.run([sys.executable, str(Path(__file__).parents[1] / "experiments/gpu/distill_throughput.py"), "--tiny", "--batches", "2",
                     "--checkpointing", "off", "--steps", "2", "--warmup", "1", "--output", str(out)],
                    check=True, env=os.environ | {"MATVLM_CACHE": str(tmp_path / "cache")}, capture_output=True)
     result = json.loads(out.read_text())

@@ -2,7 +2,7 @@
 
 The checkpoints are tiny and random but in the published layouts (key names, config fields, Phi-2's
 vocab.json + merges.txt, fp32 shards with an index). Every logit is checked against a reference forward
-written here from the published facts (shared/reference/teachers.md), not against the loader.
+written here from the published facts (docs/paper.md), not against the loader.
 """
 
 import json
@@ -155,7 +155,7 @@ def image():
 # ----------------------------------------------------------------------------- the reference forward
 
 class MaTVLMMixer(nn.Module):
-    """MaTVLM's Mamba-2 (teachers.md, method.md §4), step by step: x and B at d_xb, repeated per query
+    """MaTVLM's Mamba-2 (docs/paper.md), step by step: x and B at d_xb, repeated per query
     head after the depthwise causal conv; the plain recurrence; gated RMSNorm per head_dim group."""
 
     def __init__(self, w, d_xb):

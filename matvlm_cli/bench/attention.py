@@ -30,7 +30,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
 DECODE_ATTENTION = "matvlm_decode"
-# Tuning, from a sweep on an H200 (docs/gpu/decode_profile.py, attention-sweep-h200.txt): cache slots a program reads
+# Tuning, from a sweep on an H200 (experiments/gpu/decode_profile.py, attention-sweep-h200.txt): cache slots a program reads
 # per step (None: 64 when the cache is split into slices, 128 when each program reads a whole
 # sequence), programs to launch per SM, and Triton's warps per program and pipeline stages.
 TUNING = {"block_n": None, "programs_per_sm": 4, "num_warps": 4, "num_stages": 2}

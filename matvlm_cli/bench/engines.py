@@ -134,7 +134,7 @@ def cache_tensors(cache) -> list[torch.Tensor]:
 # Tokens per prefill forward: bounds activation memory, so peaks measure the caches. On an H200 the teacher's
 # 8k prefill took 181 ms in chunks of 2048, 168 in chunks of 4096 and 147 in one forward of 8192 (stock
 # transformers: 150), as each chunk's attention over the cache runs at a fraction of one causal call's rate
-# (docs/gpu/prefill-h200.json).
+# (docs/results/bench/prefill-h200.json).
 PREFILL_CHUNK = 8192
 
 

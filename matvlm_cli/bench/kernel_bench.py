@@ -75,7 +75,7 @@ def kernel_rows(length: int = 8192, heads: int = 32, headdim: int = 80, d_state:
     rows = []
     try:
         # the backends with their own scan, conv or step kernels (the fused decode step of `triton` is
-        # timed inside a whole decode step by `docs/gpu/decode_profile.py`)
+        # timed inside a whole decode step by `experiments/gpu/decode_profile.py`)
         per_op = [name for name in kernels.available() if name == "torch" or any(
             getattr(kernels.backend_ops(name), op, None) for op in ("chunk_scan", "state_update", "conv1d", "conv1d_update"))]
         for backend in per_op:

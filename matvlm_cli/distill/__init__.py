@@ -1,1 +1,1 @@
-"""The `distill` subcommand's engine: single-stage teacher -> hybrid distillation (method.md §5)."""
+"""The `distill` subcommand's engine: teacher -> hybrid distillation, in one or more stages (MaTVLM's losses; docs/distill.md)."""

@@ -1,4 +1,4 @@
-"""The distillation losses of MaTVLM (method.md §5): L = a*L_prob + b*L_layer + c*L_ce."""
+"""The distillation losses of MaTVLM (arXiv 2503.13440; docs/distill.md): L = a*L_prob + b*L_layer + c*L_ce."""
 
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 FROZEN_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Reading turns are about 3 % of the embedded world's training turns, so a short distillation sees few
 # of them: six more passes over them lifted TextVQA-style from 0.68 to 0.84 after the 700 steps of
-# tiny-default.yaml (three: 0.80), with nothing lost elsewhere (README, Distill).
+# tiny-default.yaml (three: 0.80), with nothing lost elsewhere (docs/distill.md).
 EMBEDDED_READING_WEIGHT = 6.0
 
 

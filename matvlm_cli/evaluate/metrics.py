@@ -1,5 +1,5 @@
 """Scoring rules for POPE, MMMU (validation) and TextVQA (validation), written from
-/work/shared/reference/eval-protocols.md.
+lmms-eval's task definitions and the LLaVA evaluation scripts (docs/evaluate.md).
 
 Pure Python and stdlib only: these are the functions that decide whether a number can be compared with a
 paper, so they must be cheap to test and must not need torch or a GPU. Where lmms-eval and the older LLaVA

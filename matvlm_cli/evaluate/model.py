@@ -27,7 +27,7 @@ from rich.progress import Progress
 from ..errors import MatvlmError
 from ..hybrid.io import HYBRID_KEY, load_model, load_processor, render_chat, resolve_device
 
-DEFAULT_MAX_GEN_TOKS = 128  # eval-protocols.md: max_new_tokens 128
+DEFAULT_MAX_GEN_TOKS = 128  # the tasks' own budget (max_gen_toks in tasks/*.yaml; docs/evaluate.md)
 
 
 class MatvlmLM(LM):

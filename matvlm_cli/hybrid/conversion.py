@@ -1,5 +1,5 @@
 """Turning a teacher into a hybrid: find its decoder layers, choose which to replace, and build
-each Mamba-2 mixer from the attention weights it replaces (method.md §4).
+each Mamba-2 mixer from the attention weights it replaces (MaTVLM's mapping; docs/convert.md).
 
 Works on any Hugging Face decoder whose attention module has q/k/v projections and an output
 projection named `o_proj` (Llama, Mistral, Qwen2, ...) or `dense` (Phi), whether the decoder is a
@@ -202,7 +202,7 @@ def attention_geometry(attn: nn.Module, text_config) -> AttentionGeometry:
 def mixer_config_for(
     geometry: AttentionGeometry, keep_bias: bool = False, chunk_size: int = 128, bc_norm_eps: float | None = None
 ) -> Mamba2Config:
-    """nheads = attention heads, headdim = d_state = head_dim, ngroups = nheads (method.md §4)."""
+    """nheads = attention heads, headdim = d_state = head_dim, ngroups = nheads (MaTVLM's mapping)."""
     return Mamba2Config(
         d_model=geometry.hidden_size,
         nheads=geometry.num_heads,

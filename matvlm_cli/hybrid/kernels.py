@@ -30,7 +30,7 @@ BACKENDS = ("auto", "torch", "triton", "mamba-ssm", "fla")
 # chunk scan (the skip term, the gate and the grouped norm) in one kernel (`norm_kernel.py`).
 OPS = ("chunk_scan", "state_update", "conv1d", "conv1d_update", "mixer_step", "skip_gate_norm")
 FORWARD_ONLY = ("mixer_step", "skip_gate_norm")  # no backward: passed over where gradients are needed
-# Fastest first, per op (gpu.md: fla's chunk scan 0.40 ms vs mamba_ssm's 0.57 ms; causal_conv1d's CUDA
+# Fastest first, per op (measured on an H100: fla's chunk scan 0.40 ms vs mamba_ssm's 0.57 ms; causal_conv1d's CUDA
 # conv 0.10 ms; the fused state update beats the few PyTorch ops of a step).
 AUTO_ORDER = {
     "chunk_scan": ("fla", "mamba-ssm"),
@@ -66,7 +66,7 @@ INSTALL_HINT = {
 
 # A plain dict, not functools.cache: torch.compile reads a dict lookup as a constant, but through a
 # cached function it traces into the loader, whose import breaks the graph (40 graphs per decode step
-# of a 0.25 TinyLLaVA hybrid instead of one; docs/gpu/graph-count-h100.txt).
+# of a 0.25 TinyLLaVA hybrid instead of one; docs/results/bench/graph-count-h100.txt).
 _loaded: dict[str, SimpleNamespace | None] = {}
 
 

@@ -1,5 +1,5 @@
-"""TinyLLaVA checkpoints and MaTVLM's released hybrids, read as they are published (facts in
-shared/reference/teachers.md), as a stock transformers LLaVA: none of their own code runs.
+"""TinyLLaVA checkpoints and MaTVLM's released hybrids, read as they are published (the layouts in
+docs/paper.md), as a stock transformers LLaVA: none of their own code runs.
 
 A TinyLLaVA folder (config.json with model_type "tinyllava", safetensors shards, Phi-2's vocab.json and
 merges.txt, no processor config) becomes a `LlavaForConditionalGeneration` whose forward is TinyLLaVA's:

@@ -2,7 +2,7 @@
 `random` / `popular` / `adversarial` negatives; MMMU-style subjects as 4-option or open questions; TextVQA
 reading with 10 human-like answers), plus captions for instruction-style training turns.
 
-The prompt formatters reproduce the benchmark prompts exactly (see eval-protocols.md) and the training
+The prompt formatters reproduce the benchmark prompts exactly (lmms-eval's prompts; docs/evaluate.md) and the training
 conversations use them, so a model trained on the world answers benchmark prompts in the right format.
 """
 

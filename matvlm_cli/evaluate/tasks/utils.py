@@ -1,5 +1,5 @@
 """Hooks of the lm-eval tasks in this folder (pope, mmmu_val, textvqa_val, textvqa_val_ocr): data loading,
-prompts, images, per-document scoring and aggregation, as eval-protocols.md defines them.
+prompts, images, per-document scoring and aggregation, as lmms-eval's tasks define them (docs/evaluate.md).
 
 Scoring lives in matvlm_cli.evaluate.metrics; this module only wires it into lm-eval. `process_results`
 returns one record per document (the parsed answer and the score, plus what the aggregations need) under

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Issue 26 on one H200: the GPU checks of what changed, the prefill probe, then `matvlm bench`
+# (decode rows, the decode-step profile, the throughput search). Run from the repository root with
+# .kernels/ (fla-core's wheel and build-on-gpu.sh, downloaded beforehand: the GPU machine has no network) beside it.
+# Every stage has a deadline, and the probe and the bench rewrite their reports after each model, so a
+# stage cut short keeps what it finished. Results go to $OUT; the committed ones are in docs/results/bench/ (docs/bench.md).
+# All three stages take about 15 minutes on an H200 (the bench compiles each model's step twice, about
+# 45 s a time), more than one 10-minute call: STAGES=checks,probe for one call, STAGES=bench for another.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 COLUMNS=160  # rich tables at full width in the log
+OUT=${OUT:-/tmp/h200-bench}; mkdir -p "$OUT"
+BUDGET=${BUDGET:-560}  # seconds for the whole script
+STAGES=${STAGES:-checks,probe,bench}
+has() { [[ ",$STAGES," == *",$1,"* ]]; }
+start=$(date +%s)
+left() { echo $(( BUDGET - ($(date +%s) - start) )); }
+
+KERNELS=fla bash .kernels/build-on-gpu.sh >/dev/null || { echo "fla install failed"; exit 1; }
+export PYTHONPATH=/tmp/kern/site:$PWD
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+
+has checks && timeout 180 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
+  -k "prefill_chunk or skip_gate_norm or split_kv or graph_engine_decodes_like_generate_on_cuda or mixer_prefill or fused_decode_step" \
+  2>&1 | tail -15 | tee -a "$OUT/gpu.txt"
+echo "checks done at $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
+
+has probe && timeout 300 python3 experiments/gpu/prefill_probe.py --output "$OUT/prefill-h200.json" 2>&1 \
+  | grep -v -e "Loading weights" -e "requires torchvision" | tee "$OUT/prefill-h200.txt"
+echo "probe done at $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
+
+has bench && timeout $(( $(left) - 8 )) python3 -m matvlm_cli bench --ratio 0.5 --ratio 0.25 --seq-len 8192 --seq-len 32768 \
+  --engine graphs --repeats 2 --throughput 8192 --throughput 32768 --throughput 4194304 --profile \
+  --output "$OUT/bench" 2>&1 | grep -v -e "Loading weights" -e "requires torchvision" | tee "$OUT/bench-log.txt"
+echo "bench done at $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
+[ -d "$OUT/bench" ] && tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
+ls -la "$OUT"
