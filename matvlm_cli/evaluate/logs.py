@@ -34,7 +34,7 @@ class LogFile(logging.Handler):
 
     def open(self, path: Path) -> None:
         self.path = path
-        self.stream = open(path, "a", encoding="utf-8")
+        self.stream = open(path, "w", encoding="utf-8")  # this run's, as summary.json and report.md are
         for record in self.pending:
             self.emit(record)
         self.pending.clear()

@@ -31,6 +31,10 @@ from .progress import DocumentKey, EvaluationProgress
 DEFAULT_MAX_GEN_TOKS = 128  # eval-protocols.md: max_new_tokens 128
 
 
+def _ignore(answered: Iterable[DocumentKey]) -> None:
+    """Progress reports of a model evaluated without a bar."""
+
+
 class MatvlmLM(LM):
     """A teacher or hybrid directory, for `lm_eval.simple_evaluate(model=...)`."""
 
@@ -166,11 +170,11 @@ class MatvlmLM(LM):
         return context_tokens, self._tokens(context + continuation)[len(context_tokens):]
 
     def _track(self, verb: str, documents: list[DocumentKey]) -> Callable[[Iterable[DocumentKey]], None]:
-        return self.progress.track(verb, documents) if self.progress else lambda answered: None
+        return self.progress.track(verb, documents) if self.progress else _ignore
 
     @torch.no_grad()
     def _score(self, pairs: list[tuple[list[int], list[int]]], documents: list[DocumentKey] | None = None,
-               advance: Callable[[Iterable[DocumentKey]], None] | None = None) -> list[tuple[float, bool]]:
+               advance: Callable[[Iterable[DocumentKey]], None] = _ignore) -> list[tuple[float, bool]]:
         """(log-probability of the continuation, whether greedy decoding would produce it) per pair, in
         right-padded batches: padding after a row cannot change the logits of the positions before it."""
         items = list(zip(pairs, documents or [("", 0)] * len(pairs)))
@@ -188,11 +192,11 @@ class MatvlmLM(LM):
                 scored = logprobs[i, len(rows[i]) - len(continuation) : len(rows[i])]
                 target = torch.tensor(continuation, device=scored.device)
                 results.append((scored.gather(-1, target[:, None]).sum().item(), bool((scored.argmax(-1) == target).all())))
-            if advance is not None:
-                advance(key for _, key in chunk)
+            advance(key for _, key in chunk)
         return collator.get_original(results)
 
 
 def _document(request) -> DocumentKey:
     """Which document of which task a request belongs to (a multiple-choice document sends one per choice)."""
     return request.task_name, request.doc_id
+

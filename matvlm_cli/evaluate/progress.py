@@ -94,7 +94,7 @@ class EvaluationProgress:
     def track(self, verb: str, keys: list[DocumentKey]) -> Callable[[Iterable[DocumentKey]], None]:
         """For one call of the model (all its requests of one type): returns `advance(keys)`, to be called
         with the documents of each batch of requests answered."""
-        if self.progress.tasks[self.bar].total is None and self.documents_per_model:
+        if self.model_index == 1 and self.documents_per_model:  # every prompt is built before the first call
             self.progress.update(self.bar, total=self.documents_per_model * self.models)
         tasks = list(dict.fromkeys(task for task, _ in keys))
         self._describe(f"{short_name(self.label)} {verb}")
