@@ -15,7 +15,7 @@ at its first stop string afterwards.
 from __future__ import annotations
 
 import copy
-from collections import Counter
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -23,11 +23,16 @@ from lm_eval.api.model import LM
 from lm_eval.models.utils import Collator, handle_stop_sequences
 from lm_eval.models.utils_hf import stop_sequences_criteria
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-from rich.progress import Progress
+
 from ..errors import MatvlmError
 from ..hybrid.io import HYBRID_KEY, load_model, load_processor, render_chat, resolve_device
+from .progress import DocumentKey, EvaluationProgress
 
 DEFAULT_MAX_GEN_TOKS = 128  # the tasks' own budget (max_gen_toks in tasks/*.yaml; docs/evaluate.md)
+
+
+def _ignore(answered: Iterable[DocumentKey]) -> None:
+    """Progress reports of a model evaluated without a bar."""
 
 
 class MatvlmLM(LM):
@@ -36,7 +41,7 @@ class MatvlmLM(LM):
     MULTIMODAL = True
 
     def __init__(self, model_dir: str | Path, label: str, batch_size: int = 16, device: str = "auto",
-                 progress: Progress | None = None) -> None:
+                 progress: EvaluationProgress | None = None) -> None:
         super().__init__()
         self.model_dir, self.label, self.batch_size, self.progress = Path(model_dir), label, batch_size, progress
         self._device = resolve_device(device)
@@ -64,18 +69,18 @@ class MatvlmLM(LM):
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        items = [(request.args, request.task_name) for request in requests]
+        items = [(request.args, _document(request)) for request in requests]
         collator = Collator(
             items,
             sort_fn=lambda item: (-len(self.tokenizer(item[0][0]).input_ids), item[0][0]),
             group_by="gen_kwargs",
             group_fn=lambda item: item[0][1],
         )
-        bars = _Bars(self.progress, f"{self.label} generating", [name for _, name in items])
+        advance = self._track("generating", [key for _, key in items])
         answers = []
         for chunk in collator.get_batched(n=self.batch_size):
             answers += self._generate_batch([args for args, _ in chunk])
-            bars.advance(name for _, name in chunk)
+            advance(key for _, key in chunk)
         return collator.get_original(answers)
 
     def _generate_batch(self, batch: list[tuple]) -> list[str]:
@@ -130,12 +135,12 @@ class MatvlmLM(LM):
                 "(as pope, mmmu_val and textvqa_val are)"
             )
         pairs = [self._encode_pair(*request.args) for request in requests]
-        bars = _Bars(self.progress, f"{self.label} scoring", [request.task_name for request in requests])
-        return self._score(pairs, [request.task_name for request in requests], bars)
+        documents = [_document(request) for request in requests]
+        return self._score(pairs, documents, self._track("scoring", documents))
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Perplexity-style scoring of whole texts, in windows of the model's context length."""
-        bars = _Bars(self.progress, f"{self.label} scoring", [request.task_name for request in requests])
+        advance = self._track("scoring", [_document(request) for request in requests])
         totals = []
         for request in requests:
             windows = get_rolling_token_windows(
@@ -143,7 +148,7 @@ class MatvlmLM(LM):
                 max_seq_len=self.max_length, context_len=1,
             )
             totals.append(sum(logprob for logprob, _ in self._score([make_disjoint_window(w) for w in windows])))
-            bars.advance([request.task_name])
+            advance([_document(request)])
         return totals
 
     @property
@@ -164,12 +169,15 @@ class MatvlmLM(LM):
         context_tokens = self._tokens(context)
         return context_tokens, self._tokens(context + continuation)[len(context_tokens):]
 
+    def _track(self, verb: str, documents: list[DocumentKey]) -> Callable[[Iterable[DocumentKey]], None]:
+        return self.progress.track(verb, documents) if self.progress else _ignore
+
     @torch.no_grad()
-    def _score(self, pairs: list[tuple[list[int], list[int]]], task_names: list[str] | None = None,
-               bars: _Bars | None = None) -> list[tuple[float, bool]]:
+    def _score(self, pairs: list[tuple[list[int], list[int]]], documents: list[DocumentKey] | None = None,
+               advance: Callable[[Iterable[DocumentKey]], None] = _ignore) -> list[tuple[float, bool]]:
         """(log-probability of the continuation, whether greedy decoding would produce it) per pair, in
         right-padded batches: padding after a row cannot change the logits of the positions before it."""
-        items = list(zip(pairs, task_names or [""] * len(pairs)))
+        items = list(zip(pairs, documents or [("", 0)] * len(pairs)))
         collator = Collator(items, sort_fn=lambda item: -sum(map(len, item[0])))
         results = []
         for chunk in collator.get_batched(n=self.batch_size):
@@ -184,20 +192,11 @@ class MatvlmLM(LM):
                 scored = logprobs[i, len(rows[i]) - len(continuation) : len(rows[i])]
                 target = torch.tensor(continuation, device=scored.device)
                 results.append((scored.gather(-1, target[:, None]).sum().item(), bool((scored.argmax(-1) == target).all())))
-            if bars is not None:
-                bars.advance(name for _, name in chunk)
+            advance(key for _, key in chunk)
         return collator.get_original(results)
 
 
-class _Bars:
-    """One rich progress bar per lm-eval task, over the requests of one call; nothing without a Progress."""
+def _document(request) -> DocumentKey:
+    """Which document of which task a request belongs to (a multiple-choice document sends one per choice)."""
+    return request.task_name, request.doc_id
 
-    def __init__(self, progress: Progress | None, what: str, task_names: list[str]) -> None:
-        self.progress = progress
-        totals = Counter(task_names)
-        self.bars = {name: progress.add_task(f"{what} {name}", total=n) for name, n in totals.items()} if progress else {}
-
-    def advance(self, task_names) -> None:
-        for name in task_names:
-            if name in self.bars:
-                self.progress.advance(self.bars[name])

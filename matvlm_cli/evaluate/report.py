@@ -1,14 +1,18 @@
 """What `matvlm evaluate` leaves behind: results.json and samples_<task>.jsonl per model (written
-atomically), and the side-by-side table of every model's metrics with the difference to the first."""
+atomically), the headline table for the terminal, and report.md with every model's metrics side by side
+and each later model's difference to the first."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from rich import box
 from rich.table import Table
+from rich.text import Text
 
 from ..hybrid.io import write_atomic
+from .progress import short_name
 
 Row = tuple[str, str]  # (task, metric)
 
@@ -90,24 +94,82 @@ def comparison(labels: list[str], values: list[dict[Row, float]]) -> list[dict]:
     return table
 
 
-def render(rows: list[dict], labels: list[str], counts: dict[str, int]) -> Table:
-    table = Table(title="matvlm evaluate" + (f": difference against {labels[0]}" if len(labels) > 1 else ""))
-    table.add_column("task")
-    table.add_column("n", justify="right")
-    table.add_column("metric")
-    for label in labels:
-        table.add_column(label, justify="right")
-    for label in labels[1:]:
-        table.add_column(f"Δ {label}", justify="right")
-    previous_task = None
+# The numbers each benchmark's papers quote; another task is headlined by its first metric.
+HEADLINE_METRICS = {"pope": ("accuracy", "f1"), "mmmu_val": ("accuracy",), "textvqa_val": ("accuracy",),
+                    "textvqa_val_ocr": ("accuracy",)}
+TITLES = {"pope": "POPE", "mmmu_val": "MMMU", "textvqa_val": "TextVQA", "textvqa_val_ocr": "TextVQA+OCR"}
+
+
+def headline_columns(rows: list[dict], tasks: list[str]) -> list[Row]:
+    """(task, metric) of the headline table: per task its quoted metrics, or else its first one."""
+    metrics: dict[str, list[str]] = {}
     for row in rows:
-        task = row["task"] if row["task"] != previous_task else ""
-        count = str(counts.get(row["task"], "")) if task else ""
-        previous_task = row["task"]
-        cells = [_number(row["values"][label]) for label in labels]
-        cells += [_number(row["difference"][label], signed=True) for label in labels[1:]]
-        table.add_row(task, count, row["metric"], *cells)
+        metrics.setdefault(row["task"], []).append(row["metric"])
+    columns = []
+    for task in tasks:
+        found = metrics.get(task, [])
+        columns += [(task, metric) for metric in HEADLINE_METRICS.get(task, found[:1]) if metric in found]
+    return columns
+
+
+def headline(rows: list[dict], labels: list[str], tasks: list[str], counts: dict[str, int]) -> Table:
+    """One row per model (and one with its difference to the first model under each later one), one
+    column per headline metric: narrow enough for an 80-column terminal, names cut in the middle."""
+    by_key = {(row["task"], row["metric"]): row for row in rows}
+    columns = headline_columns(rows, tasks)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, caption=Text(_documents(counts, tasks)), caption_justify="left")
+    table.add_column("model", overflow="ellipsis", no_wrap=True)
+    for task, metric in columns:  # numbers whole, never cut: only the names give way
+        table.add_column(Text(f"{TITLES.get(task, task)}\n{metric}"), justify="right", no_wrap=True, min_width=7)
+    for index, label in enumerate(labels):
+        values = [_number(by_key[column]["values"][label]) for column in columns]
+        table.add_row(Text(short_name(label)), *values)
+        if index:
+            differences = [_number(by_key[column]["difference"][label], signed=True) for column in columns]
+            table.add_row(Text(f"Δ {short_name(label)}"), *differences, style="dim")
     return table
+
+
+def _documents(counts: dict[str, int], tasks: list[str]) -> str:
+    asked = {task: counts[task] for task in tasks if task in counts}
+    if not asked:
+        return ""
+    if len(set(asked.values())) == 1:
+        return f"{next(iter(asked.values()))} documents per task"
+    return "documents: " + ", ".join(f"{task} {n}" for task, n in asked.items())
+
+
+def markdown(rows: list[dict], labels: list[str], counts: dict[str, int], models: list[Path]) -> str:
+    """report.md: every metric of every task, one table per task and one per breakdown (POPE's
+    categories, MMMU's subjects and domains), with each later model's difference to the first."""
+    header = ["", *labels, *(f"Δ {label}" for label in labels[1:])]
+    lines = ["# matvlm evaluate", ""]
+    lines += [f"- `{label}`: {path}" for label, path in zip(labels, models)]
+    sections: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        breakdown, slash, _ = row["metric"].partition("/")
+        sections.setdefault((row["task"], breakdown if slash else ""), []).append(row)
+    for (task, breakdown), section in sections.items():
+        title = f"{task}: {breakdown}" if breakdown else f"{task} ({counts.get(task, '?')} documents)"
+        names = [breakdown, "metric"] if breakdown else ["metric"]
+        lines += ["", f"## {title}", "", _markdown_row([*names, *header[1:]]),
+                  _markdown_row([*["---"] * len(names), *["---:"] * (len(header) - 1)])]
+        previous = None
+        for row in section:
+            cells = [_number(row["values"][label]) for label in labels]
+            cells += [_number(row["difference"][label], signed=True) for label in labels[1:]]
+            if breakdown:  # categories/adversarial/f1: the category once, then its metrics
+                category, _, metric = row["metric"].partition("/")[2].rpartition("/")
+                cells = [category if category != previous else "", metric, *cells]
+                previous = category
+            else:
+                cells = [row["metric"], *cells]
+            lines.append(_markdown_row(cells))
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
 
 def _number(value: float | None, signed: bool = False) -> str:

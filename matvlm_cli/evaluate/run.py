@@ -16,17 +16,21 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
 
 from ..errors import MatvlmError
 from ..hybrid.io import check_model, check_model_dir, check_output_dir, write_atomic
 from ..recipes import EvaluateRecipe
 from . import report
+from .logs import logs_to_file
+from .progress import EvaluationProgress
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 TASK_ALIASES = {"pope": "pope", "mmmu": "mmmu_val", "textvqa": "textvqa_val"}
 OCR_VARIANTS = {"textvqa_val": "textvqa_val_ocr"}
 DEVICES = ("cpu", "cuda", "auto")
+logger = logging.getLogger(__name__)
 
 
 def check_recipe(recipe: EvaluateRecipe) -> None:
@@ -149,51 +153,75 @@ def run_evaluate(recipe: EvaluateRecipe, console: Console | None = None) -> list
         console.print(f"No --model given: evaluating the embedded teacher at {models[0]}")
     labels = model_labels(models)
     ours = [name for name in names if (TASKS_DIR / f"{name}.yaml").is_file()]  # pope, mmmu, textvqa: image tasks
-    with console.status("Checking the models"):
-        for path in models:  # all of them: a broken second model must not cost the first one's run
-            check_model(path, images_for=f"the image task {ours[0]}" if ours else None)
-
-    # lm-eval reports through logging and tqdm; the progress bars and the table below say what matters.
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     import datasets
 
     from .data import synthetic_data_dir
 
     datasets.disable_progress_bars()
-    data_dir = Path(recipe.data_dir) if recipe.data_dir else None
-    if data_dir is None and any((TASKS_DIR / f"{name}.yaml").is_file() for name in names):  # one of ours
-        with console.status("Writing the embedded synthetic benchmark sets"):
-            data_dir = synthetic_data_dir()
-    metadata = {"matvlm_data_dir": str(data_dir.resolve())} if data_dir else {}
-    manager = task_manager(names, metadata, console)
-    load_tasks(manager, names)
+    output = Path(recipe.output)
+    with logs_to_file() as log:  # lm-eval's and transformers' log lines: into evaluate.log
+        with console.status("Checking the models"):
+            for path in models:  # all of them: a broken second model must not cost the first one's run
+                check_model(path, images_for=f"the image task {ours[0]}" if ours else None)
+        data_dir = Path(recipe.data_dir) if recipe.data_dir else None
+        if data_dir is None and ours:
+            with console.status("Writing the embedded synthetic benchmark sets"):
+                data_dir = synthetic_data_dir()
+        metadata = {"matvlm_data_dir": str(data_dir.resolve())} if data_dir else {}
+        manager = task_manager(names, metadata, console)
+        load_tasks(manager, names)
+        output.mkdir(parents=True, exist_ok=True)  # only now: a run stopped by a check leaves no folder
+        log.open(output / "evaluate.log")
+        all_values, counts, group_subtasks = _evaluate_models(recipe, models, labels, names, manager, data_dir, console)
 
+    rows = report.comparison(labels, all_values)
+    summary = {"models": [{"label": label, "path": str(path)} for label, path in zip(labels, models)], "rows": rows}
+    write_atomic(output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(output / "report.md", report.markdown(rows, labels, counts, models))
+    subtasks = {task for tasks in group_subtasks.values() for task in tasks}  # a group's are in report.md
+    tasks = [task for task in dict.fromkeys(row["task"] for row in rows) if task not in subtasks]
+    console.print(report.headline(rows, labels, tasks, counts))
+    _print_files(console, output, labels)
+    return rows
+
+
+def _evaluate_models(recipe: EvaluateRecipe, models: list[Path], labels: list[str], names: list[str], manager,
+                     data_dir: Path | None, console: Console) -> tuple[list[dict], dict[str, int], dict]:
+    """Each model through lm-eval in turn, under one progress bar; each model's results written as soon as
+    it is done. Returns every model's metric values, the documents per task and lm-eval's task groups."""
     from lm_eval import simple_evaluate  # only now: torch, transformers and the model code
 
     from .model import MatvlmLM
 
     output = Path(recipe.output)
-    all_values, counts = [], {}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    for path, label in zip(models, labels):
-        start = time.perf_counter()
-        with Progress(*columns, console=console) as progress:
-            with console.status(f"Loading {path}"):
-                model = MatvlmLM(path, label, batch_size=recipe.batch_size, device=recipe.device, progress=progress)
+    all_values, counts, group_subtasks = [], {}, {}
+    with EvaluationProgress(console, len(models)) as progress, progress.folding_tqdm():
+        for path, label in zip(models, labels):
+            start = time.perf_counter()
+            progress.start_model(label)
+            model = MatvlmLM(path, label, batch_size=recipe.batch_size, device=recipe.device, progress=progress)
             with _quiet_git():
                 results = simple_evaluate(
                     model=model, tasks=names, task_manager=manager, limit=recipe.limit,
                     batch_size=recipe.batch_size, device=str(model.device),  # recorded in results.json's config
                 )
-        del model
-        results["config"]["matvlm"] = {"tasks": names, "data_dir": str(data_dir) if data_dir else None, "ocr": recipe.ocr}
-        report.write_run(output / label, results)
-        console.print(f"{label}: {time.perf_counter() - start:.0f} s, results in {output / label}")
-        all_values.append(report.metric_values(results, names))
-        counts = counts or {task: n["effective"] for task, n in results["n-samples"].items()}
+            del model
+            results["config"]["matvlm"] = {"tasks": names, "data_dir": str(data_dir) if data_dir else None, "ocr": recipe.ocr}
+            report.write_run(output / label, results)
+            logger.info("%s: %.0f s, results in %s", label, time.perf_counter() - start, output / label)
+            all_values.append(report.metric_values(results, names))
+            counts = counts or {task: n["effective"] for task, n in results["n-samples"].items()}
+            group_subtasks = group_subtasks or results.get("group_subtasks", {})
+    return all_values, counts, group_subtasks
 
-    rows = report.comparison(labels, all_values)
-    summary = {"models": [{"label": label, "path": str(path)} for label, path in zip(labels, models)], "rows": rows}
-    write_atomic(output / "summary.json", json.dumps(summary, indent=2) + "\n")
-    console.print(report.render(rows, labels, counts))
-    return rows
+
+def _print_files(console: Console, output: Path, labels: list[str]) -> None:
+    files = Table.grid(padding=(0, 2))
+    files.add_column(no_wrap=True)
+    files.add_column(overflow="fold")
+    files.add_row("Every metric, per category", Text(str(output / "report.md")))
+    files.add_row("Side by side, as JSON", Text(str(output / "summary.json")))
+    files.add_row("Log of lm-eval and transformers", Text(str(output / "evaluate.log")))
+    for index, label in enumerate(labels):
+        files.add_row("Results and samples per model" if index == 0 else "", Text(f"{output / label}/"))
+    console.print(files)
