@@ -83,7 +83,8 @@ def score(out: Path) -> None:
     from rich.console import Console
 
     from matvlm_cli.hybrid.conversion import find_decoder, layer_count
-    from matvlm_cli.hybrid.io import load_processor, load_teacher
+    from matvlm_cli.hybrid.load import load_teacher
+    from matvlm_cli.hybrid.processors import load_processor
     from matvlm_cli.placement import greedy_layers, load_calibration, pick_scored, score_layers
     from matvlm_cli.tiny import default_teacher_dir
     from dataclasses import asdict

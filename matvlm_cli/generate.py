@@ -15,7 +15,9 @@ from rich.console import Console
 from transformers import BatchFeature, TextIteratorStreamer
 
 from .errors import MatvlmError
-from .hybrid.io import check_model, load_model, load_processor, render_chat
+from .hybrid.checks import check_model
+from .hybrid.load import load_model
+from .hybrid.processors import load_processor, render_chat
 from .images import open_rgb
 
 

@@ -358,7 +358,7 @@ def test_outputs_that_are_files_or_under_files_are_refused_before_the_work(tiny_
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_unwritable_output_parent_is_refused(tmp_path):
     from matvlm_cli.errors import MatvlmError
-    from matvlm_cli.hybrid.io import check_output_dir
+    from matvlm_cli.atomic import check_output_dir
 
     (tmp_path / "ro").mkdir(mode=0o555)
     with pytest.raises(MatvlmError, match="not writable"):

@@ -129,7 +129,7 @@ def test_results_json_has_lm_eval_layout_and_model_info(teacher_run, env):
 def test_teacher_scores_well_above_chance_and_as_the_quick_check_does(teacher_run, world):
     """The harness's answers are the ones the independent quick check (world.quality) gets with the same
     prompts, and the teacher is far above chance (POPE 0.5; it scores 0.83-0.96, MMMU 0.59, TextVQA 1.0)."""
-    from matvlm_cli.hybrid.io import load_model
+    from matvlm_cli.hybrid.load import load_model
     from matvlm_cli.world.quality import benchmark_scores
 
     out, _ = teacher_run

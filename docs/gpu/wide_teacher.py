@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, LlavaForConditionalGeneration
 
-from matvlm_cli.hybrid.io import PROCESSOR_FILES
+from matvlm_cli.hybrid.processors import PROCESSOR_FILES
 from matvlm_cli.tiny import default_teacher_dir
 
 output = Path(sys.argv[1])

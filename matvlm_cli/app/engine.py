@@ -19,8 +19,11 @@ from transformers import AutoModelForImageTextToText, PreTrainedModel, TextItera
 from ..convert import default_output
 from ..errors import MatvlmError
 from ..generate import chat_inputs, check_prompt, sampling_options
+from ..hybrid.checks import check_model
 from ..hybrid.conversion import attention_windows, choose_layers, convert_to_hybrid, hybrid_layers
-from ..hybrid.io import check_model, load_config, load_model, load_processor, load_teacher, model_class_for
+from ..hybrid.layouts import load_config, model_class_for
+from ..hybrid.load import load_model, load_teacher
+from ..hybrid.processors import load_processor
 from ..recipes import ConvertRecipe
 from ..tiny import default_teacher_dir
 

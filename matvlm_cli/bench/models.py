@@ -20,8 +20,9 @@ from transformers import AutoConfig
 from ..errors import MatvlmError
 from ..families import model_family
 from ..hybrid import choose_layers, convert_to_hybrid, load_model
-from ..hybrid.conversion import attention_windows
-from ..hybrid.io import HYBRID_KEY, check_model, load_config, model_class_for
+from ..hybrid.checks import check_model
+from ..hybrid.conversion import HYBRID_KEY, attention_windows
+from ..hybrid.layouts import load_config, model_class_for
 from ..hybrid.stock import is_stock_hybrid
 from ..tiny import default_teacher_dir
 from .engines import BenchInputs

@@ -34,12 +34,14 @@ from torch.distributed.tensor import DTensor
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from ..atomic import OUTPUT_MARK, check_output_dir, lock_directory, mark_output, remove_contents
+from ..atomic import OUTPUT_MARK, atomic_directory, check_output_dir, lock_directory, mark_output, remove_contents, write_atomic
 from ..errors import MatvlmError
 from ..families import model_family
-from ..hybrid.conversion import attention_windows, choose_layers, convert_to_hybrid, find_decoder, hybrid_layers
-from ..hybrid.io import HYBRID_KEY, atomic_directory, load_hybrid, load_processor, load_teacher, save_hybrid, write_atomic
+from ..hybrid.conversion import HYBRID_KEY, attention_windows, choose_layers, convert_to_hybrid, find_decoder, hybrid_layers
+from ..hybrid.load import load_hybrid, load_teacher
 from ..hybrid.packed import packed_attention
+from ..hybrid.processors import load_processor
+from ..hybrid.saving import save_hybrid
 from ..recipes import DataSource, DistillRecipe, LossWeights, OptimizerSettings, stage_settings
 from .data import ConversationDataset, EpochShuffle, LengthGroupedShuffle, collate
 from .prepare import prepare

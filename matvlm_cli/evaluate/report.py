@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from ..hybrid.io import write_atomic
+from ..atomic import write_atomic
 
 Row = tuple[str, str]  # (task, metric)
 

@@ -18,8 +18,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ..atomic import check_output_dir, write_atomic
 from ..errors import MatvlmError
-from ..hybrid.io import check_model, check_model_dir, check_output_dir, write_atomic
+from ..hybrid.checks import check_model
+from ..hybrid.layouts import check_model_dir
 from ..recipes import EvaluateRecipe
 from . import report
 

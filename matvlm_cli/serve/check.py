@@ -145,7 +145,7 @@ def reference(work: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     from ..atomic import write_atomic
-    from ..hybrid.io import load_processor, render_chat
+    from ..hybrid.processors import load_processor, render_chat
 
     work.mkdir(parents=True, exist_ok=True)
     exports = build_exports(work)

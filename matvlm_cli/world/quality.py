@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
-from ..hybrid.io import render_chat
+from ..hybrid.processors import render_chat
 from .questions import mmmu_prompt, pope_prompt, textvqa_prompt
 
 
