@@ -52,7 +52,7 @@ def run_convert(recipe: ConvertRecipe, console: Console | None = None) -> Path:
     console = console or Console()
     check_recipe(recipe)
     if recipe.teacher is None:
-        from .tiny import default_teacher_dir
+        from .paths import default_teacher_dir
 
         teacher_dir = default_teacher_dir()
         console.print(f"No teacher given: using the embedded default at {teacher_dir}")

@@ -19,6 +19,7 @@ from .hybrid.checks import check_model
 from .hybrid.load import load_model
 from .hybrid.processors import load_processor, render_chat
 from .images import open_rgb
+from .paths import PRESETS_DIR
 
 
 def check_prompt(processor, prompt: str, what: str = "--prompt") -> None:
@@ -45,7 +46,7 @@ def sampling_options(temperature: float = 0.0, top_p: float | None = None, top_k
 
 # A scene of the embedded world (a red circle, a blue square, the word "moon"), asked about when no
 # --image is given, so that `matvlm generate --prompt ...` works as it comes.
-SAMPLE_IMAGE = Path(__file__).parent / "presets" / "sample-scene.png"
+SAMPLE_IMAGE = PRESETS_DIR / "sample-scene.png"
 
 
 def run_generate(model_dir: Path, image_path: Path | None, prompt: str, max_new_tokens: int = 64,

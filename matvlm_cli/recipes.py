@@ -390,7 +390,7 @@ def teacher_layer_count(teacher: str | None) -> int | None:
     import json
 
     if teacher is None:
-        from .tiny import default_teacher_dir
+        from .paths import default_teacher_dir
 
         config_path = default_teacher_dir() / "config.json"
     else:

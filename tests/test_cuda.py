@@ -166,7 +166,7 @@ def test_compiled_graph_engine_decodes_the_embedded_hybrid_like_generate_on_cuda
     """The compiled step on a trained model (the embedded teacher's 0.5 hybrid): same tokens as generate()."""
     from matvlm_cli.bench.engines import GraphEngine, HFEngine
     from matvlm_cli.bench.models import bench_inputs, image_input, model_specs
-    from matvlm_cli.tiny import default_teacher_dir
+    from matvlm_cli.paths import default_teacher_dir
 
     (spec,) = model_specs(str(default_teacher_dir()), [], [0.5], "even", torch.device("cuda"), torch.float32)[1:]
     model = spec.build()

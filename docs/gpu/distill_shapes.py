@@ -34,10 +34,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "docs"))
 sys.path.insert(0, str(ROOT / "docs" / "gpu"))
+sys.path.insert(0, str(ROOT / "tests"))
 from distill_throughput import build_processor, build_teacher, teacher_config  # noqa: E402
 from prep_benchmark import write_mix  # noqa: E402
 
-from matvlm_cli.tiny import WORDS  # noqa: E402
+from tiny import WORDS  # noqa: E402  (the tests' word list)
 
 H200_DENSE_BF16 = 788e12  # the basis of the earlier distill numbers (docs/gpu/distill-throughput-h200.json)
 MAX_LENGTH = 2048

@@ -44,7 +44,7 @@ args = parser.parse_args()
 device = torch.device("cpu" if args.tiny else "cuda")
 dtype = torch.float32 if args.tiny else torch.bfloat16
 if args.tiny:
-    from matvlm_cli.tiny import default_teacher_dir
+    from matvlm_cli.paths import default_teacher_dir
 
     teacher = str(default_teacher_dir())
     args.lengths, args.ab_length, args.chunks = [96, 200], 200, [128]

@@ -25,7 +25,7 @@ from ..hybrid.layouts import load_config, model_class_for
 from ..hybrid.load import load_model, load_teacher
 from ..hybrid.processors import load_processor
 from ..recipes import ConvertRecipe
-from ..tiny import default_teacher_dir
+from ..paths import default_teacher_dir
 
 
 @dataclass

@@ -67,7 +67,8 @@ EMBEDDED_READING_WEIGHT = 6.0
 def embedded_world_sources(console: Console):
     """The embedded world's training conversations, generated once into the cache, plus their reading
     turns again at `EMBEDDED_READING_WEIGHT`."""
-    from ..world import cache_dir, generate_world
+    from ..paths import cache_dir
+    from ..world import generate_world
     from ..world.questions import reading_records
     from ..world.writers import WORLD_VERSION
 
@@ -323,8 +324,7 @@ class DistillRun:
                               "when it wraps the model, and a stage changes them); run it without --num-gpus")
         if self.out.exists() and not self.out.is_dir():
             raise MatvlmError(f"output.dir: {self.out} exists and is not a directory")
-        from ..tiny import default_teacher_dir
-        from ..world import cache_dir
+        from ..paths import cache_dir, default_teacher_dir
 
         self.teacher_dir = Path(r.teacher) if r.teacher else default_teacher_dir()
         resume = self._resume_dir()

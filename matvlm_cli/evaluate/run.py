@@ -145,7 +145,7 @@ def run_evaluate(recipe: EvaluateRecipe, console: Console | None = None) -> list
     if recipe.models:
         models = [check_model_dir(path) for path in recipe.models]
     else:
-        from ..tiny import default_teacher_dir
+        from ..paths import default_teacher_dir
 
         models = [default_teacher_dir()]
         console.print(f"No --model given: evaluating the embedded teacher at {models[0]}")

@@ -79,7 +79,7 @@ def _text_only_teacher(path: Path) -> Path:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from ..hybrid import load_teacher
-    from ..tiny import default_teacher_dir
+    from ..paths import default_teacher_dir
 
     teacher = load_teacher(default_teacher_dir())
     text = LlamaForCausalLM(teacher.config.text_config)
