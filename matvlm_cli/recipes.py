@@ -581,7 +581,7 @@ class BenchRecipe:
 
 
 def check_bench_recipe(recipe: BenchRecipe, source: str | RecipeSource = "recipe") -> None:
-    from .hybrid.kernels import BACKENDS
+    from .kernels import BACKENDS
 
     problems = []
     if recipe.placement not in ("even", "front", "middle", "back"):

@@ -159,7 +159,8 @@ def main() -> None:
     teacher, params = build_teacher(root, args.tiny, WORDS)
     data = write_mix(root / "mix", args.records, 200)
     print(f"teacher ({params} parameters) and {args.records} records in {time.time() - started:.0f} s", flush=True)
-    from matvlm_cli.hybrid import kernels, packed
+    from matvlm_cli import kernels
+    from matvlm_cli.hybrid import packed
 
     result = {
         "device": torch.cuda.get_device_name() if cuda else "cpu", "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from matvlm_cli.hybrid import kernels  # noqa: E402
+from matvlm_cli import kernels  # noqa: E402
 from matvlm_cli.recipes import DistillRecipe, build_recipe, check_distill_recipe  # noqa: E402
 from matvlm_cli.teacher import CHAT_TEMPLATE  # noqa: E402
 

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-from matvlm_cli.bench import attention, fusion
+from matvlm_cli.bench import fusion
+from matvlm_cli.kernels import attention
 from matvlm_cli.bench.engines import GraphEngine
 from matvlm_cli.bench.models import bench_inputs, image_input, model_specs
-from matvlm_cli.hybrid import kernels
+from matvlm_cli import kernels
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768, 65536])

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..atomic import check_output_dir
 from ..errors import MatvlmError
-from ..hybrid import kernels
+from .. import kernels
 from ..hybrid.checks import resolve_device
 from ..hybrid.conversion import hybrid_layers
 from ..recipes import BenchRecipe, check_bench_recipe
