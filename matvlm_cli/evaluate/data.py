@@ -88,7 +88,7 @@ def synthetic_data_dir() -> Path:
     if not (root / "world.json").is_file():
         try:
             generate_world(root, seed=SYNTHETIC_SEED, train_size=1)
-        except OSError:
+        except (OSError, MatvlmError):  # a write that lost the rename race to a concurrent one
             if not (root / "world.json").is_file():
                 raise
     return root
