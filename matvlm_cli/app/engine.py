@@ -21,8 +21,8 @@ from ..generate import chat_inputs, check_prompt, sampling_options, streamed
 from ..hybrid.conversion import attention_windows, choose_layers, convert_to_hybrid, hybrid_layers
 from ..hybrid.load import load_model, load_teacher
 from ..hybrid.processors import load_processor
-from ..recipes import ConvertRecipe
 from ..paths import default_teacher_dir
+from ..recipes import ConvertRecipe
 
 
 @dataclass
