@@ -22,7 +22,7 @@ from matvlm_cli.atomic import write_atomic
 from matvlm_cli.distill.trainer import run_distill
 from matvlm_cli.recipes import DistillRecipe, build_recipe, check_distill_recipe, read_yaml, set_dotted
 from matvlm_cli.world import generate_world
-from matvlm_cli.world.quality import benchmark_scores
+from matvlm_cli.evaluate.quality import benchmark_scores
 
 # The rows' common ground: the recipe's file with its first 0.5 settings (layers 1, 2, 4, 7, KL on the
 # answers, the mixers alone trained), so that each row names everything it changes.

@@ -1,5 +1,5 @@
 """How much the embedded teacher leans on each attention layer: convert the given layers (no training)
-and score the hybrid on the held-out sets with `world.quality.benchmark_scores`.
+and score the hybrid on the held-out sets with `evaluate.quality.benchmark_scores`.
 
     python experiments/layer_probe.py 0 1 2 3 4 5 6 7 1,7 2,6     (from the repository root; ~10 s a model on 2 CPU cores)
 
@@ -12,9 +12,9 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from matvlm_cli.hybrid import convert_to_hybrid
-from matvlm_cli.tiny import default_teacher_dir
+from matvlm_cli.paths import default_teacher_dir
 from matvlm_cli.world import generate_world
-from matvlm_cli.world.quality import benchmark_scores
+from matvlm_cli.evaluate.quality import benchmark_scores
 
 world = generate_world(Path("runs/probe-world"), seed=0, train_size=1, overwrite=True).root  # held-out sets
 for spec in sys.argv[1:]:

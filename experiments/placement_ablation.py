@@ -26,7 +26,7 @@ from matvlm_cli import load_hybrid
 from matvlm_cli.atomic import write_atomic
 from matvlm_cli.distill.trainer import run_distill
 from matvlm_cli.recipes import DistillRecipe, build_recipe, check_distill_recipe, read_yaml, set_dotted
-from matvlm_cli.world.quality import benchmark_scores
+from matvlm_cli.evaluate.quality import benchmark_scores
 
 SCORES_FILE = Path("docs/results/placement/placement-scores.json")
 SEEDS = (0, 1, 2)
@@ -88,9 +88,10 @@ def score(out: Path) -> None:
     from rich.console import Console
 
     from matvlm_cli.hybrid.conversion import find_decoder, layer_count
-    from matvlm_cli.hybrid.io import load_processor, load_teacher
+    from matvlm_cli.hybrid.load import load_teacher
+    from matvlm_cli.hybrid.processors import load_processor
     from matvlm_cli.placement import greedy_layers, load_calibration, pick_scored, score_layers
-    from matvlm_cli.tiny import default_teacher_dir
+    from matvlm_cli.paths import default_teacher_dir
     from dataclasses import asdict
 
     import torch

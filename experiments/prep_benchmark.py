@@ -23,8 +23,8 @@ from pathlib import Path
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from matvlm_cli.tiny import WORDS  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests"))
+from tiny import WORDS  # noqa: E402  (the tests' word list)
 
 # (share of mix665k, question-answer pairs, answer words, image?) per kind, roughly as LLaVA-1.5 lists them.
 KINDS = [

@@ -41,7 +41,7 @@ def _image():
 
 
 def _prompt(path: Path) -> str:
-    from matvlm_cli.hybrid.io import load_processor, render_chat
+    from matvlm_cli.hybrid.processors import load_processor, render_chat
 
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     return render_chat(load_processor(path), chat, add_generation_prompt=True)
@@ -61,7 +61,7 @@ def bench_transformers(path: Path) -> dict[int, float]:
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from matvlm_cli.hybrid.io import load_processor
+    from matvlm_cli.hybrid.processors import load_processor
 
     torch.set_num_threads(1)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()

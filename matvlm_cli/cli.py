@@ -138,7 +138,7 @@ def generate(
 ):
     """Answer one question about one image with a teacher or a hybrid, streaming the answer."""
     from .generate import run_generate
-    from .tiny import default_teacher_dir
+    from .paths import default_teacher_dir
 
     run_generate(model or default_teacher_dir(), image, prompt, max_new_tokens, temperature, console)
 

@@ -8,13 +8,17 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from .atomic import check_output_dir
 from .errors import MatvlmError
 from .hybrid.cache import cache_bytes_per_token
 from .hybrid.conversion import (
     PLACEMENTS, attention_geometry, attention_windows, choose_layers, convert_to_hybrid, find_decoder, layer_count,
     not_carried,
 )
-from .hybrid.io import check_output_dir, load_config, load_processor, load_teacher, model_class_for, save_hybrid, weight_files
+from .hybrid.layouts import load_config, model_class_for, weight_files
+from .hybrid.load import load_teacher
+from .hybrid.processors import load_processor
+from .hybrid.saving import save_hybrid
 from .recipes import DTYPES, ConvertRecipe
 
 SCORED = "scored"  # chosen from calibration data (placement.py) rather than by position
@@ -48,7 +52,7 @@ def run_convert(recipe: ConvertRecipe, console: Console | None = None) -> Path:
     console = console or Console()
     check_recipe(recipe)
     if recipe.teacher is None:
-        from .tiny import default_teacher_dir
+        from .paths import default_teacher_dir
 
         teacher_dir = default_teacher_dir()
         console.print(f"No teacher given: using the embedded default at {teacher_dir}")

@@ -26,11 +26,14 @@ import torch
 from rich.console import Console
 from transformers import GraniteMoeHybridConfig
 
+from .atomic import atomic_directory, check_output_dir
 from .errors import MatvlmError
 from .families import GENERIC_TEXT, TEXT_FAMILIES, ExportMapping
 from .hybrid.conversion import HYBRID_KEY, attention_windows, find_decoder
-from .hybrid.io import PROCESSOR_FILES, atomic_directory, check_output_dir, load_config, load_hybrid, model_class_for
+from .hybrid.layouts import load_config, model_class_for
+from .hybrid.load import load_hybrid
 from .hybrid.mixer_config import Mamba2Config
+from .hybrid.processors import PROCESSOR_FILES
 from .hybrid.stock import PER_GROUP_NORM_SINCE, per_group_norm_problem
 from .hybrid.tinyllava import HEAD_BIAS_KEY
 

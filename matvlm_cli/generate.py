@@ -6,17 +6,20 @@ and this command give the same answer to the same image and prompt."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from threading import Thread
 
-import torch
 from PIL import Image
 from rich.console import Console
 from transformers import BatchFeature, TextIteratorStreamer
 
 from .errors import MatvlmError
-from .hybrid.io import check_model, load_model, load_processor, render_chat
+from .hybrid.checks import check_model
+from .hybrid.load import load_model
+from .hybrid.processors import load_processor, render_chat
 from .images import open_rgb
+from .paths import PRESETS_DIR
 
 
 def check_prompt(processor, prompt: str, what: str = "--prompt") -> None:
@@ -41,9 +44,29 @@ def sampling_options(temperature: float = 0.0, top_p: float | None = None, top_k
     return {"do_sample": True, "temperature": temperature, **filters}
 
 
+def streamed(generate: Callable[[], object], streamer: TextIteratorStreamer) -> Iterator[str]:
+    """The streamer's text while `generate`, which feeds it, runs in a thread. What `generate` raises is
+    raised here: the stream is ended for it, or the loop over the stream would wait forever."""
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            generate()
+        except BaseException as err:
+            failures.append(err)
+            streamer.end()
+
+    worker = Thread(target=run, daemon=True)
+    worker.start()
+    yield from streamer
+    worker.join()
+    if failures:
+        raise failures[0]
+
+
 # A scene of the embedded world (a red circle, a blue square, the word "moon"), asked about when no
 # --image is given, so that `matvlm generate --prompt ...` works as it comes.
-SAMPLE_IMAGE = Path(__file__).parent / "presets" / "sample-scene.png"
+SAMPLE_IMAGE = PRESETS_DIR / "sample-scene.png"
 
 
 def run_generate(model_dir: Path, image_path: Path | None, prompt: str, max_new_tokens: int = 64,
@@ -67,13 +90,9 @@ def run_generate(model_dir: Path, image_path: Path | None, prompt: str, max_new_
     inputs = chat_inputs(processor, model, image, prompt)
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     sampling = sampling_options(temperature)
-    worker = Thread(target=lambda: model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **sampling))
-    with torch.no_grad():
-        worker.start()
-        answer = ""
-        for piece in streamer:
-            answer += piece
-            console.print(piece, end="", highlight=False, soft_wrap=True)
-        worker.join()
+    answer = ""
+    for piece in streamed(lambda: model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **sampling), streamer):
+        answer += piece
+        console.print(piece, end="", highlight=False, soft_wrap=True)
     console.print()
     return answer

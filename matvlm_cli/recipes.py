@@ -390,7 +390,7 @@ def teacher_layer_count(teacher: str | None) -> int | None:
     import json
 
     if teacher is None:
-        from .tiny import default_teacher_dir
+        from .paths import default_teacher_dir
 
         config_path = default_teacher_dir() / "config.json"
     else:
@@ -581,7 +581,7 @@ class BenchRecipe:
 
 
 def check_bench_recipe(recipe: BenchRecipe, source: str | RecipeSource = "recipe") -> None:
-    from .hybrid.kernels import BACKENDS
+    from .kernels import BACKENDS
 
     problems = []
     if recipe.placement not in ("even", "front", "middle", "back"):

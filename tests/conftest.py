@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from matvlm_cli.tiny import TEXT_FAMILIES, build_tiny_llava
+from tiny import TEXT_FAMILIES, build_tiny_llava
 
 FAMILIES = sorted(TEXT_FAMILIES)
 

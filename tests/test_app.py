@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageStat
 
 from matvlm_cli.app.samples import sample_scenes, write_samples
-from matvlm_cli.tiny import default_teacher_dir
+from matvlm_cli.paths import default_teacher_dir
 
 HAS_GRADIO = importlib.util.find_spec("gradio") is not None
 needs_gradio = pytest.mark.skipif(not HAS_GRADIO, reason='needs the app extra: pip install "matvlm[app]"')
@@ -173,7 +173,7 @@ def test_a_port_in_use_is_refused_before_loading():
 def test_a_text_only_model_is_refused(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from matvlm_cli.tiny import tiny_tokenizer
+    from tiny import tiny_tokenizer
 
     folder = tmp_path / "text-only"
     config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)

@@ -177,7 +177,7 @@ from transformers import AutoConfig  # noqa: E402
 from matvlm_cli.bench.models import PRESETS, PRESETS_DIR  # noqa: E402
 from matvlm_cli.hybrid import hybrid_layers  # noqa: E402
 from matvlm_cli.hybrid.conversion import attention_windows  # noqa: E402
-from matvlm_cli.hybrid.io import model_class_for  # noqa: E402
+from matvlm_cli.hybrid.layouts import model_class_for  # noqa: E402
 
 NEW_PRESETS = ("qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen3-vl-4b", "internvl3-2b", "smolvlm2-2.2b", "gemma-3-4b")
 CONTEXT = 8192

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from matvlm_cli.bench import attention
+from matvlm_cli.kernels import attention
 from matvlm_cli.bench.engines import GraphEngine, cache_tensors
 from matvlm_cli.bench.models import bench_inputs, build_teacher, image_input
 from matvlm_cli.bench.profile import profile_decode, profile_table

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from matvlm_cli.hybrid import Mamba2Config, Mamba2Mixer, kernels
+from matvlm_cli import kernels
+from matvlm_cli.hybrid import Mamba2Config, Mamba2Mixer
 from matvlm_cli.hybrid.ssd import causal_conv1d, causal_conv1d_step, ssd_chunk_scan, ssd_step
 
 pytestmark = pytest.mark.cuda
@@ -86,7 +87,7 @@ def test_step_and_conv_kernels_match_reference(torch_backend):
 def test_fused_decode_step_matches_the_reference_step(heads, headdim, d_state, groups):
     """matvlm's one-kernel decode step (Triton) against the PyTorch step in float32: the output, the
     shifted conv window and the updated state, from bf16 activations."""
-    from matvlm_cli.hybrid.step_kernel import mamba2_step
+    from matvlm_cli.kernels.step import mamba2_step
 
     if kernels.backend_ops("triton") is None:
         pytest.skip("triton not installed")
@@ -166,7 +167,7 @@ def test_compiled_graph_engine_decodes_the_embedded_hybrid_like_generate_on_cuda
     """The compiled step on a trained model (the embedded teacher's 0.5 hybrid): same tokens as generate()."""
     from matvlm_cli.bench.engines import GraphEngine, HFEngine
     from matvlm_cli.bench.models import bench_inputs, image_input, model_specs
-    from matvlm_cli.tiny import default_teacher_dir
+    from matvlm_cli.paths import default_teacher_dir
 
     (spec,) = model_specs(str(default_teacher_dir()), [], [0.5], "even", torch.device("cuda"), torch.float32)[1:]
     model = spec.build()
@@ -179,7 +180,7 @@ def test_compiled_graph_engine_decodes_the_embedded_hybrid_like_generate_on_cuda
 def test_split_kv_decode_attention_matches_sdpa(heads, kv_heads, dim, slots):
     """The graphs engine's Triton decoding attention against float32 SDPA, with GQA, head dims that are
     not powers of two, slot counts that are not multiples of the block, and masks with holes."""
-    from matvlm_cli.bench.attention import split_kv_decode
+    from matvlm_cli.kernels.attention import split_kv_decode
 
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(3, heads, 1, dim, device="cuda", generator=g).bfloat16()
@@ -199,7 +200,7 @@ def test_split_kv_decode_attention_matches_sdpa(heads, kv_heads, dim, slots):
 def test_prefill_chunk_attention_over_filled_slots_matches_masked_sdpa(heads, kv_heads, dim, dtype, monkeypatch):
     """A prefill chunk after the first, in a static cache: flash attention (efficient in float32) over the
     filled slots with the diagonal at the last key, against float32 SDPA with transformers' mask over every slot."""
-    from matvlm_cli.bench import attention
+    from matvlm_cli.kernels import attention
 
     def full_sdpa(*args, **kwargs):
         raise AssertionError("a plain causal chunk took the SDPA path over every slot")
@@ -226,7 +227,7 @@ def test_prefill_skip_gate_norm_kernel_matches_the_pytorch_norm(dtype, channels_
     with the strides the mixer hands it (x and z are slices of wider rows, y is contiguous; x from a
     channels-first conv output)."""
     from matvlm_cli.hybrid.mamba2 import GatedRMSNorm
-    from matvlm_cli.hybrid.norm_kernel import skip_gate_norm
+    from matvlm_cli.kernels.norm import skip_gate_norm
 
     g = torch.Generator(device="cuda").manual_seed(0)
     batch, length, heads, headdim, groups = 3, 1000, 8, 20, 4

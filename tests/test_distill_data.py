@@ -18,9 +18,9 @@ from matvlm_cli.distill.prepare import prepare
 from matvlm_cli.distill.records import RecordEncoder, image_token_count, iter_json_list, to_messages
 from matvlm_cli.distill.losses import ce_loss, chunked_logit_losses, kl_loss
 from matvlm_cli.errors import MatvlmError
-from matvlm_cli.hybrid.io import load_processor
+from matvlm_cli.hybrid.processors import load_processor
 from matvlm_cli.recipes import DataSource
-from matvlm_cli.tiny import default_teacher_dir
+from matvlm_cli.paths import default_teacher_dir
 from matvlm_cli.world import generate_world
 
 
@@ -149,8 +149,8 @@ def test_a_killed_preparation_leaves_no_cache_a_later_run_trusts(world, tmp_path
     cache = tmp_path / "cache"
     script = (
         "import sys; from pathlib import Path; from matvlm_cli.distill.prepare import prepare; "
-        "from matvlm_cli.hybrid.io import load_processor; from matvlm_cli.recipes import DataSource; "
-        "from matvlm_cli.tiny import default_teacher_dir as d; "
+        "from matvlm_cli.hybrid.processors import load_processor; from matvlm_cli.recipes import DataSource; "
+        "from matvlm_cli.paths import default_teacher_dir as d; "
         f"prepare([DataSource(json={str(data)!r}, image_root={str(world / 'train')!r})], d(), load_processor(d()), 1024, Path({str(cache)!r}), workers=1)"
     )
     child = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)

@@ -16,7 +16,7 @@ from matvlm_cli.distill.shapes import PackedBatches, best_fit_decreasing, collat
 from matvlm_cli.distill.trainer import DistillRun, run_distill
 from matvlm_cli.errors import MatvlmError
 from matvlm_cli.recipes import DistillRecipe, build_recipe, check_distill_recipe
-from matvlm_cli.tiny import build_tiny_llava
+from tiny import build_tiny_llava
 from matvlm_cli.world import generate_world
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,5 +1,5 @@
 """`matvlm evaluate` on the real lm-eval harness, no mocks: the embedded teacher on the synthetic sets, its
-answers cross-checked against the independent quick check in matvlm_cli.world.quality, teacher and hybrid
+answers cross-checked against the independent quick check in matvlm_cli.evaluate.quality, teacher and hybrid
 side by side, --data-dir layouts, a text task passed straight through, batching and log-likelihoods of the
 lm-eval model, and the one-line errors."""
 
@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from matvlm_cli.evaluate.metrics import vqa_accuracy
-from matvlm_cli.tiny import default_teacher_dir
+from matvlm_cli.paths import default_teacher_dir
 from matvlm_cli.world.questions import CHOICE_ANSWER, SHORT_ANSWER
 
 LIMIT = 24  # documents per task in the teacher's run: the first POPE rows are all "adversarial"
@@ -127,10 +127,10 @@ def test_results_json_has_lm_eval_layout_and_model_info(teacher_run, env):
 
 
 def test_teacher_scores_well_above_chance_and_as_the_quick_check_does(teacher_run, world):
-    """The harness's answers are the ones the independent quick check (world.quality) gets with the same
+    """The harness's answers are the ones the independent quick check (evaluate.quality) gets with the same
     prompts, and the teacher is far above chance (POPE 0.5; it scores 0.83-0.96, MMMU 0.59, TextVQA 1.0)."""
-    from matvlm_cli.hybrid.io import load_model
-    from matvlm_cli.world.quality import benchmark_scores
+    from matvlm_cli.hybrid.load import load_model
+    from matvlm_cli.evaluate.quality import benchmark_scores
 
     out, _ = teacher_run
     results = json.loads((out / "tiny-teacher" / "results.json").read_text())["results"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from matvlm_cli.tiny import default_teacher_dir
+from matvlm_cli.paths import default_teacher_dir
 
 LIMIT = 6
 LONG = "a-rather-long-experiment-folder-name/llava-onevision-qwen2-0.5b-si"

@@ -19,7 +19,7 @@ from matvlm_cli.errors import MatvlmError
 from matvlm_cli.export import export_hybrid
 from matvlm_cli.hybrid import convert_to_hybrid, find_decoder, hybrid_layers, load_hybrid, load_teacher, save_hybrid
 from matvlm_cli.hybrid import stock
-from matvlm_cli.tiny import default_teacher_dir
+from matvlm_cli.paths import default_teacher_dir
 
 TEXT = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)

@@ -83,3 +83,33 @@ def test_save_then_load_gives_identical_logits(tiny_teachers, family, tmp_path):
     assert (tmp_path / "hybrid" / "tokenizer.json").is_file()
     assert AutoProcessor.from_pretrained(tmp_path / "hybrid") is not None
     assert torch.equal(greedy(model, inputs).sequences, greedy(loaded, inputs).sequences)
+
+
+def test_run_generate_raises_what_generation_raises_rather_than_hanging(tiny_teachers, monkeypatch):
+    """generate runs `model.generate` in a thread that feeds the stream; a failure there (a forward that
+    fails mid-answer) must reach the caller, not leave it waiting on a stream nobody ends."""
+    import functools
+    import threading
+
+    from transformers import LlavaForConditionalGeneration
+
+    from matvlm_cli.generate import run_generate
+
+    @functools.wraps(LlavaForConditionalGeneration.forward)  # generate reads the forward's signature
+    def failing_forward(self, *args, **kwargs):
+        raise RuntimeError("the forward failed")
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "forward", failing_forward)
+    outcome = []
+
+    def call():
+        try:
+            run_generate(tiny_teachers["llama"], None, "what number is shown ?", max_new_tokens=4)
+        except BaseException as err:
+            outcome.append(err)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    caller.join(timeout=60)
+    assert not caller.is_alive(), "run_generate hung after model.generate raised in its thread"
+    assert len(outcome) == 1 and isinstance(outcome[0], RuntimeError) and str(outcome[0]) == "the forward failed"

@@ -21,8 +21,9 @@ import torch
 import yaml
 
 from matvlm_cli.atomic import OUTPUT_MARK, lock_directory
-from matvlm_cli.tiny import build_tiny_llava, default_teacher_dir
+from matvlm_cli.paths import default_teacher_dir
 from test_errors import assert_one_line, matvlm
+from tiny import build_tiny_llava
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -359,7 +360,7 @@ def test_nan_at_fp32_does_not_advise_fp32_and_two_human_turns_are_reported(cli, 
 def text_only_model(path: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from matvlm_cli.tiny import tiny_tokenizer
+    from tiny import tiny_tokenizer
 
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()

@@ -21,7 +21,7 @@ from matvlm_cli.families import MODEL_FAMILIES, ServeMapping
 from matvlm_cli.hybrid import convert_to_hybrid, load_teacher, save_hybrid
 from matvlm_cli.hybrid.stock import per_group_gated_norm_available
 from matvlm_cli.serve.servable import check_servable, engine_options, serve_arguments
-from matvlm_cli.tiny import build_tiny_llava
+from tiny import build_tiny_llava
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed here (make serve-check builds .venv-serve with it)")

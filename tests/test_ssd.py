@@ -147,7 +147,7 @@ def test_mamba_ssm_triton_kernels_load_without_its_compiled_extension(tmp_path, 
     import importlib
     import sys
 
-    from matvlm_cli.hybrid import kernels
+    from matvlm_cli import kernels
 
     triton_dir = tmp_path / "mamba_ssm" / "ops" / "triton"
     triton_dir.mkdir(parents=True)

@@ -21,7 +21,8 @@ from transformers import AutoProcessor, PhiConfig, PhiForCausalLM, SiglipVisionC
 
 from matvlm_cli.errors import MatvlmError
 from matvlm_cli.hybrid import hybrid_layers, load_hybrid, load_model, load_teacher
-from matvlm_cli.hybrid.io import check_model, load_processor
+from matvlm_cli.hybrid.checks import check_model
+from matvlm_cli.hybrid.processors import load_processor
 
 IMAGE_SIZE, PATCH = 28, 7  # 16 patches; TinyLLaVA's "patch" keeps the last 15
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "

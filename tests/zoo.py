@@ -102,8 +102,8 @@ def build(family: str, seed: int = 0, gains: bool = True):
 # start, begin/end of image) sit at the ids the configs give them (250-255); the family's other tokens
 # (chat markers, Idefics3's row/column tags) follow the words.
 
-from matvlm_cli.tiny import WORDS as _WORDS  # noqa: E402
-from matvlm_cli.hybrid.io import images_only  # noqa: E402
+from tiny import WORDS as _WORDS  # noqa: E402
+from matvlm_cli.hybrid.processors import images_only  # noqa: E402
 
 QWEN_TOKENS = {250: "<|image_pad|>", 251: "<|video_pad|>", 252: "<|vision_start|>", 253: "<|vision_end|>"}
 MODEL_TOKENS = {

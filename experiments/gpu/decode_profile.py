@@ -9,7 +9,7 @@ import itertools, statistics, sys
 import torch
 import torch.nn.functional as F
 
-from matvlm_cli.bench import attention
+from matvlm_cli.kernels import attention
 from matvlm_cli.bench.floor import measure_bandwidth
 
 dev = torch.device("cuda")
@@ -102,7 +102,8 @@ def step_profiles(contexts=(8192,)):
     from matvlm_cli.bench.engines import GraphEngine
     from matvlm_cli.bench.models import bench_inputs, build_teacher, image_input
     from matvlm_cli.bench import floor
-    from matvlm_cli.hybrid import choose_layers, convert_to_hybrid, kernels
+    from matvlm_cli import kernels
+    from matvlm_cli.hybrid import choose_layers, convert_to_hybrid
     print("mixer kernels", kernels.resolved())
     for ratio in (0, 0.5):
         model = build_teacher("tinyllava-phi2-siglip-3b", dev, torch.bfloat16)

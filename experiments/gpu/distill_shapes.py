@@ -34,10 +34,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 sys.path.insert(0, str(ROOT / "experiments" / "gpu"))
+sys.path.insert(0, str(ROOT / "tests"))
 from distill_throughput import build_processor, build_teacher, teacher_config  # noqa: E402
 from prep_benchmark import write_mix  # noqa: E402
 
-from matvlm_cli.tiny import WORDS  # noqa: E402
+from tiny import WORDS  # noqa: E402  (the tests' word list)
 
 H200_DENSE_BF16 = 788e12  # the basis of the earlier distill numbers (docs/results/distill/distill-throughput-h200.json)
 MAX_LENGTH = 2048
@@ -158,7 +159,8 @@ def main() -> None:
     teacher, params = build_teacher(root, args.tiny, WORDS)
     data = write_mix(root / "mix", args.records, 200)
     print(f"teacher ({params} parameters) and {args.records} records in {time.time() - started:.0f} s", flush=True)
-    from matvlm_cli.hybrid import kernels, packed
+    from matvlm_cli import kernels
+    from matvlm_cli.hybrid import packed
 
     result = {
         "device": torch.cuda.get_device_name() if cuda else "cpu", "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,

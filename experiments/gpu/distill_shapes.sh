@@ -3,7 +3,7 @@
 #   with fla-core's wheel and mamba_ssm's sdist downloaded into .kernels/ beforehand (no network there), from the repository root:
 #   OUT=/tmp/out bash experiments/gpu/distill_shapes.sh .kernels   (writes $OUT; the JSON belongs in docs/results/distill/distill-shapes-h200.json)
 # fla's wheel is installed and mamba_ssm's sdist unpacked (its Triton kernels load without the CUDA build,
-# hybrid/kernels.py); then `matvlm distill` on the mix (experiments/gpu/distill_shapes.py), then the GPU checks of
+# kernels/__init__.py); then `matvlm distill` on the mix (experiments/gpu/distill_shapes.py), then the GPU checks of
 # the packed kernels. Every output line reaches $OUT as it is printed (a pipe's buffer lost at a timeout
 # is how the first try came back empty).
 set -uo pipefail

@@ -25,9 +25,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from matvlm_cli.hybrid import kernels  # noqa: E402
+from matvlm_cli import kernels  # noqa: E402
 from matvlm_cli.recipes import DistillRecipe, build_recipe, check_distill_recipe  # noqa: E402
-from matvlm_cli.world.teacher import CHAT_TEMPLATE  # noqa: E402
+from matvlm_cli.teacher import CHAT_TEMPLATE  # noqa: E402
 
 PRESET = Path(__file__).resolve().parents[2] / "matvlm_cli/presets/tinyllava-phi2-siglip-3b/config.json"
 DENSE_BF16_FLOPS = 788e12  # H200, 8192^3 bf16 matmul on random data (device KINDS.md, 2026-10-28)

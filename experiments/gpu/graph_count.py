@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 
 from matvlm_cli.bench.engines import GraphEngine
 from matvlm_cli.bench.models import bench_inputs, image_input, model_specs
-from matvlm_cli.hybrid import kernels
+from matvlm_cli import kernels
 
 if os.environ.get("OLD"):
     kernels.backend_ops = functools.cache(kernels._load)

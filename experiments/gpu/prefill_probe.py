@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 
-from matvlm_cli.bench import attention, fusion
+from matvlm_cli.bench import fusion
+from matvlm_cli.kernels import attention
 from matvlm_cli.bench.engines import GraphEngine
 from matvlm_cli.bench.models import bench_inputs, image_input, model_specs
-from matvlm_cli.hybrid import kernels
+from matvlm_cli import kernels
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768, 65536])
@@ -47,7 +48,7 @@ args = parser.parse_args()
 device = torch.device("cpu" if args.tiny else "cuda")
 dtype = torch.float32 if args.tiny else torch.bfloat16
 if args.tiny:
-    from matvlm_cli.tiny import default_teacher_dir
+    from matvlm_cli.paths import default_teacher_dir
 
     teacher = str(default_teacher_dir())
     args.lengths, args.ab_length, args.chunks = [96, 200], 200, [128]

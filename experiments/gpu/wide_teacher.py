@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, LlavaForConditionalGeneration
 
-from matvlm_cli.hybrid.io import PROCESSOR_FILES
-from matvlm_cli.tiny import default_teacher_dir
+from matvlm_cli.hybrid.processors import PROCESSOR_FILES
+from matvlm_cli.paths import default_teacher_dir
 
 output = Path(sys.argv[1])
 config = AutoConfig.from_pretrained(default_teacher_dir())

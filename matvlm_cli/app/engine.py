@@ -10,19 +10,19 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from threading import Thread
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, PreTrainedModel, TextIteratorStreamer
+from transformers import PreTrainedModel, TextIteratorStreamer
 
 from ..convert import default_output
 from ..errors import MatvlmError
-from ..generate import chat_inputs, check_prompt, sampling_options
+from ..generate import chat_inputs, check_prompt, sampling_options, streamed
 from ..hybrid.conversion import attention_windows, choose_layers, convert_to_hybrid, hybrid_layers
-from ..hybrid.io import check_model, load_config, load_model, load_processor, load_teacher, model_class_for
+from ..hybrid.load import load_model, load_teacher
+from ..hybrid.processors import load_processor
+from ..paths import default_teacher_dir
 from ..recipes import ConvertRecipe
-from ..tiny import default_teacher_dir
 
 
 @dataclass
@@ -40,15 +40,6 @@ class AppModel:
         if not self.mamba_layers:
             return f"Mamba-2 layers: none (all {self.num_layers} layers attention)"
         return f"Mamba-2 layers: {', '.join(map(str, self.mamba_layers))} ({len(self.mamba_layers)} of {self.num_layers})"
-
-
-def check_vision_model(path: Path) -> None:
-    """Everything about a model folder the app can check before reading weights: a VLM, loadable as one."""
-    config = load_config(path)
-    if model_class_for(config) is not AutoModelForImageTextToText:
-        architecture = ", ".join(getattr(config, "architectures", None) or [config.model_type])
-        raise MatvlmError(f"{path}: a text-only model ({architecture}); the app asks about images, give a vision-language model")
-    check_model(path)
 
 
 def column_names(paths: list[Path]) -> list[str]:
@@ -146,16 +137,11 @@ def stream_answer(app_model: AppModel, image: Image.Image, prompt: str, sampling
     inputs = chat_inputs(app_model.processor, app_model.model, image, prompt)
     streamer = _TimedStreamer(app_model.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     options = sampling_options(sampling.temperature, None if sampling.top_p == 1 else sampling.top_p, sampling.top_k or None)
-    failures: list[BaseException] = []
 
     def generate() -> None:
         if options["do_sample"]:
             torch.manual_seed(sampling.seed)
-        try:
-            app_model.model.generate(**inputs, max_new_tokens=sampling.max_new_tokens, streamer=streamer, **options)
-        except BaseException as err:  # handed to the caller; ending the stream lets its loop finish
-            failures.append(err)
-            streamer.end()
+        app_model.model.generate(**inputs, max_new_tokens=sampling.max_new_tokens, streamer=streamer, **options)
 
     def answer(text: str, done: bool) -> Answer:
         times = list(streamer.token_times)
@@ -163,13 +149,8 @@ def stream_answer(app_model: AppModel, image: Image.Image, prompt: str, sampling
         rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
         return Answer(text, len(times), first, rate, time.perf_counter() - start, done)
 
-    worker = Thread(target=generate, daemon=True)
-    worker.start()
     text = ""
-    for piece in streamer:
+    for piece in streamed(generate, streamer):
         text += piece
         yield answer(text, done=False)
-    worker.join()
-    if failures:
-        raise failures[0]
     yield answer(text, done=True)

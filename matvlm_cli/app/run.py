@@ -37,11 +37,12 @@ def run_app(model_dirs: list[Path], port: int, console: Console | None = None) -
     check_extra()
     check_port(port)
     # torch and transformers load after the quick checks
-    from .engine import Sampling, check_vision_model, column_names, default_models, load_app_model, stream_answer
+    from ..hybrid.checks import check_model
+    from .engine import Sampling, column_names, default_models, load_app_model, stream_answer
     from .samples import sample_scenes, write_samples
 
     for path in model_dirs:
-        check_vision_model(path)
+        check_model(path, images_for="the app")
 
     with console.status("Loading the models"):
         if model_dirs:

@@ -9,7 +9,7 @@
   baseline) run it.
 
 Both engines run the same model code. `graphs` switches the language model's attention to
-`attention.py`'s `matvlm_decode` (split-KV Triton decoding over the static cache, SDPA for prefill)
+`kernels/attention.py`'s `matvlm_decode` (split-KV Triton decoding over the static cache, SDPA for prefill)
 and computes q, k and v in one product (`fusion.py`).
 """
 
@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StaticCache, StoppingCriteria, StoppingCriteriaList
 
-from ..hybrid import kernels
+from .. import kernels
 from ..hybrid.conversion import attention_windows
 from . import fusion
-from .attention import DECODE_ATTENTION
+from ..kernels.attention import DECODE_ATTENTION
 
 @dataclass
 class BenchInputs:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..hybrid import kernels
+from .. import kernels
 from ..hybrid.ssd import causal_conv1d, causal_conv1d_step, ssd_chunk_scan, ssd_step
 
 
@@ -115,7 +115,7 @@ def kernel_rows(length: int = 8192, heads: int = 32, headdim: int = 80, d_state:
 
 def decode_attention_rows(slots: int, heads: int, head_dim: int, batch: int = 1) -> list[KernelRow]:
     """One query token over a static cache of `slots` positions, 3/4 of them in use."""
-    from .attention import split_kv_decode
+    from ..kernels.attention import split_kv_decode
 
     device = torch.device("cuda")
     g = torch.Generator(device=device).manual_seed(1)

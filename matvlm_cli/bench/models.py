@@ -20,13 +20,13 @@ from transformers import AutoConfig
 from ..errors import MatvlmError
 from ..families import model_family
 from ..hybrid import choose_layers, convert_to_hybrid, load_model
-from ..hybrid.conversion import attention_windows
-from ..hybrid.io import HYBRID_KEY, check_model, load_config, model_class_for
+from ..hybrid.checks import check_model
+from ..hybrid.conversion import HYBRID_KEY, attention_windows
+from ..hybrid.layouts import load_config, model_class_for
 from ..hybrid.stock import is_stock_hybrid
-from ..tiny import default_teacher_dir
+from ..paths import PRESETS_DIR, default_teacher_dir
 from .engines import BenchInputs
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 # Config-only presets: architectures to time, not models to use (each a config.json, and the published
 # preprocessor_config.json where the family has one; sources in presets/README.md).
 PRESETS = (

@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ..hybrid.io import write_atomic
+from ..atomic import write_atomic
 from .profile import profile_table
 
 GIB = 2**30

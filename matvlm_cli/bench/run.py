@@ -12,10 +12,11 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ..atomic import check_output_dir
 from ..errors import MatvlmError
-from ..hybrid import kernels
+from .. import kernels
+from ..hybrid.checks import resolve_device
 from ..hybrid.conversion import hybrid_layers
-from ..hybrid.io import check_output_dir, resolve_device
 from ..recipes import BenchRecipe, check_bench_recipe
 from . import floor
 from . import throughput as throughput_search

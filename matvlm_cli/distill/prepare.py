@@ -40,7 +40,7 @@ def _start_worker(processor_dir: str, max_length: int, image_tokens: int, skip_t
     global _worker
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
     torch.set_num_threads(1)
-    from ..hybrid.io import load_processor
+    from ..hybrid.processors import load_processor
 
     _worker = RecordEncoder(load_processor(processor_dir, trust_remote_code), max_length, image_tokens, skip_text_only)
 
@@ -114,7 +114,7 @@ def prepare(sources, processor_dir: Path, processor, max_length: int, cache_root
     """Tokenise every source once into `cache_root/<key>`, or reuse what an earlier run prepared."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from ..hybrid.io import atomic_directory
+    from ..atomic import atomic_directory
 
     image_tokens = image_token_count(processor)
     key = cache_key(sources, processor_dir, max_length, image_tokens, skip_text_only)

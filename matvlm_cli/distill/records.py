@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import MatvlmError
-from ..hybrid.io import render_chat
+from ..hybrid.processors import render_chat
 
 IMAGE_TAG = "<image>"
 

@@ -34,12 +34,14 @@ from torch.distributed.tensor import DTensor
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from ..atomic import OUTPUT_MARK, check_output_dir, lock_directory, mark_output, remove_contents
+from ..atomic import OUTPUT_MARK, atomic_directory, check_output_dir, lock_directory, mark_output, remove_contents, write_atomic
 from ..errors import MatvlmError
 from ..families import model_family
-from ..hybrid.conversion import attention_windows, choose_layers, convert_to_hybrid, find_decoder, hybrid_layers
-from ..hybrid.io import HYBRID_KEY, atomic_directory, load_hybrid, load_processor, load_teacher, save_hybrid, write_atomic
+from ..hybrid.conversion import HYBRID_KEY, attention_windows, choose_layers, convert_to_hybrid, find_decoder, hybrid_layers
+from ..hybrid.load import load_hybrid, load_teacher
 from ..hybrid.packed import packed_attention
+from ..hybrid.processors import load_processor
+from ..hybrid.saving import save_hybrid
 from ..recipes import DataSource, DistillRecipe, LossWeights, OptimizerSettings, stage_settings
 from .data import ConversationDataset, EpochShuffle, LengthGroupedShuffle, collate
 from .prepare import prepare
@@ -65,7 +67,8 @@ EMBEDDED_READING_WEIGHT = 6.0
 def embedded_world_sources(console: Console):
     """The embedded world's training conversations, generated once into the cache, plus their reading
     turns again at `EMBEDDED_READING_WEIGHT`."""
-    from ..world import cache_dir, generate_world
+    from ..paths import cache_dir
+    from ..world import generate_world
     from ..world.questions import reading_records
     from ..world.writers import WORLD_VERSION
 
@@ -321,8 +324,7 @@ class DistillRun:
                               "when it wraps the model, and a stage changes them); run it without --num-gpus")
         if self.out.exists() and not self.out.is_dir():
             raise MatvlmError(f"output.dir: {self.out} exists and is not a directory")
-        from ..tiny import default_teacher_dir
-        from ..world import cache_dir
+        from ..paths import cache_dir, default_teacher_dir
 
         self.teacher_dir = Path(r.teacher) if r.teacher else default_teacher_dir()
         resume = self._resume_dir()

@@ -81,13 +81,14 @@ def synthetic_data_dir() -> Path:
     """The embedded world's benchmark sets (seed 0, the sets the teacher's numbers are measured on),
     written on first use. `generate_world` writes atomically, so a concurrent first run either finds
     the finished folder or loses the rename race and uses the winner's."""
-    from ..world import cache_dir, generate_world
+    from ..paths import cache_dir
+    from ..world import generate_world
 
     root = cache_dir() / f"world-seed{SYNTHETIC_SEED}"
     if not (root / "world.json").is_file():
         try:
             generate_world(root, seed=SYNTHETIC_SEED, train_size=1)
-        except OSError:
+        except (OSError, MatvlmError):  # a write that lost the rename race to a concurrent one
             if not (root / "world.json").is_file():
                 raise
     return root

@@ -25,7 +25,10 @@ from lm_eval.models.utils_hf import stop_sequences_criteria
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ..errors import MatvlmError
-from ..hybrid.io import HYBRID_KEY, load_model, load_processor, render_chat, resolve_device
+from ..hybrid.checks import resolve_device
+from ..hybrid.conversion import HYBRID_KEY
+from ..hybrid.load import load_model
+from ..hybrid.processors import load_processor, render_chat
 from .progress import DocumentKey, EvaluationProgress
 
 DEFAULT_MAX_GEN_TOKS = 128  # the tasks' own budget (max_gen_toks in tasks/*.yaml; docs/evaluate.md)

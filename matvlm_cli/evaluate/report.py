@@ -11,7 +11,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from ..hybrid.io import write_atomic
+from ..atomic import write_atomic
 from .progress import short_name
 
 Row = tuple[str, str]  # (task, metric)

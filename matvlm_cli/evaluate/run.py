@@ -19,8 +19,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ..atomic import check_output_dir, write_atomic
 from ..errors import MatvlmError
-from ..hybrid.io import check_model, check_model_dir, check_output_dir, write_atomic
+from ..hybrid.checks import check_model
+from ..hybrid.layouts import check_model_dir
 from ..recipes import EvaluateRecipe
 from . import report
 from .logs import logs_to_file
@@ -147,7 +149,7 @@ def run_evaluate(recipe: EvaluateRecipe, console: Console | None = None) -> list
     if recipe.models:
         models = [check_model_dir(path) for path in recipe.models]
     else:
-        from ..tiny import default_teacher_dir
+        from ..paths import default_teacher_dir
 
         models = [default_teacher_dir()]
         console.print(f"No --model given: evaluating the embedded teacher at {models[0]}")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from .. import kernels
 from .cache import PaddingMaskTap, mamba_cache_slot
 from .mixer_config import Mamba2Config
 from .ssd import causal_conv1d, causal_conv1d_step, ssd_chunk_scan, ssd_step

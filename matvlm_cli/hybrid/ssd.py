@@ -1,7 +1,7 @@
 """The Mamba-2 maths in plain PyTorch: causal conv, chunked SSD scan and the one-token step.
 
 Each public function has the signature of its mamba_ssm / causal_conv1d counterpart and hands over
-to a CUDA kernel of the selected backend when one imports (`kernels.py`). The PyTorch bodies are the reference: they
+to a CUDA kernel of the selected backend when one imports (`matvlm_cli.kernels`). The PyTorch bodies are the reference: they
 run anywhere, in any float dtype, and are what the tests check against a naive recurrence.
 
 Shapes: b batch, l length, h heads, p headdim, g groups, n d_state, d channels, w conv width.
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import kernels
+from .. import kernels
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -79,7 +79,7 @@ def _text_only_teacher(path: Path) -> Path:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from ..hybrid import load_teacher
-    from ..tiny import default_teacher_dir
+    from ..paths import default_teacher_dir
 
     teacher = load_teacher(default_teacher_dir())
     text = LlamaForCausalLM(teacher.config.text_config)
@@ -145,7 +145,7 @@ def reference(work: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     from ..atomic import write_atomic
-    from ..hybrid.io import load_processor, render_chat
+    from ..hybrid.processors import load_processor, render_chat
 
     work.mkdir(parents=True, exist_ok=True)
     exports = build_exports(work)

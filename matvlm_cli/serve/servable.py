@@ -23,7 +23,7 @@ from packaging.version import InvalidVersion, Version
 from ..errors import MatvlmError
 from ..families import MODEL_FAMILIES, ServeMapping
 from ..hybrid.conversion import HYBRID_KEY
-from ..hybrid.io import check_model_dir
+from ..hybrid.layouts import check_model_dir
 from ..hybrid.stock import PER_GROUP_NORM_SINCE, STOCK_HYBRID_TYPES
 
 SERVE_INSTALL = (

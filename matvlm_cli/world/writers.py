@@ -5,6 +5,7 @@ Layout written by `generate_world(output_dir)`:
 
     output_dir/
       world.json                                       the arguments that produced this folder
+      .matvlm-output.json                              matvlm's output mark (`atomic.py`)
       train/conversations.json                         LLaVA list; each "image" is relative to train/
       train/images/000000.png ...
       pope/data/test-00000-of-00001.parquet            split "test", columns of POPE_SCHEMA
@@ -25,8 +26,6 @@ import json
 import os
 import random
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..atomic import remove_stale_temps, temp_prefix
+from ..atomic import atomic_directory
 from .questions import (
     NEGATIVE_STRATEGIES, SUBFIELDS, SUBJECTS, choice_options, existence_question, reference_answers, sample_negative,
     subject_question, textvqa_question, training_conversation,
@@ -193,21 +192,6 @@ def _write_training(directory: Path, scenes: list[Scene], seed: int, image_size:
     (directory / "conversations.json").write_text(json.dumps(records, ensure_ascii=False))
 
 
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Move the finished staging folder into place, swapping out an older world if there is one."""
-    old = target.with_name(f".{target.name}.old-{os.getpid()}") if target.exists() else None
-    if old is not None:
-        target.rename(old)
-    staging.rename(target)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-def cache_dir() -> Path:
-    """Where the embedded worlds are generated on first use: $MATVLM_CACHE, else ~/.cache/matvlm."""
-    return Path(os.environ.get("MATVLM_CACHE") or Path.home() / ".cache" / "matvlm")
-
-
 def world_paths(root: str | os.PathLike) -> WorldPaths:
     root = Path(root)
     return WorldPaths(
@@ -221,17 +205,14 @@ def generate_world(
     mmmu_size: int = 150, textvqa_size: int = 150, image_size: int = 64, overwrite: bool = False,
     on_progress: ProgressCallback | None = None,
 ) -> WorldPaths:
-    """Write the whole world (layout in the module docstring) atomically: everything goes to a temporary
-    folder beside `output_dir`, renamed into place only once complete. Same arguments, same bytes."""
+    """Write the whole world (layout in the module docstring) atomically, as every matvlm output is written
+    (`atomic_directory`): into a temporary folder beside `output_dir`, renamed into place only once
+    complete, with the umask's modes. Same arguments, same bytes."""
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} exists; pass overwrite=True to replace it")
     report = on_progress or (lambda stage, done, total: None)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(output_dir)
-    staging = Path(tempfile.mkdtemp(prefix=temp_prefix(output_dir.name), suffix=".tmp", dir=output_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the world is meant to be shared
-    try:
+    with atomic_directory(output_dir, overwrite) as staging:
         benchmarks = {
             "pope": (pope_rows(seed, pope_per_category, image_size), POPE_SCHEMA),
             "mmmu": (mmmu_rows(seed, mmmu_size, image_size), MMMU_SCHEMA),
@@ -247,8 +228,4 @@ def generate_world(
             "mmmu_size": mmmu_size, "textvqa_size": textvqa_size, "image_size": image_size,
         }
         (staging / "world.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return world_paths(output_dir)

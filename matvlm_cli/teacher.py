@@ -5,7 +5,7 @@ from scratch on the synthetic world, so that every subcommand has a model that a
 questions about images without any download. Regenerate it with:
 
     python -m matvlm_cli.world --output world --seed 0 --train-size 150000
-    python -m matvlm_cli.world.teacher --world world --output matvlm_cli/presets/tiny-teacher
+    python -m matvlm_cli.teacher --world world --output matvlm_cli/presets/tiny-teacher
 
 The shipped weights were trained on the GPU machine (one H100, bf16 autocast) with these defaults:
 150k training scenes, 10 epochs at batch 512 (2920 steps), 475 s including 116 s of loading the
@@ -34,7 +34,7 @@ from transformers import (
     SiglipImageProcessorPil, SiglipVisionConfig,
 )
 
-from .questions import world_corpus
+from .world.questions import world_corpus
 
 IMAGE_SIZE, PATCH_SIZE = 64, 8
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2
@@ -227,7 +227,7 @@ def train_teacher(
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    from .quality import benchmark_scores
+    from .evaluate.quality import benchmark_scores
 
     info["held_out"] = benchmark_scores(model.to(device), output, world)
     (output / "training.json").write_text(json.dumps(info, indent=2))

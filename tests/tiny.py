@@ -1,6 +1,6 @@
-"""Tiny random LLaVA models built from configs, one per text family, for tests and examples, and
-the location of the trained embedded default teacher. Nothing is downloaded: the tokenizer is a
-word-level vocabulary built here, the image processor a SigLIP-style config.
+"""Tiny random LLaVA models built from configs, one per text family, for the tests. Nothing is
+downloaded: the tokenizer is a word-level vocabulary built here, the image processor a SigLIP-style
+config. The tests import it as `tiny` (pytest puts tests/ on the path), as they do `zoo`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from transformers import (
     PreTrainedTokenizerFast, Qwen2Config, SiglipVisionConfig,
 )
 
-from .world.teacher import CHAT_TEMPLATE, build_processor
+from matvlm_cli.teacher import CHAT_TEMPLATE, build_processor
 
 IMAGE_SIZE, PATCH_SIZE = 32, 8
 IMAGE_TOKEN = "<image>"
@@ -85,7 +85,3 @@ def build_tiny_llava(output: str | os.PathLike, family: str = "llama", seed: int
     tiny_processor().save_pretrained(output)
     return output
 
-
-def default_teacher_dir() -> Path:
-    """The embedded default teacher shipped inside the package (see `matvlm_cli.world.teacher`)."""
-    return Path(__file__).parent / "presets" / "tiny-teacher"

@@ -1,9 +1,13 @@
-"""Optional CUDA kernels for the Mamba-2 mixer, imported lazily and only on demand.
+"""Every GPU kernel matvlm has or borrows, and the choice between them.
+
+matvlm's own Triton kernels live in this package: `step.py` (a whole Mamba-2 decode step), `norm.py`
+(the skip, gate and norm after a prefill's chunk scan) and `attention.py` (split-KV decoding attention
+for bench's `graphs` engine). This module picks the mixer's kernels, imported lazily and only on demand.
 
 Three backends compute the same four operations (chunked scan, one-token state update, causal conv,
 one-token conv update):
 
-- `torch`: the PyTorch reference in `ssd.py`; runs anywhere.
+- `torch`: the PyTorch reference in `hybrid/ssd.py`; runs anywhere.
 - `mamba-ssm`: mamba_ssm's Triton SSD kernels and causal_conv1d's CUDA conv. Both ship as sdists that
   compile CUDA code, so a CPU machine can never import them.
 - `fla`: fla-core's Triton kernels (`chunk_simple_gla` with q=C, k=B, v=x*dt, g=A*dt, and its
@@ -25,9 +29,9 @@ from typing import Callable
 import torch
 
 BACKENDS = ("auto", "torch", "triton", "mamba-ssm", "fla")
-# mixer_step is a whole decode step fused into one kernel (`step_kernel.py`); where no backend has it,
+# mixer_step is a whole decode step fused into one kernel (`step.py`); where no backend has it,
 # the step runs as conv1d_update + state_update + the gated norm. skip_gate_norm is what follows a prefill's
-# chunk scan (the skip term, the gate and the grouped norm) in one kernel (`norm_kernel.py`).
+# chunk scan (the skip term, the gate and the grouped norm) in one kernel (`norm.py`).
 OPS = ("chunk_scan", "state_update", "conv1d", "conv1d_update", "mixer_step", "skip_gate_norm")
 FORWARD_ONLY = ("mixer_step", "skip_gate_norm")  # no backward: passed over where gradients are needed
 # Fastest first, per op (measured on an H100: fla's chunk scan 0.40 ms vs mamba_ssm's 0.57 ms; causal_conv1d's CUDA
@@ -176,8 +180,8 @@ def _load_triton() -> SimpleNamespace:
     """matvlm's own Triton kernels: the fused decode step and the prefill's skip, gate and norm (the other
     ops stay PyTorch's)."""
     importlib.import_module("triton")
-    from .norm_kernel import skip_gate_norm
-    from .step_kernel import fused_step
+    from .norm import skip_gate_norm
+    from .step import fused_step
 
     return SimpleNamespace(
         chunk_scan=None, state_update=None, conv1d=None, conv1d_update=None, mixer_step=fused_step,

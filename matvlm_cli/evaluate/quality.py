@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
-from ..hybrid.io import render_chat
-from .questions import mmmu_prompt, pope_prompt, textvqa_prompt
+from ..hybrid.processors import render_chat
+from ..world.questions import mmmu_prompt, pope_prompt, textvqa_prompt
+from .metrics import mmmu_score, pope_lmms_eval, vqa_accuracy
 
 
 def _rows(path: Path, limit: int | None) -> list[dict]:
@@ -45,8 +46,6 @@ def answer(model, processor, prompts: list[str], images: list[Image.Image], batc
 
 
 def benchmark_scores(model, model_dir: Path, world: Path, limit: int | None = None) -> dict[str, float]:
-    from ..evaluate.metrics import mmmu_score, pope_lmms_eval, vqa_accuracy
-
     processor = AutoProcessor.from_pretrained(model_dir)
     scores: dict[str, float] = {}
 
