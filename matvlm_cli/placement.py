@@ -114,7 +114,7 @@ def load_calibration(data: str | None, image_root: str | None, processor, count:
     if count < 1:
         raise MatvlmError(f"calibration_records: must be positive, got {count}")
     if data is None:
-        from .distill.trainer import embedded_world_sources
+        from .distill.loaders import embedded_world_sources
 
         source = embedded_world_sources(console)[0]
         path, root = Path(source.json), Path(source.image_root)

@@ -274,7 +274,7 @@ def test_embedded_world_adds_its_reading_turns_again(tmp_path, monkeypatch):
     EMBEDDED_READING_WEIGHT (a small world stands in for the 20k-scene one)."""
     from rich.console import Console
 
-    from matvlm_cli.distill.trainer import EMBEDDED_READING_WEIGHT, embedded_world_sources
+    from matvlm_cli.distill.loaders import EMBEDDED_READING_WEIGHT, embedded_world_sources
     from matvlm_cli.world.writers import WORLD_VERSION
 
     monkeypatch.setenv("MATVLM_CACHE", str(tmp_path))

@@ -258,7 +258,7 @@ def test_chunked_losses_equal_the_full_logits_losses_and_their_gradients():
 
 
 def test_data_loader_workers_by_default_only_beside_an_accelerator():
-    from matvlm_cli.distill.trainer import default_workers
+    from matvlm_cli.distill.loaders import default_workers
 
     assert default_workers(1, torch.device("cpu")) == 0  # the CPU step already uses every core
     assert 0 <= default_workers(1, torch.device("cuda")) <= 8

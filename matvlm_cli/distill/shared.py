@@ -98,6 +98,15 @@ class SharedTeacherStudent:
             return sum(p.numel() for p in self.separate_teacher.parameters())
         return sum(p.numel() for p in self.model.parameters()) - sum(p.numel() for d in self.duals for p in d.mamba.parameters())
 
+    def move_teacher_copies(self, device) -> None:
+        """The teacher-side copies live outside the model the accelerator prepares: they follow it here."""
+        if self.teacher_connector is not None:
+            self.teacher_connector.to(device)
+        if self.separate_teacher is not None:
+            self.separate_teacher.to(device)
+        for block in self.teacher_blocks.values():
+            block.to(device)
+
     def text_decoders(self) -> list[nn.Module]:
         """Every text decoder a forward pass runs: the model's, the teacher's copies of trained layers and
         the separate teacher's (`packed_attention` switches their attention)."""
