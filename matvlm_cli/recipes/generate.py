@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import MatvlmError
 from .loading import setting
 
 
@@ -16,3 +17,7 @@ class GenerateRecipe:
     model: str | None = setting(None, "A teacher or hybrid directory.", shown="the embedded teacher")
     max_new_tokens: int = setting(64, "Most tokens to generate.")
     temperature: float = setting(0.0, "0 for greedy decoding; above 0 samples.")
+
+    def check(self, source: object = None) -> None:
+        if self.prompt is None:
+            raise MatvlmError("Missing option '--prompt' (or 'prompt' in the recipe): the question to ask")

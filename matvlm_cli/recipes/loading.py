@@ -9,7 +9,6 @@ text and command-line flag live in its metadata (`setting`), so the CLI reads th
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import types
 import typing
