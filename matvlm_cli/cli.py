@@ -1,8 +1,15 @@
-"""The `matvlm` command line: parse options, build the recipe, hand over to an engine."""
+"""The `matvlm` command line: parse options, build the recipe, hand over to an engine.
+
+Every subcommand's settings are a typed recipe (matvlm_cli/recipes): a command takes a recipe file or a
+shipped recipe's name, its flags, and `--set key=value`, layered defaults < file < flags < --set. A flag's
+help, choices and default are read from its recipe field, so they are written once, there.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import typing
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -11,7 +18,12 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from .choices import choices_in
 from .errors import MatvlmError, MatvlmWarning
+from .recipes import (
+    BenchRecipe, ConvertRecipe, DistillRecipe, EvaluateRecipe, ExportRecipe, GenerateRecipe, load_recipe,
+    resolve_recipe,
+)
 
 app = typer.Typer(
     help="Turn a vision-language model into a faster hybrid Mamba-2/Transformer (MaTVLM).",
@@ -61,86 +73,130 @@ def _recipe_path(recipe: Path | None, **flags: bool | None) -> Path | None:
             raise MatvlmError(f"{given[0]} takes no value: drop {str(recipe)!r} ({given[0]} alone turns it on)")
         if given:
             raise MatvlmError(f"flags take no value ({', '.join(given)}): drop {str(recipe)!r}")
-    return recipe
+    return resolve_recipe(recipe)
+
+
+def _shown(value) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def option(cls, key: str, *aliases: str, help: str = "") -> typing.Any:
+    """The flag for recipe field `key`: its name, help, choices and default from the field. It defaults to
+    None (not given), so that a recipe file's value stands unless the flag is given."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == key)
+    meta = field.metadata
+    text = " ".join(part for part in (help, meta.get("help", "")) if part)
+    allowed = choices_in(typing.get_type_hints(cls)[key])
+    if allowed:
+        text += f" ({' | '.join(allowed)})"
+    default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+    shown = meta.get("shown") or (None if default is None or isinstance(default, bool) else _shown(default))
+    if shown:
+        text += f" [default: {shown}]"
+    return typer.Option(None, meta.get("flag") or "--" + key.replace("_", "-"), *aliases, help=text)
+
+
+RECIPE_HELP = "A recipe YAML file, or a shipped recipe's name (`matvlm recipes` lists them); flags and --set override it."
+
+
+def recipe_argument() -> typing.Any:
+    return typer.Argument(None, help=RECIPE_HELP, show_default=False)
+
+
+def set_option() -> typing.Any:
+    return typer.Option([], "--set", metavar="KEY=VALUE", help="Set any recipe key, over the file and the flags; "
+                        "dotted for nested keys (--set optimizer.lr=1e-4); the value is read as YAML; repeatable.")
 
 
 @app.command()
 def convert(
-    recipe: Optional[Path] = typer.Argument(None, help="YAML recipe; the options below override it."),
-    teacher: Optional[str] = typer.Option(None, help="Teacher model directory (default: the embedded tiny teacher)."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Where to write the hybrid."),
-    ratio: Optional[float] = typer.Option(None, help="Fraction of decoder layers to replace, in (0, 1]. [default: 0.25]"),
-    placement: Optional[str] = typer.Option(None, help="even | front | middle | back | scored (the k layers whose conversion costs least on calibration data). [default: even]"),
-    layers: Optional[str] = typer.Option(None, help="Explicit layer indices, e.g. 0,4,8 (overrides --ratio)."),
-    count: Optional[int] = typer.Option(None, help="How many layers to replace (instead of --ratio)."),
-    calibration: Optional[str] = typer.Option(None, help="--placement scored: a LLaVA-format data JSON (default: the embedded world)."),
-    calibration_images: Optional[str] = typer.Option(None, help="Folder the calibration JSON's images are relative to (default: its folder)."),
-    calibration_records: Optional[int] = typer.Option(None, help="Image records drawn (by --seed) to score layers on. [default: 64]"),
-    keep_bias: Optional[bool] = typer.Option(None, "--keep-bias", help="Carry attention biases into the mixer."),
-    seed: Optional[int] = typer.Option(None, help="Seed for the Mamba-2 parameters not taken from attention. [default: 0]"),
-    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16. [default: auto]"),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an output directory matvlm wrote (or an empty one)."),
-    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow the teacher's own modelling code."),
+    recipe: Optional[Path] = recipe_argument(),
+    set_: list[str] = set_option(),
+    teacher: Optional[str] = option(ConvertRecipe, "teacher"),
+    output: Optional[str] = option(ConvertRecipe, "output", "-o"),
+    ratio: Optional[float] = option(ConvertRecipe, "ratio"),
+    placement: Optional[str] = option(ConvertRecipe, "placement"),
+    layers: Optional[str] = option(ConvertRecipe, "layers"),
+    count: Optional[int] = option(ConvertRecipe, "count"),
+    calibration: Optional[str] = option(ConvertRecipe, "calibration"),
+    calibration_images: Optional[str] = option(ConvertRecipe, "calibration_images"),
+    calibration_records: Optional[int] = option(ConvertRecipe, "calibration_records"),
+    keep_bias: Optional[bool] = option(ConvertRecipe, "keep_bias"),
+    seed: Optional[int] = option(ConvertRecipe, "seed"),
+    dtype: Optional[str] = option(ConvertRecipe, "dtype"),
+    overwrite: Optional[bool] = option(ConvertRecipe, "overwrite"),
+    trust_remote_code: Optional[bool] = option(ConvertRecipe, "trust_remote_code"),
 ):
     """Replace a fraction of the teacher's attention layers with Mamba-2 layers initialised from them."""
     from .convert import run_convert
-    from .recipes import ConvertRecipe, load_recipe
 
-    overrides = dict(
+    flags = dict(
         teacher=teacher, output=output, ratio=ratio, placement=placement, layers=_layer_list(layers), count=count,
         calibration=calibration, calibration_images=calibration_images, calibration_records=calibration_records,
         keep_bias=keep_bias, seed=seed, dtype=dtype, overwrite=overwrite, trust_remote_code=trust_remote_code,
     )
     recipe = _recipe_path(recipe, keep_bias=keep_bias, overwrite=overwrite, trust_remote_code=trust_remote_code)
-    run_convert(load_recipe(ConvertRecipe, recipe, overrides), console)
+    run_convert(load_recipe(ConvertRecipe, recipe, flags, sets=set_), console)
 
 
 @app.command()
 def export(
-    hybrid: Path = typer.Argument(..., help="A hybrid directory written by convert or distill."),
-    output: Path = typer.Option(..., "--output", "-o", help="Where to write the stock transformers model."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an output directory matvlm wrote (or an empty one)."),
+    hybrid: Optional[Path] = typer.Argument(
+        None, show_default=False,
+        help="A hybrid directory written by convert or distill; or a recipe YAML file whose 'hybrid' names one."),
+    set_: list[str] = set_option(),
+    output: Optional[str] = option(ExportRecipe, "output", "-o"),
+    overwrite: Optional[bool] = option(ExportRecipe, "overwrite"),
 ):
     """Rewrite a hybrid as a stock transformers model (GraniteMoeHybrid text model) that loads without matvlm."""
     from .export import run_export
 
-    run_export(hybrid, output, overwrite, console)
+    recipe = hybrid if hybrid is not None and hybrid.is_file() else None  # a hybrid is a folder, a recipe a file
+    flags = dict(hybrid=None if recipe else hybrid and str(hybrid), output=output, overwrite=overwrite)
+    parsed = load_recipe(ExportRecipe, _recipe_path(recipe, overwrite=overwrite), flags, sets=set_)
+    run_export(parsed.hybrid, parsed.output, parsed.overwrite, console)
 
 
 @app.command()
 def distill(
-    recipe: Path = typer.Argument(..., help="YAML recipe (see recipes/tiny-default.yaml)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a recipe key: --set optimizer.lr=1e-4 (repeatable)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output.dir."),
+    recipe: Optional[Path] = recipe_argument(),
+    set_: list[str] = set_option(),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output.dir (output.resume: auto)."),
     num_gpus: int = typer.Option(
         0, "--num-gpus", min=0, help="Launch this many processes with accelerate (DDP, or FSDP with training.distributed: fsdp)."
     ),
 ):
     """Distil a hybrid from its teacher (KL + layer + CE losses), on a CPU, a GPU or several GPUs."""
-    from .recipes import DistillRecipe, load_recipe
-
+    recipe = _recipe_path(recipe, resume=resume)
     parsed = load_recipe(DistillRecipe, recipe, {"output.resume": "auto" if resume else None}, sets=set_,
                          flag_names={"output.resume": "--resume"})
     from .distill.trainer import launch_processes, run_distill
 
     if num_gpus > 1:
+        if recipe is None:
+            raise MatvlmError("--num-gpus: name a recipe (file or shipped name) for the launched processes to read")
         raise SystemExit(launch_processes(num_gpus, recipe, set_, resume))
     run_distill(parsed, console)
 
 
 @app.command()
 def generate(
-    image: Optional[Path] = typer.Option(None, help="An image file (default: a sample scene shipped with matvlm)."),
-    prompt: str = typer.Option(..., help="The question or instruction."),
-    model: Optional[Path] = typer.Option(None, help="A teacher or hybrid directory (default: the embedded teacher)."),
-    max_new_tokens: int = typer.Option(64, help="Most tokens to generate."),
-    temperature: float = typer.Option(0.0, help="0 for greedy decoding; above 0 samples."),
+    recipe: Optional[Path] = recipe_argument(),
+    set_: list[str] = set_option(),
+    image: Optional[str] = option(GenerateRecipe, "image"),
+    prompt: Optional[str] = option(GenerateRecipe, "prompt"),
+    model: Optional[str] = option(GenerateRecipe, "model"),
+    max_new_tokens: Optional[int] = option(GenerateRecipe, "max_new_tokens"),
+    temperature: Optional[float] = option(GenerateRecipe, "temperature"),
 ):
     """Answer one question about one image with a teacher or a hybrid, streaming the answer."""
     from .generate import run_generate
     from .paths import default_teacher_dir
 
-    run_generate(model or default_teacher_dir(), image, prompt, max_new_tokens, temperature, console)
+    flags = dict(image=image, prompt=prompt, model=model, max_new_tokens=max_new_tokens, temperature=temperature)
+    r = load_recipe(GenerateRecipe, _recipe_path(recipe), flags, sets=set_)
+    run_generate(Path(r.model) if r.model else default_teacher_dir(), Path(r.image) if r.image else None, r.prompt,
+                 r.max_new_tokens, r.temperature, console)
 
 
 @app.command(name="app")
@@ -173,61 +229,94 @@ def _task_list(text: str | None) -> list[str] | None:
 
 @app.command()
 def evaluate(
-    recipe: Optional[Path] = typer.Argument(None, help="YAML recipe; the options below override it."),
-    model: Optional[list[str]] = typer.Option(None, "--model", "-m", help="Teacher or hybrid directory; repeat to compare side by side (default: the embedded teacher)."),
-    tasks: Optional[str] = typer.Option(None, help="Comma-separated: pope, mmmu, textvqa, or any lm-eval task name or task YAML. (default: pope,mmmu,textvqa)"),
-    data_dir: Optional[str] = typer.Option(None, help="Folder with pope/, mmmu/, textvqa/ (hub parquet or save_to_disk) (default: the embedded synthetic sets)."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N documents of each task."),
-    batch_size: Optional[int] = typer.Option(None, help="Prompts per forward pass (default: 16)."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Results folder (default: runs/evaluate)."),
-    ocr: Optional[bool] = typer.Option(None, "--ocr", help="TextVQA: add the reference OCR tokens to the prompt (LLaVA-1.5 protocol)."),
-    device: Optional[str] = typer.Option(None, help="cpu | cuda | auto (default: auto)."),
+    recipe: Optional[Path] = recipe_argument(),
+    set_: list[str] = set_option(),
+    model: Optional[list[str]] = option(EvaluateRecipe, "models", "-m"),
+    tasks: Optional[str] = option(EvaluateRecipe, "tasks", help="Comma-separated:"),
+    data_dir: Optional[str] = option(EvaluateRecipe, "data_dir"),
+    limit: Optional[int] = option(EvaluateRecipe, "limit"),
+    batch_size: Optional[int] = option(EvaluateRecipe, "batch_size"),
+    output: Optional[str] = option(EvaluateRecipe, "output", "-o"),
+    ocr: Optional[bool] = option(EvaluateRecipe, "ocr"),
+    device: Optional[str] = option(EvaluateRecipe, "device"),
 ):
     """Score teachers and hybrids on POPE, MMMU and TextVQA (lmms-eval's rules) with the lm-eval harness."""
     from .evaluate.run import run_evaluate
-    from .recipes import EvaluateRecipe, load_recipe
 
-    overrides = dict(
+    flags = dict(
         models=model or None, tasks=_task_list(tasks), data_dir=data_dir, limit=limit, batch_size=batch_size,
         output=output, ocr=ocr, device=device,
     )
     recipe = _recipe_path(recipe, ocr=ocr)
-    run_evaluate(load_recipe(EvaluateRecipe, recipe, overrides, flag_names={"models": "--model"}), console)
+    run_evaluate(load_recipe(EvaluateRecipe, recipe, flags, sets=set_), console)
 
 
 @app.command()
 def bench(
-    recipe: Optional[Path] = typer.Argument(None, help="YAML recipe; the options below override it."),
-    teacher: Optional[str] = typer.Option(None, help="Teacher directory or preset: tinyllava-phi2-siglip-3b, llava-1.5-7b (random weights). (default: tinyllava-phi2-siglip-3b on a GPU, the embedded teacher on CPU)"),
-    student: Optional[list[str]] = typer.Option(None, help="A hybrid directory; repeatable."),
-    ratio: Optional[list[float]] = typer.Option(None, help="Convert the teacher in memory at this ratio; repeatable. (default: 0.25 and 0.5 when no --student)"),
-    placement: Optional[str] = typer.Option(None, help="even | front | middle | back, for --ratio. [default: even]"),
-    seq_len: Optional[list[int]] = typer.Option(None, "--seq-len", help="Context length in tokens, image included; repeatable. [default: 8192]"),
-    batch: Optional[list[int]] = typer.Option(None, "--batch", help="Batch size; repeatable. [default: 1]"),
-    gen_len: Optional[int] = typer.Option(None, help="Tokens to decode per run. [default: 128]"),
-    engine: Optional[list[str]] = typer.Option(None, "--engine", help="graphs (static cache + CUDA graphs) | hf (plain generate); repeatable. [default: graphs, hf]"),
-    backend: Optional[str] = typer.Option(None, help="Mixer kernels: auto | torch | triton | mamba-ssm | fla. [default: auto]"),
-    dtype: Optional[str] = typer.Option(None, help="auto | bfloat16 | float16 | float32. [default: auto: bfloat16 on GPU, float32 on CPU]"),
-    throughput: Optional[list[int]] = typer.Option(None, "--throughput", help="Also find each model's largest batch at this context and its tokens/s (GPU); repeatable."),
-    profile: bool = typer.Option(False, "--profile", help="Also profile one decode step per model at the first --seq-len, kernel by kernel (profile-*.txt)."),
-    kernels: bool = typer.Option(False, "--kernels", help="Kernel micro-benchmark: every installed mixer backend side by side."),
-    repeats: Optional[int] = typer.Option(None, help="Timed repeats (after one warm-up); medians are reported. [default: 3]"),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Folder for bench.json and bench.png. [default: runs/bench]"),
-    device: Optional[str] = typer.Option(None, help="auto | cuda | cpu. [default: auto]"),
+    recipe: Optional[Path] = recipe_argument(),
+    set_: list[str] = set_option(),
+    teacher: Optional[str] = option(BenchRecipe, "teacher"),
+    student: Optional[list[str]] = option(BenchRecipe, "students"),
+    ratio: Optional[list[float]] = option(BenchRecipe, "ratios"),
+    placement: Optional[str] = option(BenchRecipe, "placement"),
+    seq_len: Optional[list[int]] = option(BenchRecipe, "seq_lens"),
+    batch: Optional[list[int]] = option(BenchRecipe, "batches"),
+    gen_len: Optional[int] = option(BenchRecipe, "gen_len"),
+    engine: Optional[list[str]] = option(BenchRecipe, "engines"),
+    backend: Optional[str] = option(BenchRecipe, "backend"),
+    dtype: Optional[str] = option(BenchRecipe, "dtype"),
+    throughput: Optional[list[int]] = option(BenchRecipe, "throughput_seq_lens"),
+    profile: Optional[bool] = option(BenchRecipe, "profile"),
+    kernels: Optional[bool] = option(BenchRecipe, "kernels"),
+    repeats: Optional[int] = option(BenchRecipe, "repeats"),
+    output: Optional[str] = option(BenchRecipe, "output", "-o"),
+    device: Optional[str] = option(BenchRecipe, "device"),
 ):
     """Time prefill and decoding of the teacher and its hybrids with the same engine, against the bandwidth floor."""
     from .bench.run import run_bench
-    from .recipes import BenchRecipe, load_recipe
 
-    overrides = dict(
+    flags = dict(
         teacher=teacher, students=student or None, ratios=ratio or None, placement=placement, seq_lens=seq_len or None,
         batches=batch or None, gen_len=gen_len, engines=engine or None, backend=backend, dtype=dtype,
-        throughput_seq_lens=throughput or None, profile=profile or None, kernels=kernels or None, repeats=repeats, output=output, device=device,
+        throughput_seq_lens=throughput or None, profile=profile, kernels=kernels, repeats=repeats, output=output,
+        device=device,
     )
-    flag_names = dict(students="--student", ratios="--ratio", seq_lens="--seq-len", batches="--batch", engines="--engine",
-                      throughput_seq_lens="--throughput")
-    recipe = _recipe_path(recipe, kernels=kernels)
-    run_bench(load_recipe(BenchRecipe, recipe, overrides, flag_names=flag_names), console)
+    recipe = _recipe_path(recipe, profile=profile, kernels=kernels)
+    run_bench(load_recipe(BenchRecipe, recipe, flags, sets=set_), console)
+
+
+recipes_app = typer.Typer(help="The recipes that ship with matvlm: list them, or copy one to edit.",
+                          invoke_without_command=True, rich_markup_mode=None)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback()
+def recipes(ctx: typer.Context):
+    """List the shipped recipes (`matvlm recipes`); `matvlm recipes cp NAME DEST` copies one."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.table import Table
+
+    from .recipes import shipped_recipes
+
+    table = Table(box=None, show_edge=False)
+    for column in ("recipe", "command", "what it does"):
+        table.add_column(column)
+    for shipped in shipped_recipes():
+        table.add_row(shipped.name, shipped.command, shipped.description)
+    console.print(table)
+    console.print("Run one by name (matvlm distill tiny-default), or copy it to edit: matvlm recipes cp NAME DEST")
+
+
+@recipes_app.command(name="cp")
+def copy(
+    name: str = typer.Argument(..., help="A shipped recipe's name (`matvlm recipes` lists them)."),
+    destination: Path = typer.Argument(..., help="A file to write, or a folder to write NAME.yaml into."),
+):
+    """Copy a shipped recipe, to edit it and run it as a file."""
+    from .recipes import copy_recipe
+
+    console.print(f"Copied {name} to {copy_recipe(name, destination)}", highlight=False)
 
 
 def main() -> None:

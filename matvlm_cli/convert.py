@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .atomic import check_output_dir
+from .choices import Dtype, choices
 from .errors import MatvlmError
 from .hybrid.cache import cache_bytes_per_token
 from .hybrid.conversion import (
@@ -19,7 +20,7 @@ from .hybrid.layouts import load_config, model_class_for, weight_files
 from .hybrid.load import load_teacher
 from .hybrid.processors import load_processor
 from .hybrid.saving import save_hybrid
-from .recipes import DTYPES, ConvertRecipe
+from .recipes import ConvertRecipe
 
 SCORED = "scored"  # chosen from calibration data (placement.py) rather than by position
 CHART = "placement-scores.png"  # written beside the weights by --placement scored
@@ -42,8 +43,8 @@ def check_recipe(recipe: ConvertRecipe) -> None:
         raise MatvlmError(f"calibration_records: must be positive, got {recipe.calibration_records}")
     if recipe.layers is None and recipe.ratio is not None and not 0 < recipe.ratio <= 1:
         raise MatvlmError(f"ratio: {recipe.ratio} is outside (0, 1]")
-    if recipe.dtype not in DTYPES:
-        raise MatvlmError(f"dtype: {recipe.dtype!r} is not one of {', '.join(DTYPES)}")
+    if recipe.dtype not in choices(Dtype):
+        raise MatvlmError(f"dtype: {recipe.dtype!r} is not one of {', '.join(choices(Dtype))}")
     if recipe.chunk_size < 1:
         raise MatvlmError(f"chunk_size: must be positive, got {recipe.chunk_size}")
 
