@@ -21,8 +21,12 @@ demo: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(VENV)/bin/matvlm evaluate --model matvlm_cli/presets/tiny-teacher \
 		--model runs/tiny-hybrid-0.25 --model runs/demo-distill/final --tasks pope,mmmu,textvqa --output runs/demo-evaluate
 
-test: $(VENV)/.installed
+# The suite, after ruff's lint (pyproject.toml [tool.ruff]); `make lint` runs the lint alone.
+test: lint
 	$(VENV)/bin/python -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 # The suite against the newest release of every package that pyproject.toml's ranges allow, in a venv of
 # its own; the versions it ran with go to $(LATEST_VENV)/versions.txt. Run it before raising a range's cap
@@ -52,4 +56,4 @@ serve-check: $(VENV)/.installed $(SERVE_VENV)/.installed
 	$(VENV)/bin/python -m matvlm_cli.serve.check reference runs/serve-check
 	$(SERVE_VENV)/bin/python -m matvlm_cli.serve.check vllm runs/serve-check
 
-.PHONY: demo test test-latest serve-check
+.PHONY: demo test lint test-latest serve-check

@@ -14,9 +14,9 @@ import torch
 from transformers import AutoProcessor
 
 from matvlm_cli import choose_layers, convert_to_hybrid, load_hybrid, load_teacher, save_hybrid
+from matvlm_cli.evaluate.quality import benchmark_scores
 from matvlm_cli.paths import default_teacher_dir
 from matvlm_cli.world import generate_world
-from matvlm_cli.evaluate.quality import benchmark_scores
 from matvlm_cli.world.scenes import Scene, SceneObject, render
 
 

@@ -15,14 +15,19 @@ overrides (as `--set` takes them); "layers 1,3,4,7; converted + KL all" is the c
 Stepwise rows set `stages`: layers 1, 7 for 250 steps (warmup, then constant lr), then the row's
 layers for the remaining steps (a warmup of 20, then the recipe's decay).
 """
-import argparse, copy, json, sys, time
+import argparse
+import copy
+import json
+import sys
+import time
 from pathlib import Path
+
 from matvlm_cli import load_hybrid
 from matvlm_cli.atomic import write_atomic
 from matvlm_cli.distill.trainer import run_distill
+from matvlm_cli.evaluate.quality import benchmark_scores
 from matvlm_cli.recipes import DistillRecipe, build_recipe, check_distill_recipe, read_yaml, set_dotted
 from matvlm_cli.world import generate_world
-from matvlm_cli.evaluate.quality import benchmark_scores
 
 # The rows' common ground: the recipe's file with its first 0.5 settings (layers 1, 2, 4, 7, KL on the
 # answers, the mixers alone trained), so that each row names everything it changes.

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText
 
+from matvlm_cli.evaluate.quality import benchmark_scores
 from matvlm_cli.hybrid import convert_to_hybrid
 from matvlm_cli.paths import default_teacher_dir
 from matvlm_cli.world import generate_world
-from matvlm_cli.evaluate.quality import benchmark_scores
 
 world = generate_world(Path("runs/probe-world"), seed=0, train_size=1, overwrite=True).root  # held-out sets
 for spec in sys.argv[1:]:

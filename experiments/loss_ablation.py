@@ -4,13 +4,15 @@
 
 Writes docs/results/distill/loss-ablation.json (the table in docs/distill.md).
 """
-import json, time
+import json
+import time
 from pathlib import Path
+
 from matvlm_cli import load_hybrid
 from matvlm_cli.distill.trainer import run_distill
+from matvlm_cli.evaluate.quality import benchmark_scores
 from matvlm_cli.recipes import DistillRecipe, build_recipe, read_yaml, set_dotted
 from matvlm_cli.world import generate_world
-from matvlm_cli.evaluate.quality import benchmark_scores
 
 WORLD = generate_world(Path("runs/ablation-world"), seed=0, train_size=1, overwrite=True).root  # held-out sets
 settings = {"ce only": (0, 0, 1), "layer only": (0, 1, 0), "prob only": (1, 0, 0), "prob + layer": (1, 1, 0), "prob + layer + ce": (1, 1, 1)}

@@ -18,15 +18,21 @@ seed and the training seed are the same number.
 experiments/gpu/placement_sweep.sh runs every row at once on one GPU. Not run yet (no device time left on
 2026-12-03: docs/placement.md); the scores of seeds 0, 1, 2 are in docs/results/placement/placement-scores.json.
 """
-import argparse, copy, json, statistics, sys, time
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
 from pathlib import Path
 
 from half_ablation import SCORES, TEACHER, held_out_world, warm  # experiments/half_ablation.py, beside this file
+
 from matvlm_cli import load_hybrid
 from matvlm_cli.atomic import write_atomic
 from matvlm_cli.distill.trainer import run_distill
-from matvlm_cli.recipes import DistillRecipe, build_recipe, check_distill_recipe, read_yaml, set_dotted
 from matvlm_cli.evaluate.quality import benchmark_scores
+from matvlm_cli.recipes import DistillRecipe, build_recipe, check_distill_recipe, read_yaml, set_dotted
 
 SCORES_FILE = Path("docs/results/placement/placement-scores.json")
 SEEDS = (0, 1, 2)
@@ -85,16 +91,16 @@ def recipe_of(name: str, extra: dict) -> DistillRecipe:
 def score(out: Path) -> None:
     """The layer scores of each seed on 64 calibration records of the embedded world, with the engine of
     `matvlm convert --placement scored`, and the layers it converts at 0.25 and 0.5."""
+    from dataclasses import asdict
+
+    import torch
     from rich.console import Console
 
     from matvlm_cli.hybrid.conversion import find_decoder, layer_count
     from matvlm_cli.hybrid.load import load_teacher
     from matvlm_cli.hybrid.processors import load_processor
-    from matvlm_cli.placement import greedy_layers, load_calibration, pick_scored, score_layers
     from matvlm_cli.paths import default_teacher_dir
-    from dataclasses import asdict
-
-    import torch
+    from matvlm_cli.placement import greedy_layers, load_calibration, pick_scored, score_layers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results = {}

@@ -21,7 +21,13 @@ from rich.markup import escape
 from .choices import choices_in
 from .errors import MatvlmError, MatvlmWarning
 from .recipes import (
-    BenchRecipe, ConvertRecipe, DistillRecipe, EvaluateRecipe, ExportRecipe, GenerateRecipe, load_recipe,
+    BenchRecipe,
+    ConvertRecipe,
+    DistillRecipe,
+    EvaluateRecipe,
+    ExportRecipe,
+    GenerateRecipe,
+    load_recipe,
     resolve_recipe,
 )
 

@@ -13,7 +13,13 @@ from .choices import Dtype, choices
 from .errors import MatvlmError
 from .hybrid.cache import cache_bytes_per_token
 from .hybrid.conversion import (
-    PLACEMENTS, attention_geometry, attention_windows, choose_layers, convert_to_hybrid, find_decoder, layer_count,
+    PLACEMENTS,
+    attention_geometry,
+    attention_windows,
+    choose_layers,
+    convert_to_hybrid,
+    find_decoder,
+    layer_count,
     not_carried,
 )
 from .hybrid.layouts import load_config, model_class_for, weight_files

@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from tiny import TEXT_FAMILIES, build_tiny_llava
 
 FAMILIES = sorted(TEXT_FAMILIES)

@@ -171,9 +171,8 @@ def test_a_port_in_use_is_refused_before_loading():
 
 @needs_gradio
 def test_a_text_only_model_is_refused(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from tiny import tiny_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = tmp_path / "text-only"
     config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)

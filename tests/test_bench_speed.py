@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from matvlm_cli.kernels import attention
 from matvlm_cli.bench.engines import GraphEngine, cache_tensors
 from matvlm_cli.bench.models import bench_inputs, build_teacher, image_input
 from matvlm_cli.bench.profile import profile_decode, profile_table
 from matvlm_cli.bench.throughput import largest_fitting, replicate
 from matvlm_cli.hybrid import choose_layers, convert_to_hybrid
+from matvlm_cli.kernels import attention
 
 CPU = torch.device("cpu")
 

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import FAMILIES
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from matvlm_cli.errors import MatvlmError
 from matvlm_cli.hybrid import Mamba2Mixer, choose_layers, convert_to_hybrid, find_decoder, hybrid_layers, load_teacher
-from conftest import FAMILIES
 
 
 def test_even_placement_reproduces_matvlm_released_layers():

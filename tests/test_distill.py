@@ -16,8 +16,8 @@ from matvlm_cli.distill.shared import SharedTeacherStudent
 from matvlm_cli.distill.trainer import run_distill
 from matvlm_cli.errors import MatvlmError
 from matvlm_cli.hybrid import convert_to_hybrid, find_decoder, load_hybrid, load_teacher, save_hybrid
-from matvlm_cli.recipes import DistillRecipe, build_recipe, check_distill_recipe
 from matvlm_cli.paths import default_teacher_dir
+from matvlm_cli.recipes import DistillRecipe, build_recipe, check_distill_recipe
 from matvlm_cli.world import generate_world
 
 

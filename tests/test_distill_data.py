@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from matvlm_cli.distill.data import ConversationDataset, EpochShuffle, LengthGroupedShuffle, collate
+from matvlm_cli.distill.losses import ce_loss, chunked_logit_losses, kl_loss
 from matvlm_cli.distill.prepare import prepare
 from matvlm_cli.distill.records import RecordEncoder, image_token_count, iter_json_list, to_messages
-from matvlm_cli.distill.losses import ce_loss, chunked_logit_losses, kl_loss
 from matvlm_cli.errors import MatvlmError
 from matvlm_cli.hybrid.processors import load_processor
-from matvlm_cli.recipes import DataSource
 from matvlm_cli.paths import default_teacher_dir
+from matvlm_cli.recipes import DataSource
 from matvlm_cli.world import generate_world
 
 

@@ -9,14 +9,20 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import build_tiny_llava
 
 from matvlm_cli.distill import throughput
 from matvlm_cli.distill.data import collate
-from matvlm_cli.distill.shapes import PackedBatches, best_fit_decreasing, collate_packed, collate_to_bucket, default_buckets
+from matvlm_cli.distill.shapes import (
+    PackedBatches,
+    best_fit_decreasing,
+    collate_packed,
+    collate_to_bucket,
+    default_buckets,
+)
 from matvlm_cli.distill.trainer import DistillRun, run_distill
 from matvlm_cli.errors import MatvlmError
 from matvlm_cli.recipes import DistillRecipe, build_recipe, check_distill_recipe
-from tiny import build_tiny_llava
 from matvlm_cli.world import generate_world
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -279,8 +279,8 @@ def test_every_subcommand_checks_model_folders(broken_models, how, tmp_path):
     from matvlm_cli.errors import MatvlmError
     from matvlm_cli.evaluate.run import run_evaluate
     from matvlm_cli.generate import run_generate
-    from matvlm_cli.recipes import BenchRecipe, EvaluateRecipe
     from matvlm_cli.paths import default_teacher_dir
+    from matvlm_cli.recipes import BenchRecipe, EvaluateRecipe
 
     image = tmp_path / "red.png"
     image.write_bytes(png_bytes())
@@ -357,8 +357,8 @@ def test_outputs_that_are_files_or_under_files_are_refused_before_the_work(tiny_
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_unwritable_output_parent_is_refused(tmp_path):
-    from matvlm_cli.errors import MatvlmError
     from matvlm_cli.atomic import check_output_dir
+    from matvlm_cli.errors import MatvlmError
 
     (tmp_path / "ro").mkdir(mode=0o555)
     with pytest.raises(MatvlmError, match="not writable"):

@@ -129,8 +129,8 @@ def test_results_json_has_lm_eval_layout_and_model_info(teacher_run, env):
 def test_teacher_scores_well_above_chance_and_as_the_quick_check_does(teacher_run, world):
     """The harness's answers are the ones the independent quick check (evaluate.quality) gets with the same
     prompts, and the teacher is far above chance (POPE 0.5; it scores 0.83-0.96, MMMU 0.59, TextVQA 1.0)."""
-    from matvlm_cli.hybrid.load import load_model
     from matvlm_cli.evaluate.quality import benchmark_scores
+    from matvlm_cli.hybrid.load import load_model
 
     out, _ = teacher_run
     results = json.loads((out / "tiny-teacher" / "results.json").read_text())["results"]
@@ -280,11 +280,11 @@ def test_broken_images_are_named_by_row_not_by_a_bytesio(world, tmp_path):
     """Documents carry the encoded image, decoded by the task's hook: a broken or huge one names its row."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from test_errors import bomb_png
 
     from matvlm_cli.errors import MatvlmError
     from matvlm_cli.evaluate.data import load_benchmark
     from matvlm_cli.evaluate.tasks import utils
-    from test_errors import bomb_png
 
     source = world / "pope/data/test-00000-of-00001.parquet"
     table = pq.read_table(source)

@@ -11,14 +11,30 @@ import sys
 import pytest
 import torch
 from transformers import (
-    AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
-    MistralForCausalLM, PhiConfig, PhiForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from matvlm_cli.errors import MatvlmError
 from matvlm_cli.export import export_hybrid
-from matvlm_cli.hybrid import convert_to_hybrid, find_decoder, hybrid_layers, load_hybrid, load_teacher, save_hybrid
-from matvlm_cli.hybrid import stock
+from matvlm_cli.hybrid import (
+    convert_to_hybrid,
+    find_decoder,
+    hybrid_layers,
+    load_hybrid,
+    load_teacher,
+    save_hybrid,
+    stock,
+)
 from matvlm_cli.paths import default_teacher_dir
 
 TEXT = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,

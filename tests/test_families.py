@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
+import zoo
 from rich.console import Console
 
-import zoo
 from matvlm_cli.convert import run_convert
 from matvlm_cli.errors import MatvlmError
 from matvlm_cli.families import MODEL_FAMILIES, TEXT_FAMILIES

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zoo
 from PIL import Image
 
-import zoo
 from matvlm_cli.distill.data import RecordReader, collate
 from matvlm_cli.distill.records import ImageInputs, RecordEncoder, image_token_count, to_messages
 
@@ -183,8 +183,8 @@ def test_convert_distill_evaluate_and_generate_end_to_end(family, data, tmp_path
 def test_an_image_record_whose_template_gives_no_placeholder_is_skipped_with_a_reason(tmp_path):
     """A chat template that renders no image placeholder: each image record is skipped, counted under one
     reason that names the placeholder, and the text-only record is kept."""
-    from matvlm_cli.distill.prepare import _encode_task
     import matvlm_cli.distill.prepare as prepare_module
+    from matvlm_cli.distill.prepare import _encode_task
 
     processor = zoo.processor("qwen2_vl")
     processor.chat_template = zoo.chat_template("qwen2_vl", placeholder="")

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import FAMILIES
 from PIL import Image
 from transformers import AutoProcessor
 
 from matvlm_cli.hybrid import choose_layers, convert_to_hybrid, load_hybrid, load_teacher, save_hybrid
-from conftest import FAMILIES
 
 QUESTIONS = ["is there a red circle in the image ?", "what number is shown ?"]
 

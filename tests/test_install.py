@@ -2,9 +2,9 @@
 and every range is capped (a new major or minor release reaches users only after `make test-latest`)."""
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 

@@ -6,8 +6,19 @@ import pytest
 
 from matvlm_cli.errors import MatvlmError
 from matvlm_cli.evaluate.metrics import (
-    CONTRACTIONS, MMMU_DOMAINS, eval_open, llava_yes_no, mmmu_aggregate, mmmu_score, mmmu_subject,
-    normalize_answer, parse_multi_choice, parse_open, pope_lmms_eval, pope_llava_script, vqa_accuracy,
+    CONTRACTIONS,
+    MMMU_DOMAINS,
+    eval_open,
+    llava_yes_no,
+    mmmu_aggregate,
+    mmmu_score,
+    mmmu_subject,
+    normalize_answer,
+    parse_multi_choice,
+    parse_open,
+    pope_llava_script,
+    pope_lmms_eval,
+    vqa_accuracy,
 )
 
 approx = pytest.approx

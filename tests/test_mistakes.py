@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_errors import assert_one_line
+from tiny import build_tiny_llava
 
 from matvlm_cli.atomic import OUTPUT_MARK, lock_directory
 from matvlm_cli.paths import default_teacher_dir
-from test_errors import assert_one_line, matvlm
-from tiny import build_tiny_llava
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -268,7 +268,7 @@ def test_a_duplicated_recipe_key_names_the_key_and_both_lines(cli, tmp_path):
 def test_set_mistakes_name_the_set_and_file_mistakes_the_file(cli, world, teacher, tmp_path):
     recipe = distill_recipe(tmp_path / "r.yaml", world, teacher, optimizer={"lr": -1.0})
     result = cli("distill", recipe, "--set", "training.epochs=0", "--set", "training.bogus=1")
-    assert_one_line(result, f"error: --set training.bogus=1: unknown key 'training.bogus'")
+    assert_one_line(result, "error: --set training.bogus=1: unknown key 'training.bogus'")
     result = cli("distill", recipe, "--set", "training.epochs=0")
     assert_one_line(result, f"{recipe}: 'optimizer.lr' must be a finite number > 0, got -1.0",
                     "--set training.epochs=0: 'training.epochs' must be >= 1, got 0")
@@ -358,9 +358,8 @@ def test_nan_at_fp32_does_not_advise_fp32_and_two_human_turns_are_reported(cli, 
 
 
 def text_only_model(path: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from tiny import tiny_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()

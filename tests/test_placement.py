@@ -8,13 +8,12 @@ import pytest
 import torch
 from PIL import Image
 from rich.console import Console
+from test_errors import assert_one_line, matvlm
 
 from matvlm_cli.hybrid.conversion import find_decoder
 from matvlm_cli.hybrid.load import load_teacher
 from matvlm_cli.hybrid.processors import load_processor
 from matvlm_cli.placement import LayerScore, greedy_layers, load_calibration, pick_scored, score_layers
-
-from test_errors import assert_one_line, matvlm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

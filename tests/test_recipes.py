@@ -15,8 +15,17 @@ from matvlm_cli import choices
 from matvlm_cli.cli import app
 from matvlm_cli.errors import MatvlmError
 from matvlm_cli.recipes import (
-    BenchRecipe, ConvertRecipe, DistillRecipe, EvaluateRecipe, ExportRecipe, GenerateRecipe, build_recipe, copy_recipe,
-    load_recipe, resolve_recipe, shipped_recipes,
+    BenchRecipe,
+    ConvertRecipe,
+    DistillRecipe,
+    EvaluateRecipe,
+    ExportRecipe,
+    GenerateRecipe,
+    build_recipe,
+    copy_recipe,
+    load_recipe,
+    resolve_recipe,
+    shipped_recipes,
 )
 from matvlm_cli.recipes.shipped import SHIPPED
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from safetensors import safe_open
+from tiny import build_tiny_llava
 
 from matvlm_cli.errors import MatvlmError
 from matvlm_cli.export import export_hybrid
@@ -21,7 +22,6 @@ from matvlm_cli.families import MODEL_FAMILIES, ServeMapping
 from matvlm_cli.hybrid import convert_to_hybrid, load_teacher, save_hybrid
 from matvlm_cli.hybrid.stock import per_group_gated_norm_available
 from matvlm_cli.serve.servable import check_servable, engine_options, serve_arguments
-from tiny import build_tiny_llava
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed here (make serve-check builds .venv-serve with it)")
@@ -171,10 +171,10 @@ def test_serving_without_vllm_says_how_to_install_it(llava_export):
 
 @needs_vllm
 def test_the_plugin_class_is_vllms_llava_marked_hybrid_with_the_export_names_mapped():
-    from matvlm_cli.serve import models  # first: without torchvision, vLLM's LLaVA imports through its stand-in
-
     from vllm.model_executor.models.interfaces import has_inner_state, is_hybrid
     from vllm.model_executor.models.llava import LlavaForConditionalGeneration
+
+    from matvlm_cli.serve import models  # first: without torchvision, vLLM's LLaVA imports through its stand-in
 
     served = models.MatvlmLlavaForConditionalGeneration
     assert issubclass(served, LlavaForConditionalGeneration) and is_hybrid(served) and has_inner_state(served)

@@ -6,12 +6,12 @@ import sys
 import pytest
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlamaConfig, LlavaForConditionalGeneration
 
+from matvlm_cli.evaluate.quality import benchmark_scores
 from matvlm_cli.hybrid import choose_layers, convert_to_hybrid
 from matvlm_cli.paths import default_teacher_dir
-from matvlm_cli.world import generate_world
-from matvlm_cli.evaluate.quality import benchmark_scores
-from matvlm_cli.world.scenes import Scene, render
 from matvlm_cli.teacher import train_tokenizer
+from matvlm_cli.world import generate_world
+from matvlm_cli.world.scenes import Scene, render
 
 
 @pytest.fixture(scope="module")

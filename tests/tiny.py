@@ -11,8 +11,15 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
-    LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, MistralConfig, PhiConfig,
-    PreTrainedTokenizerFast, Qwen2Config, SiglipVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    MistralConfig,
+    PhiConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    SiglipVisionConfig,
 )
 
 from matvlm_cli.teacher import CHAT_TEMPLATE, build_processor

@@ -103,6 +103,7 @@ def build(family: str, seed: int = 0, gains: bool = True):
 # (chat markers, Idefics3's row/column tags) follow the words.
 
 from tiny import WORDS as _WORDS  # noqa: E402
+
 from matvlm_cli.hybrid.processors import images_only  # noqa: E402
 
 QWEN_TOKENS = {250: "<|image_pad|>", 251: "<|video_pad|>", 252: "<|vision_start|>", 253: "<|vision_end|>"}

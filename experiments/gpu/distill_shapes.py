@@ -37,7 +37,6 @@ sys.path.insert(0, str(ROOT / "experiments" / "gpu"))
 sys.path.insert(0, str(ROOT / "tests"))
 from distill_throughput import build_processor, build_teacher, teacher_config  # noqa: E402
 from prep_benchmark import write_mix  # noqa: E402
-
 from tiny import WORDS  # noqa: E402  (the tests' word list)
 
 H200_DENSE_BF16 = 788e12  # the basis of the earlier distill numbers (docs/results/distill/distill-throughput-h200.json)

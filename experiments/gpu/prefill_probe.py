@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
+from matvlm_cli import kernels
 from matvlm_cli.bench import fusion
-from matvlm_cli.kernels import attention
 from matvlm_cli.bench.engines import GraphEngine
 from matvlm_cli.bench.models import bench_inputs, image_input, model_specs
-from matvlm_cli import kernels
+from matvlm_cli.kernels import attention
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768, 65536])
@@ -130,7 +130,7 @@ for spec in specs:
             ms = None
         report["lengths"].append({"model": spec.label, "seq_len": length, "prefill_ms": ms, "chunk": default_chunk})
         print(f"{spec.label:12s} prefill {length:6d} tokens: {ms:9.1f} ms" if ms else f"{spec.label} {length}: out of memory", flush=True)
-        del inputs
+        inputs = None  # released (the lambdas above ran already)
         torch.cuda.empty_cache() if device.type == "cuda" else None
 
     length = args.ab_length
@@ -166,7 +166,7 @@ for spec in specs:
     report["agreement"].append(agreement)
     print(f"{spec.label:12s} filled-slot vs masked attention: last layer's keys rel. err {agreement['last_keys_rel_err']:.1e}, "
           f"same first token {agreement['same_first_token']}", flush=True)
-    del new_cache, old_cache
+    new_cache = old_cache = None  # released (the lambdas above ran already)
 
     if spec.label == "teacher" and not args.no_stock:  # stock transformers: one forward, SDPA (flash), q/k/v unfused
         def stock():
@@ -206,7 +206,7 @@ for spec in specs:
         for name, (calls, ms) in top:
             print(f"  {ms:8.2f} ms {calls:5d}x  {name[:100]}")
         print(flush=True)
-    del model, engine, inputs
+    model = engine = inputs = None  # released (the lambdas above ran already)
     torch.cuda.empty_cache() if device.type == "cuda" else None
     args.output.write_text(json.dumps(report, indent=2) + "\n")  # after each model: a run cut short keeps what it measured
     print(f"wrote {args.output}", flush=True)

@@ -25,8 +25,9 @@ from transformers import StaticCache, StoppingCriteria, StoppingCriteriaList
 
 from .. import kernels
 from ..hybrid.conversion import attention_windows
-from . import fusion
 from ..kernels.attention import DECODE_ATTENTION
+from . import fusion
+
 
 @dataclass
 class BenchInputs:

@@ -8,9 +8,9 @@ time, so each one's peak memory is its own.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
-import inspect
 from typing import Callable
 
 import numpy as np

@@ -12,9 +12,9 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from .. import kernels
 from ..atomic import check_output_dir
 from ..errors import MatvlmError
-from .. import kernels
 from ..hybrid.checks import resolve_device
 from ..hybrid.conversion import hybrid_layers
 from ..recipes import BenchRecipe, check_bench_recipe

@@ -164,7 +164,7 @@ def largest_batch(engine: GraphEngine, label: str, inputs, seq_len: int, device:
             del cache, advance
 
     search = largest_fitting(fits, limit - 1, limit)
-    del prompt
+    prompt.clear()  # the host copies go now, not when the caller's frame ends
     _release(device)
     row.attempts = [[batch, int(fitted)] for batch, fitted in search.tried]
     row.search_s = time.perf_counter() - started

@@ -17,12 +17,16 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
 )
 from torch.distributed.tensor import DTensor
 
-from ..errors import MatvlmError
 from ..atomic import atomic_directory
+from ..errors import MatvlmError
 from ..hybrid.conversion import HYBRID_KEY
 from ..hybrid.saving import save_hybrid
 from .shared import SharedTeacherStudent

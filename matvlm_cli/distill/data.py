@@ -20,6 +20,7 @@ from ..images import ImageError, open_rgb
 from .prepare import Prepared
 from .records import ImageInputs
 
+
 class ConversationDataset(Dataset):
     """A weighted mix of prepared sources, read from memory-mapped Arrow tables."""
 

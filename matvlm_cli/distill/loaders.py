@@ -12,13 +12,21 @@ from accelerate import Accelerator
 from rich.console import Console
 from torch.utils.data import DataLoader, Subset
 
+from ..atomic import write_atomic
 from ..errors import MatvlmError
 from ..families import model_family
-from ..atomic import write_atomic
 from ..recipes import DataSource, DistillRecipe
 from .data import ConversationDataset, EpochShuffle, LengthGroupedShuffle, collate
 from .prepare import Prepared, prepare
-from .shapes import PackedBatches, RowsOf, collate_packed, collate_to_bucket, default_buckets, longest_record, packing_problem
+from .shapes import (
+    PackedBatches,
+    RowsOf,
+    collate_packed,
+    collate_to_bucket,
+    default_buckets,
+    longest_record,
+    packing_problem,
+)
 
 # Reading turns are about 3 % of the embedded world's training turns, so a short distillation sees few
 # of them: six more passes over them lifted TextVQA-style from 0.68 to 0.84 after the 700 steps of

@@ -8,8 +8,14 @@ from pathlib import Path
 import torch
 
 from ..errors import MatvlmError
-from ..hybrid.conversion import attention_windows, choose_layers, convert_to_hybrid, find_decoder, hybrid_layers
-from ..hybrid.conversion import HYBRID_KEY
+from ..hybrid.conversion import (
+    HYBRID_KEY,
+    attention_windows,
+    choose_layers,
+    convert_to_hybrid,
+    find_decoder,
+    hybrid_layers,
+)
 from ..hybrid.load import load_hybrid, load_teacher
 from ..recipes import DistillRecipe
 from .shared import SharedTeacherStudent

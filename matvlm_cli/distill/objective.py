@@ -97,7 +97,7 @@ class DistillationObjective:
         with packed_attention(*self.shared.text_decoders()):
             return self._losses(model, batch, losses)
 
-    def _losses(self, model: nn.Module, batch: dict, l: LossWeights) -> dict[str, torch.Tensor]:
+    def _losses(self, model: nn.Module, batch: dict, weights: LossWeights) -> dict[str, torch.Tensor]:
         acc = self.accelerator
         # No cache: a training forward never continues from it, and building one per pass made torch.compile
         # recompile on its state (issue 25).
@@ -115,20 +115,20 @@ class DistillationObjective:
             model(**inputs)
         mask = batch["attention_mask"].bool()
         parts = {}
-        if l.kl_weight or l.ce_weight:
-            positions = (mask if l.kl_positions == "all" else batch["labels"] != -100) if l.kl_weight else None
+        if weights.kl_weight or weights.ce_weight:
+            positions = (mask if weights.kl_positions == "all" else batch["labels"] != -100) if weights.kl_weight else None
             with acc.autocast():  # the heads run outside the prepared model's forward
                 parts |= chunked_logit_losses(
                     student_head, teacher_head, student_hidden.value, teacher_hidden.value, positions,
-                    batch["labels"] if l.ce_weight else None, l.kl_temperature, softcap=self.logit_softcap,
+                    batch["labels"] if weights.ce_weight else None, weights.kl_temperature, softcap=self.logit_softcap,
                 )
-        if l.layer_weight:
+        if weights.layer_weight:
             distances = []
             for idx in self.shared.active:
                 args, kwargs = self.capture.calls[idx]
                 layer = self.shared.decoder_layer(idx)
                 with acc.autocast():  # the prepared model's forward autocasts; this call is outside it
                     student_out = first_output(layer(*args, **kwargs))
-                distances.append(layer_loss(student_out, self.capture.outputs[idx], mask, l.layer_loss))
+                distances.append(layer_loss(student_out, self.capture.outputs[idx], mask, weights.layer_loss))
             parts["layer"] = torch.stack(distances).mean()
         return parts

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 
-
 try:  # CUDA builds of torch bring Triton; elsewhere the PyTorch step runs
     import triton
     import triton.language as tl

@@ -7,15 +7,34 @@
 from .bench import BenchRecipe, check_bench_recipe
 from .convert import ConvertRecipe
 from .distill import (
-    STAGE_OPTIMIZER_KEYS, DataSource, DistillRecipe, DistillStage, LossWeights, OptimizerSettings, OutputSettings,
-    StudentSpec, TrainingSettings, check_distill_recipe, stage_settings, teacher_layer_count,
+    STAGE_OPTIMIZER_KEYS,
+    DataSource,
+    DistillRecipe,
+    DistillStage,
+    LossWeights,
+    OptimizerSettings,
+    OutputSettings,
+    StudentSpec,
+    TrainingSettings,
+    check_distill_recipe,
+    stage_settings,
+    teacher_layer_count,
 )
 from .evaluate import EvaluateRecipe
 from .export import ExportRecipe
 from .generate import GenerateRecipe
 from .loading import (
-    RecipeLoader, RecipeSource, build_recipe, load_recipe, parse_override, parse_yaml, problems_error, read_yaml,
-    save_recipe, set_dotted, setting,
+    RecipeLoader,
+    RecipeSource,
+    build_recipe,
+    load_recipe,
+    parse_override,
+    parse_yaml,
+    problems_error,
+    read_yaml,
+    save_recipe,
+    set_dotted,
+    setting,
 )
 from .shipped import copy_recipe, resolve_recipe, shipped_recipe, shipped_recipes
 

@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from ..choices import (
-    Distributed, KlPositions, LayerLoss, Placement, Precision, Schedule, Shapes, Trainable, choices,
+    Distributed,
+    KlPositions,
+    LayerLoss,
+    Placement,
+    Precision,
+    Schedule,
+    Shapes,
+    Trainable,
+    choices,
 )
 from .loading import RecipeSource, _collect, problems_error
 
@@ -172,8 +180,8 @@ def _check_stages(recipe: DistillRecipe) -> list[str]:
             problems.append(f"'{where}.layers' is empty")
         elif any(b <= a for a, b in zip(layers, layers[1:])):
             problems.append(f"'{where}.layers' {layers} must be in ascending order without repeats")
-        elif count is not None and any(not 0 <= l < count for l in layers):
-            bad = [l for l in layers if not 0 <= l < count]
+        elif count is not None and any(not 0 <= layer < count for layer in layers):
+            bad = [layer for layer in layers if not 0 <= layer < count]
             problems.append(f"'{where}.layers': {bad} out of range for the teacher's {count} layers (0..{count - 1})")
         elif not set(previous) <= set(layers):
             dropped = sorted(set(previous) - set(layers))

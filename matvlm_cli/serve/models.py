@@ -19,11 +19,13 @@ from .compat import pixtral_without_torchvision
 
 pixtral_without_torchvision()  # before any vLLM model module is imported
 
-from vllm.model_executor.layers.mamba.mamba_utils import (
-    MambaStateCopyFuncCalculator, MambaStateDtypeCalculator, MambaStateShapeCalculator,
+from vllm.model_executor.layers.mamba.mamba_utils import (  # noqa: E402
+    MambaStateCopyFuncCalculator,
+    MambaStateDtypeCalculator,
+    MambaStateShapeCalculator,
 )
-from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
-from vllm.model_executor.models.utils import WeightsMapper
+from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid  # noqa: E402
+from vllm.model_executor.models.utils import WeightsMapper  # noqa: E402
 
 from ..families import MODEL_FAMILIES, ServeMapping  # noqa: E402
 

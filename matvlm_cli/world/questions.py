@@ -13,7 +13,17 @@ import re
 from dataclasses import dataclass
 
 from .scenes import (
-    BACKGROUNDS, COLORS, KINDS, POSITIONS, SHAPES, SIZES, WORDS, Scene, SceneObject, sample_scene, world_statistics,
+    BACKGROUNDS,
+    COLORS,
+    KINDS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    WORDS,
+    Scene,
+    SceneObject,
+    sample_scene,
+    world_statistics,
 )
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."

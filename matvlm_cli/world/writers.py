@@ -35,8 +35,16 @@ import pyarrow.parquet as pq
 
 from ..atomic import atomic_directory
 from .questions import (
-    NEGATIVE_STRATEGIES, SUBFIELDS, SUBJECTS, choice_options, existence_question, reference_answers, sample_negative,
-    subject_question, textvqa_question, training_conversation,
+    NEGATIVE_STRATEGIES,
+    SUBFIELDS,
+    SUBJECTS,
+    choice_options,
+    existence_question,
+    reference_answers,
+    sample_negative,
+    subject_question,
+    textvqa_question,
+    training_conversation,
 )
 from .scenes import Scene, png_bytes, render, sample_scene
 
