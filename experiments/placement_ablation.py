@@ -50,7 +50,18 @@ CANDIDATES = {
     "layers 1,3,4,7; layer loss 3": {"losses.layer_weight": 3.0},
     "layers 1,3,4,7; layer loss 2; ce 1": {"losses.layer_weight": 2.0, "losses.ce_weight": 1.0},
     "layers 1,3,4,7; layer loss 2; lr 1e-3": {"losses.layer_weight": 2.0, "optimizer.lr": 1.0e-3},
+    # Third GPU sweep (2026-12-04, seeds 0-4): layer loss 3 held on the H200 but missed POPE adversarial on the
+    # CPU by one or two answers (seeds 0, 2), so these look for a margin of two or three answers: more steps
+    # (800 is about what 15 minutes on 2 CPU cores allows), a longer decay, a softer KL, a heavier layer loss.
+    "layers 1,3,4,7; layer loss 3; 800 steps": {"losses.layer_weight": 3.0, "training.max_steps": 800,
+                                                "optimizer.decay_steps": 250},
+    "layers 1,3,4,7; layer loss 3; 800 steps; decay 400": {"losses.layer_weight": 3.0, "training.max_steps": 800,
+                                                           "optimizer.decay_steps": 400},
+    "layers 1,3,4,7; layer loss 3; kl temperature 2": {"losses.layer_weight": 3.0, "losses.kl_temperature": 2.0},
+    "layers 1,3,4,7; layer loss 4": {"losses.layer_weight": 4.0},
 }
+# The candidates measured with more seeds than SEEDS (the third sweep).
+MORE_SEEDS = (3, 4)
 
 
 def scored_layers(seed: int, ratio: float, iterative: bool = False) -> list[int]:
@@ -73,7 +84,7 @@ def rows() -> dict[str, tuple[float, int, dict]]:
         if scored_layers(seed, 0.5, iterative=True) != scored_layers(seed, 0.5):
             table[f"0.5 iterative; seed {seed}"] = (0.5, seed, HALF_BEFORE | {"student.layers": scored_layers(seed, 0.5, True)})
     for name, change in CANDIDATES.items():
-        for seed in SEEDS:
+        for seed in SEEDS + MORE_SEEDS:
             table[f"0.5 {name}; seed {seed}"] = (0.5, seed, HALF_BEFORE | change)
     return table
 
