@@ -11,7 +11,7 @@ scores into a JSON file (docs/results/distill/half-ablation.json by default).
 Rows already in the output file are kept unless named, so rows can be run one at a time, or in
 parallel processes each with its own --out (experiments/gpu/half_sweep.sh does that on one GPU).
 Every row is recipes/tiny-default-0.5.yaml with the common ground below (BASE) and the row's dotted
-overrides (as `--set` takes them); "layers 1,3,4,7; converted + KL all" is the committed recipe.
+overrides (as `--set` takes them); "layers 1,3,4,7; converted + KL all; layer loss 3; 800 steps" is the committed recipe.
 Stepwise rows set `stages`: layers 1, 7 for 250 steps (warmup, then constant lr), then the row's
 layers for the remaining steps (a warmup of 20, then the recipe's decay).
 """
@@ -30,9 +30,11 @@ from matvlm_cli.recipes import DistillRecipe, build_recipe, check_distill_recipe
 from matvlm_cli.world import generate_world
 
 # The rows' common ground: the recipe's file with its first 0.5 settings (layers 1, 2, 4, 7, KL on the
-# answers, the mixers alone trained), so that each row names everything it changes.
+# answers, the mixers alone trained, the layer loss weighted 1, 650 steps), so that each row names
+# everything it changes.
 BASE = read_yaml("recipes/tiny-default-0.5.yaml")
-for key, value in {"student.layers": [1, 2, 4, 7], "losses.kl_positions": "response", "trainable": "mamba"}.items():
+for key, value in {"student.layers": [1, 2, 4, 7], "losses.kl_positions": "response", "trainable": "mamba",
+                   "losses.layer_weight": 1.0, "training.max_steps": 650, "optimizer.decay_steps": 200}.items():
     set_dotted(BASE, key, value)
 
 
@@ -98,6 +100,9 @@ ROWS = {
     "layers 1,3,4,7; converted + KL all; 800 steps": RECIPE | {"training.max_steps": 800},
     "layers 1,3,4,7; KL on all positions; 1000 steps": LAYERS_1347 | KL_ALL | {"training.max_steps": 1000},
     "layers 1,3,4,7; converted + KL all; CE 1": RECIPE | {"losses.ce_weight": 1.0},
+    # The committed recipe since the third placement sweep (docs/placement.md), not run in this sweep.
+    "layers 1,3,4,7; converted + KL all; layer loss 3; 800 steps": RECIPE | {
+        "losses.layer_weight": 3.0, "training.max_steps": 800, "optimizer.decay_steps": 250},
 }
 
 

@@ -251,7 +251,8 @@ def test_half_ablation_rows_are_valid_recipes_and_one_is_the_committed_one(tmp_p
     plain = recipes["layers 1,2,4,7; plain"]
     assert (plain.student.layers, plain.trainable, plain.losses.kl_positions) == ([1, 2, 4, 7], "mamba", "response")
     committed = build_recipe(DistillRecipe, read_yaml(root / "recipes/tiny-default-0.5.yaml"))
-    assert dataclasses.asdict(recipes["layers 1,3,4,7; converted + KL all"]) == dataclasses.asdict(committed)
+    committed_row = recipes["layers 1,3,4,7; converted + KL all; layer loss 3; 800 steps"]
+    assert dataclasses.asdict(committed_row) == dataclasses.asdict(committed)
     stepwise = recipes["layers 1,2,4,7; stepwise"]
     assert [(s.layers, s.max_steps) for s in stepwise.stages] == [([1, 7], 250), ([1, 2, 4, 7], 400)]
 
