@@ -20,11 +20,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from matvlm_cli.choices import Shapes, choices
+
 from ..errors import MatvlmError
 from ..hybrid.conversion import attention_windows
 from .data import EpochShuffle, collate
 
-SHAPES = ("padded", "buckets", "packed")
+SHAPES = choices(Shapes)
 WINDOW_BATCHES = 16  # packing looks at this many steps' worth of records at a time (padding 0.6 % on the mix: docs/distill-shapes.md)
 
 

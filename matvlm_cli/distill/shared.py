@@ -23,10 +23,12 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from matvlm_cli.choices import Trainable, choices
+
 from ..hybrid.conversion import find_decoder
 from ..hybrid.mamba2 import Mamba2Mixer
 
-TRAINABLE = ("mamba", "mamba+connector", "converted", "all")
+TRAINABLE = choices(Trainable)
 
 
 class TeacherStudentMixer(nn.Module):

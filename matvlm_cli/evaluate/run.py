@@ -19,6 +19,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from matvlm_cli.choices import Device, choices
+
 from ..atomic import check_output_dir, write_atomic
 from ..errors import MatvlmError
 from ..hybrid.checks import check_model
@@ -31,7 +33,7 @@ from .progress import EvaluationProgress
 TASKS_DIR = Path(__file__).parent / "tasks"
 TASK_ALIASES = {"pope": "pope", "mmmu": "mmmu_val", "textvqa": "textvqa_val"}
 OCR_VARIANTS = {"textvqa_val": "textvqa_val_ocr"}
-DEVICES = ("cpu", "cuda", "auto")
+DEVICES = choices(Device)
 logger = logging.getLogger(__name__)
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from matvlm_cli.choices import Placement, choices
+
 from ..errors import MatvlmError, MatvlmWarning
 from ..families import GENERIC_TEXT, TextFamily, described_models, model_family, text_family
 from .cache import PaddingMaskTap
@@ -22,7 +24,7 @@ from .mixer_config import Mamba2Config
 from .stock import STOCK_MAMBA_ATTRIBUTE
 
 HYBRID_KEY = "matvlm"  # the config block that marks a hybrid and records how it was made
-PLACEMENTS = ("even", "front", "middle", "back")
+PLACEMENTS = choices(Placement)
 ATTENTION_NAMES = ("self_attn", "attention", "attn")
 OUTPUT_PROJ_NAMES = ("o_proj", "dense")
 SUPPORTED_LAYOUT = (

@@ -28,7 +28,9 @@ from typing import Callable
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton", "mamba-ssm", "fla")
+from matvlm_cli.choices import Backend, choices
+
+BACKENDS = choices(Backend)
 # mixer_step is a whole decode step fused into one kernel (`step.py`); where no backend has it,
 # the step runs as conv1d_update + state_update + the gated norm. skip_gate_norm is what follows a prefill's
 # chunk scan (the skip term, the gate and the grouped norm) in one kernel (`norm.py`).
