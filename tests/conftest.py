@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+import warnings
+
 import pytest
 import torch
 from tiny import TEXT_FAMILIES, build_tiny_llava
@@ -30,3 +35,37 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# What Python's default filters hide in a process of its own (`python -m matvlm_cli` is not run as __main__'s
+# module, so its DeprecationWarnings are hidden too).
+HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """`matvlm ARGS` through the entry point in this process: exit code, stdout and stderr as a
+    CompletedProcess, for `assert_one_line`. A subprocess spends 3-5 s importing torch and transformers
+    before the first line of matvlm runs; tests that are not about the process itself use this. Warnings
+    raised during the run are appended to stderr as a process of its own would print them, so that "one
+    line on stderr" means here what it means there."""
+    from matvlm_cli.cli import main
+
+    def run(*args, cwd=None):
+        here = os.getcwd()
+        monkeypatch.setattr(sys, "argv", ["matvlm", *map(str, args)])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for category in HIDDEN_WARNINGS:
+                warnings.simplefilter("ignore", category)
+            try:
+                os.chdir(cwd or here)
+                with pytest.raises(SystemExit) as exit:
+                    main()
+            finally:
+                os.chdir(here)
+        captured = capsys.readouterr()
+        shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+        return subprocess.CompletedProcess(args, exit.value.code, captured.out, captured.err + shown)
+
+    return run
