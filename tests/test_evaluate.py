@@ -218,8 +218,15 @@ def test_data_dir_with_hub_parquet_and_save_to_disk_copies(env, teacher_run, wor
     assert config["limit"] == 4 and config["matvlm"]["data_dir"] == str(data)
 
 
-def test_missing_dataset_is_one_line_naming_the_folder(env, tmp_path):
-    result = evaluate(env, "--data-dir", tmp_path, "--tasks", "textvqa", "--output", tmp_path / "out")
+def in_this_process(env, monkeypatch):
+    """The private caches of `env` for a command line run through the `cli` fixture."""
+    for name in ("MATVLM_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(name, env[name])
+
+
+def test_missing_dataset_is_one_line_naming_the_folder(env, tmp_path, cli, monkeypatch):
+    in_this_process(env, monkeypatch)
+    result = cli("evaluate", "--data-dir", tmp_path, "--tasks", "textvqa", "--output", tmp_path / "out")
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert f"{tmp_path / 'textvqa'}: no textvqa data" in result.stderr
@@ -317,8 +324,9 @@ def test_a_broken_task_yaml_is_one_line(env, tmp_path, content, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_unknown_task_is_one_line_with_a_suggestion(env, tmp_path):
-    result = evaluate(env, "--tasks", "pope,textvqa_vall", "--output", tmp_path / "out")
+def test_unknown_task_is_one_line_with_a_suggestion(env, tmp_path, cli, monkeypatch):
+    in_this_process(env, monkeypatch)
+    result = cli("evaluate", "--tasks", "pope,textvqa_vall", "--output", tmp_path / "out")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "unknown task 'textvqa_vall'" in result.stderr and "did you mean textvqa_val" in result.stderr
