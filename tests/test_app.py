@@ -88,12 +88,12 @@ def ask(url, image, question, max_new_tokens=64, temperature=0.0, top_p=1.0, top
 
 
 @needs_gradio
-def test_answers_equal_generate(app_url, samples, converted):
+def test_answers_equal_generate(app_url, samples, converted, cli):
     image, sample = samples[0]  # a description: 16 tokens from the teacher, 64 from the unconverted hybrid
     shown = ask(app_url, image, sample.question)
     answers, stats = shown[0::2], shown[1::2]
     for model_dir, answer in zip([default_teacher_dir(), converted], answers, strict=True):
-        result = matvlm("generate", "--model", model_dir, "--image", image, "--prompt", sample.question)
+        result = cli("generate", "--model", model_dir, "--image", image, "--prompt", sample.question)
         assert result.returncode == 0, result.stderr
         assert answer.strip() and result.stdout == answer + "\n", model_dir
     assert answers[0] != answers[1]  # the columns are two different models
