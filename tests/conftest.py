@@ -52,6 +52,7 @@ def cli(capsys, monkeypatch):
     from matvlm_cli.cli import main
 
     def run(*args, cwd=None):
+        capsys.readouterr()  # what the test printed before is not the command's
         here = os.getcwd()
         monkeypatch.setattr(sys, "argv", ["matvlm", *map(str, args)])
         with warnings.catch_warnings(record=True) as caught:

@@ -170,7 +170,7 @@ def test_a_port_in_use_is_refused_before_loading():
 
 
 @needs_gradio
-def test_a_text_only_model_is_refused(tmp_path):
+def test_a_text_only_model_is_refused(tmp_path, cli):
     from tiny import tiny_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -178,7 +178,7 @@ def test_a_text_only_model_is_refused(tmp_path):
     config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
     LlamaForCausalLM(config).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
-    result = matvlm("app", "--model", default_teacher_dir(), "--model", folder, "--port", free_port(), timeout=120)
+    result = cli("app", "--model", default_teacher_dir(), "--model", folder, "--port", free_port())
     assert_one_line_error(result, str(folder), "text-only model (LlamaForCausalLM)")
 
 
