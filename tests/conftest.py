@@ -47,26 +47,33 @@ def cli(capsys, monkeypatch):
     """`matvlm ARGS` through the entry point in this process: exit code, stdout and stderr as a
     CompletedProcess, for `assert_one_line`. A subprocess spends 3-5 s importing torch and transformers
     before the first line of matvlm runs; tests that are not about the process itself use this. Warnings
-    raised during the run are appended to stderr as a process of its own would print them, so that "one
-    line on stderr" means here what it means there."""
-    from matvlm_cli.cli import main
+    are shown as in a process of its own (Python's default filters, matvlm's one-line hook, then Python's
+    own display), not collected by pytest, so that "one line on stderr" means here what it means there."""
+    from matvlm_cli import cli as entry
+
+    def python_display(message, category, filename, lineno, file=None, line=None):
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    # the hook's fallback: Python's display, as in a process of its own (not pytest's recorder, which may
+    # have been current when matvlm_cli.cli was first imported)
+    monkeypatch.setattr(entry, "_show_warning", python_display)
 
     def run(*args, cwd=None):
         capsys.readouterr()  # what the test printed before is not the command's
         here = os.getcwd()
         monkeypatch.setattr(sys, "argv", ["matvlm", *map(str, args)])
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
             for category in HIDDEN_WARNINGS:
                 warnings.simplefilter("ignore", category)
+            warnings.showwarning = entry._one_line_warning
             try:
                 os.chdir(cwd or here)
                 with pytest.raises(SystemExit) as exit:
-                    main()
+                    entry.main()
             finally:
                 os.chdir(here)
         captured = capsys.readouterr()
-        shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
-        return subprocess.CompletedProcess(args, exit.value.code, captured.out, captured.err + shown)
+        return subprocess.CompletedProcess(args, exit.value.code, captured.out, captured.err)
 
     return run
