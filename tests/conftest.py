@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+import warnings
+
 import pytest
 import torch
 from tiny import TEXT_FAMILIES, build_tiny_llava
@@ -30,3 +35,45 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# What Python's default filters hide in a process of its own (`python -m matvlm_cli` is not run as __main__'s
+# module, so its DeprecationWarnings are hidden too).
+HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """`matvlm ARGS` through the entry point in this process: exit code, stdout and stderr as a
+    CompletedProcess, for `assert_one_line`. A subprocess spends 3-5 s importing torch and transformers
+    before the first line of matvlm runs; tests that are not about the process itself use this. Warnings
+    are shown as in a process of its own (Python's default filters, matvlm's one-line hook, then Python's
+    own display), not collected by pytest, so that "one line on stderr" means here what it means there."""
+    from matvlm_cli import cli as entry
+
+    def python_display(message, category, filename, lineno, file=None, line=None):
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    # the hook's fallback: Python's display, as in a process of its own (not pytest's recorder, which may
+    # have been current when matvlm_cli.cli was first imported)
+    monkeypatch.setattr(entry, "_show_warning", python_display)
+
+    def run(*args, cwd=None):
+        capsys.readouterr()  # what the test printed before is not the command's
+        here = os.getcwd()
+        monkeypatch.setattr(sys, "argv", ["matvlm", *map(str, args)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            for category in HIDDEN_WARNINGS:
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = entry._one_line_warning
+            try:
+                os.chdir(cwd or here)
+                with pytest.raises(SystemExit) as exit:
+                    entry.main()
+            finally:
+                os.chdir(here)
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, exit.value.code, captured.out, captured.err)
+
+    return run

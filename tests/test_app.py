@@ -88,12 +88,12 @@ def ask(url, image, question, max_new_tokens=64, temperature=0.0, top_p=1.0, top
 
 
 @needs_gradio
-def test_answers_equal_generate(app_url, samples, converted):
+def test_answers_equal_generate(app_url, samples, converted, cli):
     image, sample = samples[0]  # a description: 16 tokens from the teacher, 64 from the unconverted hybrid
     shown = ask(app_url, image, sample.question)
     answers, stats = shown[0::2], shown[1::2]
     for model_dir, answer in zip([default_teacher_dir(), converted], answers, strict=True):
-        result = matvlm("generate", "--model", model_dir, "--image", image, "--prompt", sample.question)
+        result = cli("generate", "--model", model_dir, "--image", image, "--prompt", sample.question)
         assert result.returncode == 0, result.stderr
         assert answer.strip() and result.stdout == answer + "\n", model_dir
     assert answers[0] != answers[1]  # the columns are two different models
@@ -170,7 +170,7 @@ def test_a_port_in_use_is_refused_before_loading():
 
 
 @needs_gradio
-def test_a_text_only_model_is_refused(tmp_path):
+def test_a_text_only_model_is_refused(tmp_path, cli):
     from tiny import tiny_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -178,7 +178,7 @@ def test_a_text_only_model_is_refused(tmp_path):
     config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
     LlamaForCausalLM(config).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
-    result = matvlm("app", "--model", default_teacher_dir(), "--model", folder, "--port", free_port(), timeout=120)
+    result = cli("app", "--model", default_teacher_dir(), "--model", folder, "--port", free_port())
     assert_one_line_error(result, str(folder), "text-only model (LlamaForCausalLM)")
 
 

@@ -1,5 +1,6 @@
 """`matvlm bench` on CPU: the engines agree with generate(), the bytes-floor arithmetic, the
-comparisons, and the report files (bench.json, bench.png) of a real run on the embedded teacher."""
+comparisons, and the report files (bench.json, bench.png) of a real run on the embedded teacher (in a
+process of its own; the other command lines go through the entry point in this process, the `cli` fixture)."""
 
 import json
 import subprocess
@@ -138,8 +139,8 @@ def test_bench_cli_on_the_embedded_teacher(tmp_path):
         (["--backend", "mamba-ssm"], "backend: backend 'mamba-ssm' requested but it does not import here"),
     ],
 )
-def test_bench_user_errors_are_one_line(args, message, tmp_path):
-    result = run_cli("bench", *args, "--output", tmp_path / "b")
+def test_bench_user_errors_are_one_line(args, message, tmp_path, cli):
+    result = cli("bench", *args, "--output", tmp_path / "b")
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "b" / "bench.json").exists()
@@ -288,7 +289,7 @@ def _image_processor(family: str, config):
 
 
 @pytest.mark.parametrize("family,tokens", [("qwen2_vl", 20), ("idefics3", 20), ("gemma3", 4), ("llava_next", 44)])
-def test_bench_cli_on_other_families(tmp_path, family, tokens):
+def test_bench_cli_on_other_families(tmp_path, family, tokens, cli):
     model = zoo.build(family)
     directory = tmp_path / family
     model.save_pretrained(directory)
@@ -296,7 +297,7 @@ def test_bench_cli_on_other_families(tmp_path, family, tokens):
     image = image_input(model, directory)
     assert image.tokens == tokens  # what the model's own get_image_features gives for the processed image
     out = tmp_path / "bench"
-    result = run_cli("bench", "--teacher", directory, "--seq-len", 80, "--gen-len", 4, "--repeats", 1, "--output", out)
+    result = cli("bench", "--teacher", directory, "--seq-len", 80, "--gen-len", 4, "--repeats", 1, "--output", out)
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "bench.json").read_text())
     rows = {(r["model"], r["engine"]): r for r in report["rows"]}

@@ -1,4 +1,6 @@
-"""`matvlm convert` end to end, and its handling of bad input: one line, non-zero exit, nothing written."""
+"""`matvlm convert` end to end, and its handling of bad input: one line, non-zero exit, nothing written.
+Two tests run the command in a process of its own (`matvlm`); the others through the entry point in this
+process (the `cli` fixture), which checks the same output without 3-5 s of imports each."""
 
 import json
 import subprocess
@@ -16,9 +18,9 @@ def matvlm(*args, cwd=None):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "phi"])
-def test_convert_writes_a_loadable_hybrid(tiny_teachers, tmp_path, family):
+def test_convert_writes_a_loadable_hybrid(tiny_teachers, tmp_path, family, cli):
     out = tmp_path / "hybrid"
-    result = matvlm("convert", "--teacher", tiny_teachers[family], "--ratio", 0.25, "--placement", "even", "--output", out)
+    result = cli("convert", "--teacher", tiny_teachers[family], "--ratio", 0.25, "--placement", "even", "--output", out)
     assert result.returncode == 0, result.stderr
     assert "KV cache bytes / token" in result.stdout
     block = json.loads((out / "config.json").read_text())["matvlm"]
@@ -33,11 +35,11 @@ def test_convert_writes_a_loadable_hybrid(tiny_teachers, tmp_path, family):
     assert h.shape == t.shape and not torch.allclose(h, t)  # layer 0 really changed
 
 
-def test_recipe_file_with_cli_override(tiny_teachers, tmp_path):
+def test_recipe_file_with_cli_override(tiny_teachers, tmp_path, cli):
     recipe = tmp_path / "convert.yaml"
     recipe.write_text(yaml.safe_dump({"teacher": str(tiny_teachers["mistral"]), "ratio": 0.5, "placement": "back",
                                       "output": str(tmp_path / "from-recipe")}))
-    result = matvlm("convert", recipe, "--placement", "front")
+    result = cli("convert", recipe, "--placement", "front")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "from-recipe" / "config.json").read_text())["matvlm"]["layers"] == [0, 1]
 
@@ -76,9 +78,9 @@ def bad_recipe(tmp_path, content):
         (lambda t, p: [p / "nope.yaml"], "recipe file not found"),
     ],
 )
-def test_user_errors_are_one_line_and_write_nothing(tiny_teachers, tmp_path, make_args, message):
+def test_user_errors_are_one_line_and_write_nothing(tiny_teachers, tmp_path, make_args, message, cli):
     out = tmp_path / "out"
-    result = matvlm("convert", *make_args(tiny_teachers["llama"], tmp_path), "--output", out)
+    result = cli("convert", *make_args(tiny_teachers["llama"], tmp_path), "--output", out)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
@@ -95,28 +97,28 @@ def test_unsupported_architecture_is_a_user_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_existing_output_is_refused_unless_overwrite(tiny_teachers, tmp_path):
+def test_existing_output_is_refused_unless_overwrite(tiny_teachers, tmp_path, cli):
     """--overwrite replaces an empty folder or matvlm's own output, never a folder holding the user's files
     (issue #23)."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    result = matvlm("convert", "--teacher", tiny_teachers["llama"], "--output", out)
+    result = cli("convert", "--teacher", tiny_teachers["llama"], "--output", out)
     assert result.returncode != 0 and "already exists" in result.stderr
     assert (out / "keep.txt").read_text() == "mine"
-    result = matvlm("convert", "--teacher", tiny_teachers["llama"], "--output", out, "--overwrite")
+    result = cli("convert", "--teacher", tiny_teachers["llama"], "--output", out, "--overwrite")
     assert result.returncode == 2 and "not a folder matvlm wrote" in result.stderr
     assert (out / "keep.txt").read_text() == "mine"
     (out / "keep.txt").unlink()
     for _ in range(2):  # the empty folder, then what the first run wrote
-        result = matvlm("convert", "--teacher", tiny_teachers["llama"], "--output", out, "--overwrite")
+        result = cli("convert", "--teacher", tiny_teachers["llama"], "--output", out, "--overwrite")
         assert result.returncode == 0, result.stderr
         assert (out / "config.json").is_file()
 
 
-def test_converting_a_hybrid_again_is_refused(tiny_teachers, tmp_path):
-    assert matvlm("convert", "--teacher", tiny_teachers["llama"], "--output", tmp_path / "h").returncode == 0
-    result = matvlm("convert", "--teacher", tmp_path / "h", "--output", tmp_path / "hh")
+def test_converting_a_hybrid_again_is_refused(tiny_teachers, tmp_path, cli):
+    assert cli("convert", "--teacher", tiny_teachers["llama"], "--output", tmp_path / "h").returncode == 0
+    result = cli("convert", "--teacher", tmp_path / "h", "--output", tmp_path / "hh")
     assert result.returncode != 0 and "already a matvlm hybrid" in result.stderr
 
 

@@ -1,5 +1,7 @@
 """Bad input across the subcommands: one line on stderr naming what and where, exit 2, nothing left
-half-written (issue #18). The helpers here are shared with the other test files' error cases."""
+half-written (issue #18). The helpers here are shared with the other test files' error cases. Bad option
+values go through a process of its own (`matvlm`); the other command lines through the entry point in this
+process (the `cli` fixture, conftest.py)."""
 
 from __future__ import annotations
 
@@ -106,22 +108,22 @@ def test_set_overrides_read_numbers_and_report_broken_yaml(tmp_path):
         parse_override("optimizer.lr=[1")
 
 
-def test_readme_set_example_and_broken_set_through_the_cli(tmp_path):
+def test_readme_set_example_and_broken_set_through_the_cli(tmp_path, cli):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"output:\n  dir: {tmp_path / 'run'}\noptimizer:\n  lr: 1e-3\n")
-    result = matvlm("distill", recipe, "--set", "optimizer.lr=[1")
+    result = cli("distill", recipe, "--set", "optimizer.lr=[1")
     assert_one_line(result, "override 'optimizer.lr=[1'", "not valid YAML")
     # a recipe that fails a later check still proves 1e-3 and 5e-4 were read as numbers
-    result = matvlm("distill", recipe, "--set", "optimizer.lr=5e-4", "--set", "output.log_every=0")
+    result = cli("distill", recipe, "--set", "optimizer.lr=5e-4", "--set", "output.log_every=0")
     assert_one_line(result, "--set output.log_every=0: 'output.log_every' must be >= 1")  # the --set, not the file (#23)
     assert "must be float" not in result.stderr and not (tmp_path / "run").exists()
 
 
-def test_binary_recipe_is_one_line(tmp_path):
+def test_binary_recipe_is_one_line(tmp_path, cli):
     recipe = tmp_path / "r.yaml"
     recipe.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary")
-    assert_one_line(matvlm("distill", recipe), f"{recipe}: not a text file")
-    assert_one_line(matvlm("convert", recipe, "-o", tmp_path / "out"), f"{recipe}: not a text file")
+    assert_one_line(cli("distill", recipe), f"{recipe}: not a text file")
+    assert_one_line(cli("convert", recipe, "-o", tmp_path / "out"), f"{recipe}: not a text file")
 
 
 @pytest.mark.parametrize(
@@ -306,8 +308,8 @@ def test_every_subcommand_checks_model_folders(broken_models, how, tmp_path):
     assert not (tmp_path / "bench").exists() and not (tmp_path / "evaluate").exists()
 
 
-def test_a_broken_model_is_one_line_exit_2_from_the_cli(broken_models, tmp_path):
-    result = matvlm("convert", "--teacher", broken_models["corrupt weights"], "-o", tmp_path / "out")
+def test_a_broken_model_is_one_line_exit_2_from_the_cli(broken_models, tmp_path, cli):
+    result = cli("convert", "--teacher", broken_models["corrupt weights"], "-o", tmp_path / "out")
     assert_one_line(result, BROKEN["corrupt weights"])
     assert not (tmp_path / "out").exists()
 
@@ -437,10 +439,10 @@ def test_bench_refuses_a_context_beyond_the_models_positions(tmp_path):
         ([{"layers": [1, 7], "max_steps": 5, "trainable": "mlp"}], "stages[0]: 'trainable' must be one of"),
     ],
 )
-def test_bad_stage_lists_are_one_line_naming_the_stage_before_any_model_loads(tmp_path, stages, message):
+def test_bad_stage_lists_are_one_line_naming_the_stage_before_any_model_loads(tmp_path, stages, message, cli):
     import yaml
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"output": {"dir": str(tmp_path / "run")}, "stages": stages}))
-    assert_one_line(matvlm("distill", recipe), f"{recipe}: ", message)
+    assert_one_line(cli("distill", recipe), f"{recipe}: ", message)
     assert not (tmp_path / "run").exists()

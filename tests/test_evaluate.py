@@ -58,6 +58,12 @@ def evaluate(env, *args, cwd=None):
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd)
 
 
+def in_this_process(env, monkeypatch):
+    """The private caches of `env` for a command line run through the `cli` fixture."""
+    for name in ("MATVLM_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(name, env[name])
+
+
 def read_samples(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -191,7 +197,7 @@ def test_teacher_and_hybrid_side_by_side_with_difference(env, hybrid, tmp_path):
     assert len(read_samples(out / "hybrid" / "samples_pope.jsonl")) == 6
 
 
-def test_data_dir_with_hub_parquet_and_save_to_disk_copies(env, teacher_run, world, tmp_path):
+def test_data_dir_with_hub_parquet_and_save_to_disk_copies(env, teacher_run, world, tmp_path, cli, monkeypatch):
     """The same rows, laid out three ways and passed through a recipe file, give the same answers."""
     import datasets
 
@@ -207,7 +213,8 @@ def test_data_dir_with_hub_parquet_and_save_to_disk_copies(env, teacher_run, wor
     recipe = tmp_path / "evaluate.yaml"
     recipe.write_text(yaml.safe_dump({"tasks": ["pope", "mmmu", "textvqa"], "data_dir": str(data), "limit": 99,
                                       "batch_size": 4, "device": "cpu"}))
-    result = evaluate(env, recipe, "--limit", 4, "--output", tmp_path / "out")
+    in_this_process(env, monkeypatch)
+    result = cli("evaluate", recipe, "--limit", 4, "--output", tmp_path / "out")
     assert result.returncode == 0, result.stderr
     for task in ("pope", "mmmu_val", "textvqa_val"):
         ours = read_samples(tmp_path / "out" / "tiny-teacher" / f"samples_{task}.jsonl")
@@ -218,8 +225,9 @@ def test_data_dir_with_hub_parquet_and_save_to_disk_copies(env, teacher_run, wor
     assert config["limit"] == 4 and config["matvlm"]["data_dir"] == str(data)
 
 
-def test_missing_dataset_is_one_line_naming_the_folder(env, tmp_path):
-    result = evaluate(env, "--data-dir", tmp_path, "--tasks", "textvqa", "--output", tmp_path / "out")
+def test_missing_dataset_is_one_line_naming_the_folder(env, tmp_path, cli, monkeypatch):
+    in_this_process(env, monkeypatch)
+    result = cli("evaluate", "--data-dir", tmp_path, "--tasks", "textvqa", "--output", tmp_path / "out")
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert f"{tmp_path / 'textvqa'}: no textvqa data" in result.stderr
@@ -317,8 +325,9 @@ def test_a_broken_task_yaml_is_one_line(env, tmp_path, content, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_unknown_task_is_one_line_with_a_suggestion(env, tmp_path):
-    result = evaluate(env, "--tasks", "pope,textvqa_vall", "--output", tmp_path / "out")
+def test_unknown_task_is_one_line_with_a_suggestion(env, tmp_path, cli, monkeypatch):
+    in_this_process(env, monkeypatch)
+    result = cli("evaluate", "--tasks", "pope,textvqa_vall", "--output", tmp_path / "out")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "unknown task 'textvqa_vall'" in result.stderr and "did you mean textvqa_val" in result.stderr

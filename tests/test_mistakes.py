@@ -1,7 +1,7 @@
 """A user's mistakes and a newcomer's first steps (issue #23): each ends as one line on stderr, exit 2,
 nothing destroyed and nothing left behind, or works as it should. Real command lines on tiny models
-built from configs: in this process through `main()` where that is enough, in a subprocess where the
-process itself matters (signals, umask, a read-only mount)."""
+built from configs: in this process through `main()` where that is enough (the `cli` fixture, conftest.py),
+in a subprocess where the process itself matters (signals, umask, a read-only mount)."""
 
 from __future__ import annotations
 
@@ -27,22 +27,6 @@ from matvlm_cli.paths import default_teacher_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    """`matvlm ARGS` through the entry point in this process (no interpreter start-up): exit code, stdout
-    and stderr as a CompletedProcess, for `assert_one_line`."""
-    from matvlm_cli.cli import main
-
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["matvlm", *map(str, args)])
-        with pytest.raises(SystemExit) as exit:
-            main()
-        captured = capsys.readouterr()
-        return subprocess.CompletedProcess(args, exit.value.code, captured.out, captured.err)
-
-    return run
 
 
 def listing(folder: Path) -> dict[str, int]:

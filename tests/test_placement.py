@@ -105,17 +105,17 @@ def test_scores_are_deterministic_for_a_seed_and_leave_the_teacher_intact(tiny_t
     assert other != runs[0]
 
 
-def test_scored_bad_input_is_one_line(tiny_teachers, calibration, tmp_path):
+def test_scored_bad_input_is_one_line(tiny_teachers, calibration, tmp_path, cli):
     teacher = tiny_teachers["llama"]
     base = ("convert", "--teacher", teacher, "--placement", "scored", "--output", tmp_path / "out")
-    assert_one_line(matvlm(*base, "--calibration", tmp_path / "missing.json"), "calibration", "missing.json", "does not exist")
+    assert_one_line(cli(*base, "--calibration", tmp_path / "missing.json"), "calibration", "missing.json", "does not exist")
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
-    assert_one_line(matvlm(*base, "--calibration", empty), "calibration", "empty.json", "no records")
+    assert_one_line(cli(*base, "--calibration", empty), "calibration", "empty.json", "no records")
     text_only = tmp_path / "text.json"
     text_only.write_text(json.dumps([json.loads(calibration.read_text())[-1]]))
-    assert_one_line(matvlm(*base, "--calibration", text_only), "text.json", "no image records")
-    assert_one_line(matvlm(*base, "--count", 5), "count: 5", "decoder has (4)")
-    assert_one_line(matvlm(*base, "--layers", "0,1"), "--placement scored", "--layers")
-    assert_one_line(matvlm("convert", "--teacher", teacher, "--count", 9, "--output", tmp_path / "out"), "count: 9")
+    assert_one_line(cli(*base, "--calibration", text_only), "text.json", "no image records")
+    assert_one_line(cli(*base, "--count", 5), "count: 5", "decoder has (4)")
+    assert_one_line(cli(*base, "--layers", "0,1"), "--placement scored", "--layers")
+    assert_one_line(cli("convert", "--teacher", teacher, "--count", 9, "--output", tmp_path / "out"), "count: 9")
     assert not (tmp_path / "out").exists()

@@ -33,7 +33,7 @@ RECIPES = {"convert": ConvertRecipe, "distill": DistillRecipe, "evaluate": Evalu
            "generate": GenerateRecipe, "export": ExportRecipe}
 
 
-def cli(*args, cwd=None):
+def matvlm(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "matvlm_cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
 
@@ -132,18 +132,18 @@ def test_recipes_cp_copies_and_never_replaces(tmp_path):
 
 
 def test_recipes_lists_and_copies_through_the_cli(tmp_path):
-    result = cli("recipes")
+    result = matvlm("recipes")
     assert result.returncode == 0 and "tiny-default" in result.stdout and "distill" in result.stdout
-    assert cli("recipes", "cp", "evaluate-tiny", tmp_path).returncode == 0
+    assert matvlm("recipes", "cp", "evaluate-tiny", tmp_path).returncode == 0
     assert (tmp_path / "evaluate-tiny.yaml").is_file()
-    again = cli("recipes", "cp", "evaluate-tiny", tmp_path)
+    again = matvlm("recipes", "cp", "evaluate-tiny", tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1
 
 
 # ------------------------------------------------------------------------------ generate and export recipes
 
 
-def test_generate_and_export_read_recipes_and_set(tmp_path):
+def test_generate_and_export_read_recipes_and_set(tmp_path, cli):
     from matvlm_cli.convert import run_convert
 
     hybrid = run_convert(ConvertRecipe(layers=[1], output=str(tmp_path / "hybrid")))

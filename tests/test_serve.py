@@ -102,7 +102,7 @@ def test_the_tower_rename_gives_vllms_names_for_every_saved_tower_weight(llava_e
 
 
 @needs_per_group_norm
-def test_bad_input_is_one_line_exit_2_and_nothing_written(llava_export, tmp_path):
+def test_bad_input_is_one_line_exit_2_and_nothing_written(llava_export, tmp_path, cli):
     cases = {
         "no such": (tmp_path / "missing",),
         "not a model directory": (tmp_path,),
@@ -110,21 +110,21 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(llava_export, tmp_path
     cases["a matvlm hybrid, not an export"] = (llava_export.parent / "hybrid",)  # what the export was made from
     for expected, args in cases.items():
         before = sorted(tmp_path.rglob("*"))
-        run = _serve(*map(str, args))
+        run = cli("serve", *args)
         assert run.returncode == 2, run.stderr
         assert len(run.stderr.strip().splitlines()) == 1 and expected in run.stderr and "Traceback" not in run.stderr
         assert sorted(tmp_path.rglob("*")) == before
 
 
 @needs_per_group_norm
-def test_an_export_saved_by_transformers_before_5_23_is_refused(llava_export, tmp_path):
+def test_an_export_saved_by_transformers_before_5_23_is_refused(llava_export, tmp_path, cli):
     """5.17-5.22 compute the gated norm over the whole width: what they saved is not what vLLM serves."""
     old = tmp_path / "old"
     shutil.copytree(llava_export, old)
     config = json.loads((old / "config.json").read_text())
     assert config["text_config"]["mamba_n_groups"] > 1
     (old / "config.json").write_text(json.dumps({**config, "transformers_version": "5.19.0"}))
-    run = _serve(str(old))
+    run = cli("serve", old)
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
     assert "saved by transformers 5.19.0" in run.stderr and "per group" in run.stderr and ">= 5.23" in run.stderr
     one_group = tmp_path / "one-group"
@@ -135,7 +135,7 @@ def test_an_export_saved_by_transformers_before_5_23_is_refused(llava_export, tm
 
 
 @needs_per_group_norm
-def test_a_family_vllm_cannot_serve_is_refused_with_the_reason(tmp_path_factory):
+def test_a_family_vllm_cannot_serve_is_refused_with_the_reason(tmp_path_factory, cli):
     """A real Idefics3 export (Llama text, so `export` writes it) whose family has no vLLM hybrid class."""
     import zoo
 
@@ -145,7 +145,7 @@ def test_a_family_vllm_cannot_serve_is_refused_with_the_reason(tmp_path_factory)
     assert not isinstance(reason, ServeMapping)
     with pytest.raises(MatvlmError, match=re.escape(f"vLLM cannot serve this idefics3 export as a hybrid: {reason}")):
         check_servable(export)
-    run = _serve(str(export))
+    run = cli("serve", export)
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1 and "cannot serve" in run.stderr
 
 

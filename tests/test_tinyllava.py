@@ -2,7 +2,9 @@
 
 The checkpoints are tiny and random but in the published layouts (key names, config fields, Phi-2's
 vocab.json + merges.txt, fp32 shards with an index). Every logit is checked against a reference forward
-written here from the published facts (docs/paper.md), not against the loader.
+written here from the published facts (docs/paper.md), not against the loader. The subcommands run on them
+through the entry point in this process (the `cli` fixture), the conversion the module shares in a process
+of its own.
 """
 
 import json
@@ -360,34 +362,36 @@ def test_convert_at_layers_keeps_the_head_bias_processor_and_prompt(converted, t
     assert h.shape == t.shape and not torch.allclose(h, t)
 
 
-def test_convert_at_ratio(tinyllava, tmp_path):
+def test_convert_at_ratio(tinyllava, tmp_path, cli):
     out = tmp_path / "half"
-    result = matvlm("convert", "--teacher", tinyllava, "--ratio", 0.5, "--output", out)
+    result = cli("convert", "--teacher", tinyllava, "--ratio", 0.5, "--output", out)
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "config.json").read_text())["matvlm"]["layers"] == [0, 2]
 
 
-def test_generate_on_teacher_and_matvlm_release(tinyllava, matvlm_release, image, tmp_path):
+def test_generate_on_teacher_and_matvlm_release(tinyllava, matvlm_release, image, tmp_path, cli):
     picture = tmp_path / "picture.png"
     image.save(picture)
     for folder in (tinyllava, matvlm_release):
-        result = matvlm("generate", "--model", folder, "--image", picture, "--prompt", "What is in the picture?",
+        result = cli("generate", "--model", folder, "--image", picture, "--prompt", "What is in the picture?",
                         "--max-new-tokens", 4)
         assert result.returncode == 0, result.stderr
 
 
-def test_evaluate_teacher_and_matvlm_release(tinyllava, matvlm_release, tmp_path):
+def test_evaluate_teacher_and_matvlm_release(tinyllava, matvlm_release, tmp_path, cli, monkeypatch):
     cache = tmp_path / "cache"
-    result = matvlm("evaluate", "--model", tinyllava, "--model", matvlm_release, "--tasks", "pope", "--limit", 2,
-                    "--device", "cpu", "--output", tmp_path / "eval",
-                    env={"MATVLM_CACHE": str(cache), "HF_DATASETS_CACHE": str(cache / "hf")})
+    monkeypatch.setenv("MATVLM_CACHE", str(cache))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = cli("evaluate", "--model", tinyllava, "--model", matvlm_release, "--tasks", "pope", "--limit", 2,
+                 "--device", "cpu", "--output", tmp_path / "eval")
     assert result.returncode == 0, result.stderr
     assert "pope" in result.stdout
 
 
-def test_cpu_bench_on_teacher_and_converted(tinyllava, converted, tmp_path):
+def test_cpu_bench_on_teacher_and_converted(tinyllava, converted, tmp_path, cli):
     out = tmp_path / "bench"
-    result = matvlm("bench", "--teacher", tinyllava, "--student", converted, "--ratio", 0.5, "--seq-len", 64,
+    result = cli("bench", "--teacher", tinyllava, "--student", converted, "--ratio", 0.5, "--seq-len", 64,
                     "--gen-len", 3, "--repeats", 1, "--engine", "hf", "--device", "cpu", "--output", out)
     assert result.returncode == 0, result.stderr
     rows = json.loads((out / "bench.json").read_text())["rows"]
@@ -479,13 +483,13 @@ def test_fp16_shards_load_as_fp16_unless_asked(tmp_path):
     assert load_teacher(folder, dtype=torch.float32).lm_head.bias.dtype == torch.float32
 
 
-def test_bad_input_exits_2_naming_file_and_field_and_writes_nothing(matvlm_release, tmp_path):
+def test_bad_input_exits_2_naming_file_and_field_and_writes_nothing(matvlm_release, tmp_path, cli):
     folder = copy_folder(matvlm_release, tmp_path / "bad")
     edit_json(folder / "mamba_config.json", attn_layers=[0, 1])
     with pytest.raises(MatvlmError, match=r"mamba_config.json: attn_layers leave Mamba layers \[2, 3\], but the weights hold Mamba layers \[1, 3\]"):
         load_model(folder)
     edit_json(folder / "config.json", connector_type="resampler")
     out = tmp_path / "out"
-    result = matvlm("convert", "--teacher", folder, "--ratio", 0.5, "--output", out)
+    result = cli("convert", "--teacher", folder, "--ratio", 0.5, "--output", out)
     assert result.returncode == 2 and not out.exists()
     assert len(result.stderr.strip().splitlines()) == 1 and "config.json: connector_type 'resampler'" in result.stderr
