@@ -20,8 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from matvlm_cli.choices import Shapes, choices
-
+from ..choices import Shapes, choices
 from ..errors import MatvlmError
 from ..hybrid.conversion import attention_windows
 from .data import EpochShuffle, collate

@@ -23,8 +23,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from matvlm_cli.choices import Trainable, choices
-
+from ..choices import Trainable, choices
 from ..hybrid.conversion import find_decoder
 from ..hybrid.mamba2 import Mamba2Mixer
 

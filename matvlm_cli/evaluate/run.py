@@ -19,9 +19,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from matvlm_cli.choices import Device, choices
-
 from ..atomic import check_output_dir, write_atomic
+from ..choices import Device, choices
 from ..errors import MatvlmError
 from ..hybrid.checks import check_model
 from ..hybrid.layouts import check_model_dir

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from matvlm_cli.choices import Placement, choices
-
+from ..choices import Placement, choices
 from ..errors import MatvlmError, MatvlmWarning
 from ..families import GENERIC_TEXT, TextFamily, described_models, model_family, text_family
 from .cache import PaddingMaskTap

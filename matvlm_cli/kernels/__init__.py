@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from matvlm_cli.choices import Backend, choices
+from ..choices import Backend, choices
 
 BACKENDS = choices(Backend)
 # mixer_step is a whole decode step fused into one kernel (`step.py`); where no backend has it,
