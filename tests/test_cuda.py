@@ -317,3 +317,27 @@ def test_packed_varlen_attention_matches_the_block_diagonal_reference():
     assert rel_err(out, ref) < 1e-2
     for got, leaf in zip(grads, leaves):
         assert rel_err(got, leaf.grad) < 1e-2
+
+
+def test_hopper_autotunes_the_training_kernels_over_their_shortlists_only():
+    """On an H100/H200 the SSD and conv kernels that training uses autotune over kernels/autotune-sm90.json's
+    configs (kernels/shortlists.py); the packed tests above check what those kernels compute."""
+    import json
+    import sys
+
+    from matvlm_cli.kernels import shortlists
+
+    if not shortlists.wanted():
+        pytest.skip("not a Hopper GPU, or MATVLM_AUTOTUNE=full")
+    x = torch.zeros(1, 8, 2, 4, device="cuda")
+    if kernels.kernel("chunk_scan", x, needs_grad=True, packed=True) is None:
+        pytest.skip(f"{kernels.get_backend()} has no packed training scan here")
+    lists = json.loads(shortlists.SHORTLISTS.read_text())["kernels"]
+    seen = {}
+    for name, module in list(sys.modules.items()):
+        if module is not None and name.startswith(shortlists.MODULE_PREFIXES):
+            seen |= dict(shortlists.autotuners_in(module))
+    assert "_chunk_scan_fwd_kernel" in seen and "_chunk_scan_chunk_state_bwd_dx_kernel" in seen
+    for kernel, tuner in seen.items():
+        if kernel in lists:
+            assert {str(c) for c in tuner.configs} <= set(lists[kernel]), kernel

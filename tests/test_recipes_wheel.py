@@ -39,6 +39,7 @@ def installed(tmp_path_factory):
     (wheel,) = (tmp / "dist").glob("matvlm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "matvlm_cli/recipes/shipped/tiny-default.yaml" in names and "matvlm_cli/recipes/distill.py" in names
+    assert "matvlm_cli/kernels/autotune-sm90.json" in names  # the Hopper autotune shortlists (kernels/shortlists.py)
 
     # A venv without pip whose dependencies are this environment's (a .pth line: no download, and no
     # editable finder, whose .pth is not read from there); pip installs the wheel into it from outside.

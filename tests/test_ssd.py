@@ -167,3 +167,43 @@ def test_mamba_ssm_triton_kernels_load_without_its_compiled_extension(tmp_path, 
     finally:
         for name in [n for n in sys.modules if n.startswith("mamba_ssm")]:
             del sys.modules[name]
+
+
+def test_the_hopper_autotune_shortlists_are_the_committed_probes_top_two(tmp_path):
+    """kernels/autotune-sm90.json is what experiments/gpu/autotune_probe.py --shortlist makes of the
+    full-autotune probes committed under docs/results/distill/autotune/: nothing hand-edited, nothing stale."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from matvlm_cli.kernels import shortlists
+
+    root = Path(__file__).resolve().parents[1]
+    probes = sorted((root / "docs/results/distill/autotune").glob("*-full.json"))
+    assert len(probes) >= 3
+    made = tmp_path / "shortlists.json"
+    subprocess.run([sys.executable, str(root / "experiments/gpu/autotune_probe.py"), "--shortlist", *map(str, probes),
+                    "--output", str(made)], check=True, capture_output=True)
+    committed = json.loads(shortlists.SHORTLISTS.read_text())
+    as_sets = lambda lists: {kernel: set(configs) for kernel, configs in lists.items()}  # noqa: E731
+    assert as_sets(json.loads(made.read_text())["kernels"]) == as_sets(committed["kernels"])
+    for kernel, configs in committed["kernels"].items():
+        assert 1 <= len(configs) == len(set(configs)), kernel
+        assert all("num_warps: " in c and "num_stages: " in c for c in configs), kernel
+    # one packed training step at the 3.2B shape autotuned over 142 configs; the shortlists keep 55
+    full = json.loads((root / "docs/results/distill/autotune/probe-h200-hd80-full.json").read_text())
+    assert sum(len(t["ranked_ms"]) for t in full["autotuners"]) == 142
+    assert sum(len(v) for v in committed["kernels"].values()) == 55
+
+
+def test_the_shortlists_apply_only_on_hopper_and_not_with_full_autotuning(monkeypatch):
+    from matvlm_cli.kernels import shortlists
+
+    monkeypatch.setenv("MATVLM_AUTOTUNE", "full")
+    assert not shortlists.wanted() and shortlists.shorten() == {}
+    monkeypatch.delenv("MATVLM_AUTOTUNE")
+    if not torch.cuda.is_available():
+        assert not shortlists.wanted() and shortlists.shorten() == {}
+    else:
+        assert shortlists.wanted() == (torch.cuda.get_device_capability() == (9, 0))

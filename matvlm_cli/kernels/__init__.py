@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from ..choices import Backend, choices
+from . import shortlists
 
 BACKENDS = choices(Backend)
 # mixer_step is a whole decode step fused into one kernel (`step.py`); where no backend has it,
@@ -113,6 +114,7 @@ def _load_mamba_ssm() -> SimpleNamespace:
         conv = importlib.import_module("causal_conv1d")
     except ImportError:  # a CUDA package of its own: without it the conv comes from the next backend
         conv = None
+    shortlists.shorten()
 
     def conv1d(x, weight, bias, activation, seq_idx=None, cu_seqlens=None):
         # channels-first or channels-last strides both work without seq_idx, which needs channels-last
@@ -136,6 +138,7 @@ def _load_fla() -> SimpleNamespace:
     gla = importlib.import_module("fla.ops.simple_gla")
     conv = importlib.import_module("fla.modules.causal_conv1d")
     env = importlib.import_module("fla.utils")
+    shortlists.shorten()
     # fla refuses the gated backward on Hopper with Triton 3.4 - 3.7.0 (wrong results upstream, fla #640).
     broken_backward = (
         getattr(env, "IS_NVIDIA_HOPPER", False) and getattr(env, "TRITON_ABOVE_3_4_0", False)
