@@ -93,6 +93,25 @@ def test_prepared_records_equal_the_prefix_definition(world, processor, tmp_path
     assert encoder.render is not None
 
 
+def test_data_of_one_task_is_prepared_in_process_into_the_same_cache_as_a_pool_makes(world, processor, tmp_path, monkeypatch):
+    """At most RECORDS_PER_TASK records are encoded in the calling process (no pool to start); more go to
+    the pool, task by task. The same records give the same Arrow file either way."""
+    from matvlm_cli.distill import prepare as preparing
+
+    records = multi_turn(world, 24)
+    data = tmp_path / "mix.json"
+    data.write_text(json.dumps(records))
+    started = []
+    monkeypatch.setattr(preparing, "_start_worker", lambda *args: started.append(args))  # a spawned worker never sees this
+    alone = prepare([source(data, world)], default_teacher_dir(), processor, 1024, tmp_path / "alone", workers=1)
+    assert started == [] and alone.rebuilt
+    monkeypatch.undo()
+    monkeypatch.setattr(preparing, "RECORDS_PER_TASK", 5)  # 24 records: five tasks, so the pool
+    pooled = prepare([source(data, world)], default_teacher_dir(), processor, 1024, tmp_path / "pooled", workers=1)
+    assert pooled.rebuilt and pooled.table(0).num_rows == len(records)
+    assert pooled.table(0).equals(alone.table(0))
+
+
 def test_json_list_is_streamed_element_by_element(tmp_path):
     records = [{"id": str(i), "value": "x" * (i * 7), "n": i * 1.5} for i in range(40)] + [5, "text", None, [1, 2]]
     path = tmp_path / "list.json"

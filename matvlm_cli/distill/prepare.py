@@ -1,6 +1,6 @@
-"""Preparing the data once: every record tokenised in parallel over the machine's cores into Arrow files
-in the cache, keyed by the data files, the processor and model_max_length, and memory-mapped by every
-process and every later run. The cache stores each record with one placeholder token per image; the
+"""Preparing the data once: every record tokenised in parallel over the machine's cores (in the calling
+process when all of it fits one task) into Arrow files in the cache, keyed by the data files, the
+processor and model_max_length, and memory-mapped by every process and every later run. The cache stores each record with one placeholder token per image; the
 expansion into the processor's own image tokens (their number may depend on the image's size) happens
 when a record is read, so the cache stays small and images are never opened here. `length` counts each
 image at a 32x32 probe's expansion: exact for fixed-count processors, an estimate for the others, whose
@@ -36,23 +36,58 @@ SCHEMA = pa.schema([
 _worker: RecordEncoder | None = None
 
 
-def _start_worker(processor_dir: str, max_length: int, image_tokens: int, skip_text_only: bool, trust_remote_code: bool) -> None:
+def _encoder(processor_dir: str, max_length: int, image_tokens: int, skip_text_only: bool, trust_remote_code: bool) -> RecordEncoder:
+    # From the processor's folder, in a worker and in the calling process alike: the same records either way.
+    from ..hybrid.processors import load_processor
+
+    return RecordEncoder(load_processor(processor_dir, trust_remote_code), max_length, image_tokens, skip_text_only)
+
+
+def _start_worker(*encoder_args) -> None:
     global _worker
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
     torch.set_num_threads(1)
-    from ..hybrid.processors import load_processor
-
-    _worker = RecordEncoder(load_processor(processor_dir, trust_remote_code), max_length, image_tokens, skip_text_only)
+    _worker = _encoder(*encoder_args)
 
 
 def _encode_task(task: tuple[str, list]) -> tuple[pa.RecordBatch, SkipReport]:
-    image_root, records = task
+    return _encode_records(_worker, *task)
+
+
+def _fits_one_task(sources) -> bool:
+    """Whether all the sources together hold at most one task's records (reading at most one more)."""
+    seen = 0
+    for source in sources:
+        for _ in iter_json_list(Path(source.json)):
+            seen += 1
+            if seen > RECORDS_PER_TASK:
+                return False
+    return True
+
+
+class _InProcessPool:
+    """A pool's `imap` in the calling process, for data that fits one task."""
+
+    def __init__(self, encoder: RecordEncoder):
+        self.encoder = encoder
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def imap(self, _, tasks):
+        return (_encode_records(self.encoder, *task) for task in tasks)
+
+
+def _encode_records(encoder: RecordEncoder, image_root: str, records: list) -> tuple[pa.RecordBatch, SkipReport]:
     rows = {name: [] for name in SCHEMA.names}
     skipped = SkipReport()
     for record in records:
         record_id = str(record.get("id", "?")) if isinstance(record, dict) else "?"
         try:
-            encoded = _worker.encode(record, Path(image_root))
+            encoded = encoder.encode(record, Path(image_root))
         except BrokenRecord as why:
             skipped.add(str(why), record_id)
             continue
@@ -123,13 +158,16 @@ def prepare(sources, processor_dir: Path, processor, max_length: int, cache_root
         return Prepared(target, SkipReport.from_json(json.loads((target / "meta.json").read_text())["skipped"]), False)
     workers = workers or len(os.sched_getaffinity(0))
     skipped = SkipReport()
-    context = multiprocessing.get_context("spawn")  # the trainer's torch threads make fork unsafe
+    encoder_args = (str(processor_dir), max_length, image_tokens, skip_text_only, trust_remote_code)
+    if _fits_one_task(sources):  # one task: a pool's start (seconds of imports per worker) would cost more than it saves
+        pool = _InProcessPool(_encoder(*encoder_args))
+    else:
+        context = multiprocessing.get_context("spawn")  # the trainer's torch threads make fork unsafe
+        pool = context.Pool(workers, _start_worker, encoder_args)
     progress = Progress(TextColumn("[bold]preparing data[/bold] {task.description}"), BarColumn(), DownloadColumn(),
                         TextColumn("{task.fields[records]} records"), TimeRemainingColumn(), console=console)
     cache_root.mkdir(parents=True, exist_ok=True)
-    with atomic_directory(target, overwrite=True) as tmp, progress, context.Pool(
-        workers, _start_worker, (str(processor_dir), max_length, image_tokens, skip_text_only, trust_remote_code)
-    ) as pool:
+    with atomic_directory(target, overwrite=True) as tmp, progress, pool as pool:
         counts = []
         for index, source in enumerate(sources):
             path = Path(source.json)
