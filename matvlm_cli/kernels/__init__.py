@@ -16,7 +16,9 @@ one-token conv update):
   On Hopper with Triton 3.4 - 3.7.0 fla refuses its gated backward; training then passes it over.
 
 Nothing is imported at module load. `auto` takes, op by op, the fastest backend that imports,
-in the order measured on an H100/H200 (docs/bench.md, `matvlm bench --kernels`).
+in the order measured on an H100/H200 (docs/bench.md, `matvlm bench --kernels`). On Hopper the borrowed
+Triton kernels autotune over short lists of configs (`shortlists.py`): a compiled run's warm-up was
+mostly their autotuning.
 """
 
 from __future__ import annotations
