@@ -4,12 +4,16 @@ Runs matvlm's own entry points (hybrid.ssd.ssd_chunk_scan, the mixer's causal co
 mixer's shape (32 heads of 80, d_state 80, 32 groups, chunk 128; `--heads`, `--headdim` for others, with
 d_state = headdim and one group per head as convert makes them) on packed rows (4 x 8192, records of
 100-3000 tokens), forward and backward, in bf16. The first call autotunes every Triton kernel it meets;
-the second is the steady cost. Then every mamba_ssm SSD autotuner reports how many configs it tried,
-the best, and each config's time (Triton's `configs_timings`), so that a shortlist can be chosen.
+the second is the steady cost. Then every mamba_ssm SSD and fla conv autotuner reports how many configs
+it tried, the best, and each config's time (Triton's `configs_timings`), so that a shortlist can be chosen.
+Without `--full` the probe runs with kernels/autotune-sm90.json's shortlists, as matvlm does on Hopper.
 
-    python experiments/gpu/autotune_probe.py --full --output docs/results/distill/autotune-probe-h200.json
-    python experiments/gpu/autotune_probe.py --full --heads 16 --headdim 128 --output /tmp/probe-128.json
-    python experiments/gpu/autotune_probe.py --shortlist /tmp/probe-*.json --output matvlm_cli/kernels/autotune-sm90.json
+    D=docs/results/distill/autotune
+    python experiments/gpu/autotune_probe.py --full --output $D/probe-h200-hd80-full.json
+    python experiments/gpu/autotune_probe.py --full --heads 32 --headdim 64 --output $D/probe-h200-hd64-full.json
+    python experiments/gpu/autotune_probe.py --full --heads 16 --headdim 128 --output $D/probe-h200-hd128-full.json
+    python experiments/gpu/autotune_probe.py --shortlist $D/*-full.json --output matvlm_cli/kernels/autotune-sm90.json
+    python experiments/gpu/autotune_probe.py --output $D/probe-h200-hd80-shortlist.json
 """
 
 from __future__ import annotations
@@ -82,8 +86,9 @@ def write_shortlists(probes: list[Path], top: int, output: Path) -> None:
             best = [config for config, ms in tuner["ranked_ms"][:top] if ms != float("inf")]
             kernels.setdefault(tuner["kernel"], [])
             kernels[tuner["kernel"]] += [c for c in best if c not in kernels[tuner["kernel"]]]
+    kernels = {kernel: configs for kernel, configs in sorted(kernels.items()) if configs}
     output.write_text(json.dumps({"written_by": "experiments/gpu/autotune_probe.py --shortlist", "top": top, "shapes": shapes,
-                                  "kernels": {k: v for k, v in sorted(kernels.items()) if v}}, indent=1) + "\n")
+                                  "kernels": kernels}, indent=1) + "\n")
     print(f"{output}: {sum(map(len, kernels.values()))} configs for {len(kernels)} kernels")
 
 

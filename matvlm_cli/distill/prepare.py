@@ -1,10 +1,11 @@
 """Preparing the data once: every record tokenised in parallel over the machine's cores (in the calling
 process when all of it fits one task) into Arrow files in the cache, keyed by the data files, the
-processor and model_max_length, and memory-mapped by every process and every later run. The cache stores each record with one placeholder token per image; the
-expansion into the processor's own image tokens (their number may depend on the image's size) happens
-when a record is read, so the cache stays small and images are never opened here. `length` counts each
-image at a 32x32 probe's expansion: exact for fixed-count processors, an estimate for the others, whose
-records are checked against model_max_length again once expanded.
+processor and model_max_length, and memory-mapped by every process and every later run. The cache stores
+each record with one placeholder token per image; the expansion into the processor's own image tokens
+(their number may depend on the image's size) happens when a record is read, so the cache stays small
+and images are never opened here. `length` counts each image at a 32x32 probe's expansion: exact for
+fixed-count processors, an estimate for the others, whose records are checked against model_max_length
+again once expanded.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Shorter Triton autotuning on Hopper for the kernels that training borrows.
 
 mamba_ssm's SSD kernels and fla's causal conv autotune on their first call. For one packed training step
-at TinyLLaVA-3.2B's shape that is 17 kernels, 110 configs and 109 s on an H200: nearly all of a compiled
-distillation's warm-up (docs/results/distill/autotune-probe-h200.json). Most of those configs never win.
+at TinyLLaVA-3.2B's shape that is 17 kernels and 142 configs: the first forward and backward took 95.7 s
+(scan) and 24.5 s (conv) on an H200, nearly all of a compiled distillation's warm-up
+(docs/results/distill/autotune/probe-h200-hd80-full.json). Most of those configs never win.
 
 On Hopper (sm_90) each of these autotuners keeps only the configs that ranked first or second at some
 mixer shape measured on an H200 (`autotune-sm90.json`, written by experiments/gpu/autotune_probe.py), so
