@@ -156,13 +156,18 @@ def test_qkv_fusion_keeps_outputs_and_holds_the_weights_once(tiny_teachers):
     assert fusion.fuse(model) == 4  # one trio per decoder layer
     assert isinstance(attention.q_proj, fusion.ProjectionSlice)
     assert attention.k_proj.shared is attention.q_proj.shared
+    # every other linear layer of the language model goes to the one-token GEMV; the vision side does not
+    assert type(attention.o_proj) is fusion.OneTokenLinear
+    assert not any(type(m) is torch.nn.Linear for m in model.model.language_model.modules())
+    assert type(model.lm_head) is torch.nn.Linear
     assert floor.decode_weight_bytes(model) == weight_bytes
     fused = model(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values).logits
     torch.testing.assert_close(fused, before)
     assert fusion.fuse(model) == 0  # already fused
 
     fusion.unfuse(model)
-    assert isinstance(attention.q_proj, torch.nn.Linear)
+    assert type(attention.q_proj) is type(attention.o_proj) is torch.nn.Linear
+    assert not any(type(m) is fusion.OneTokenLinear for m in model.modules())
     # the restored modules read views of the fused weight: no copy was kept
     assert attention.k_proj.weight.untyped_storage().data_ptr() == attention.q_proj.weight.untyped_storage().data_ptr()
     torch.testing.assert_close(model(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values).logits, before)

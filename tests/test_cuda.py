@@ -196,6 +196,25 @@ def test_split_kv_decode_attention_matches_sdpa(heads, kv_heads, dim, slots):
     assert rel_err(out, ref.transpose(1, 2)) < 1e-2
 
 
+@pytest.mark.parametrize("out_features,in_features,bias", [(7680, 2560, True), (2560, 10240, True), (10272, 2560, False), (100, 200, True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_token_gemv_matches_float32_linear(out_features, in_features, bias, dtype):
+    """The graphs engine's GEMV kernel against F.linear in float32: Phi-2's q/k/v and fc2, a hybrid's
+    in_proj without bias, and sizes that are not a whole number of tiles."""
+    from matvlm_cli.kernels import gemv
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1, 1, in_features, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(out_features, in_features, device="cuda", generator=g) * 0.02).to(dtype)
+    b = torch.randn(out_features, device="cuda", generator=g).to(dtype) if bias else None
+    out = gemv.linear(x, w, b)
+    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+    assert out.shape == (1, 1, out_features) and out.dtype == dtype
+    assert rel_err(out, ref) < 1e-2
+    two_tokens = torch.cat([x, x], dim=1)  # anything but one token is F.linear's
+    torch.testing.assert_close(gemv.linear(two_tokens, w, b), F.linear(two_tokens, w, b))
+
+
 @pytest.mark.parametrize("heads,kv_heads,dim,dtype", [(32, 32, 80, torch.bfloat16), (8, 2, 64, torch.bfloat16), (4, 4, 32, torch.float32)])
 def test_prefill_chunk_attention_over_filled_slots_matches_masked_sdpa(heads, kv_heads, dim, dtype, monkeypatch):
     """A prefill chunk after the first, in a static cache: flash attention (efficient in float32) over the

@@ -11,6 +11,7 @@ export PYTHONUNBUFFERED=1 COLUMNS=160  # rich tables at full width in the log
 OUT=${OUT:-/tmp/h200-bench}; mkdir -p "$OUT"
 BUDGET=${BUDGET:-560}  # seconds for the whole script
 STAGES=${STAGES:-checks,probe,bench}
+# THROUGHPUT="" leaves the throughput searches out of the bench stage
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 start=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - start) )); }
@@ -21,7 +22,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 
 has checks && timeout 180 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
-  -k "prefill_chunk or skip_gate_norm or split_kv or graph_engine_decodes_like_generate_on_cuda or mixer_prefill or fused_decode_step" \
+  -k "prefill_chunk or skip_gate_norm or split_kv or graph_engine_decodes_like_generate_on_cuda or mixer_prefill or fused_decode_step or gemv" \
   2>&1 | tail -15 | tee -a "$OUT/gpu.txt"
 echo "checks done at $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
 
@@ -30,7 +31,7 @@ has probe && timeout 300 python3 experiments/gpu/prefill_probe.py --output "$OUT
 echo "probe done at $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
 
 has bench && timeout $(( $(left) - 8 )) python3 -m matvlm_cli bench --ratio 0.5 --ratio 0.25 --seq-len 8192 --seq-len 32768 \
-  --engine graphs --repeats 2 --throughput 8192 --throughput 32768 --throughput 4194304 --profile \
+  --engine graphs --repeats 2 ${THROUGHPUT---throughput 8192 --throughput 32768 --throughput 4194304} --profile \
   --output "$OUT/bench" 2>&1 | grep -v -e "Loading weights" -e "requires torchvision" | tee "$OUT/bench-log.txt"
 echo "bench done at $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
 [ -d "$OUT/bench" ] && tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"

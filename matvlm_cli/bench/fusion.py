@@ -1,4 +1,4 @@
-"""One GEMV for q, k and v: the `graphs` engine's projection fusion.
+"""The `graphs` engine's projections: one GEMV for q, k and v, and every one-token product on a GEMV kernel.
 
 At batch 1 a decode step is a string of matrix-vector products, and a small one cannot reach the
 card's bandwidth: a 13 MB projection of Phi-2 takes 8.3 us on an H100, where its bytes take 4.5 us,
@@ -10,15 +10,20 @@ It changes no model code. The three projection modules are swapped for slices of
 projection, which computes all three when the first is called and hands out the other two from
 memory. The original modules keep views of the fused weight, so the weights are held once, and
 `unfuse` puts them back (the `hf` engine runs the model as users do).
+
+The same swap sends every other linear layer of the language model (the attention's output, the MLP,
+a Mamba layer's in and out projections) through `kernels/gemv.py` while they are fused: for one token on
+CUDA that is a Triton GEMV that reads the weights nearer the card's bandwidth than cuBLAS does; for a
+prefill chunk, a batch or a CPU it is `F.linear` as before. The modules change class, not weights.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..hybrid.conversion import find_decoder
+from ..kernels import gemv
 
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"),)
 
@@ -44,7 +49,7 @@ class SharedProjection(nn.Module):
     def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
         pending = self.pending
         if pending.left == 0 or pending.input is not x:
-            pending.input, pending.outputs = x, F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+            pending.input, pending.outputs = x, gemv.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
             pending.left = len(self.sizes)
         out = pending.outputs[index]
         pending.left -= 1
@@ -76,6 +81,13 @@ class ProjectionSlice(nn.Module):
         return self.shared.part(x, self.index)
 
 
+class OneTokenLinear(nn.Linear):
+    """An nn.Linear whose one-token products run on the GEMV kernel (the class `fuse` gives them)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gemv.linear(x, self.weight, self.bias)
+
+
 def _fusable(linears) -> bool:
     first = linears[0]
     return all(
@@ -94,10 +106,11 @@ def _groups(model: nn.Module):
 
 
 def fuse(model: nn.Module) -> int:
-    """Swap every q/k/v trio of the language model for slices of one shared projection; returns how
-    many were fused."""
+    """Swap every q/k/v trio of the language model for slices of one shared projection, and its other
+    linear layers for `OneTokenLinear`; returns how many trios were fused."""
     fused = 0
-    for module, names in list(_groups(find_decoder(model).text_model)):
+    text_model = find_decoder(model).text_model
+    for module, names in list(_groups(text_model)):
         linears = [getattr(module, name) for name in names]
         if any(isinstance(linear, ProjectionSlice) for linear in linears) or not _fusable(linears):
             continue
@@ -113,12 +126,17 @@ def fuse(model: nn.Module) -> int:
             setattr(module, name, ProjectionSlice(shared, index))
         module._unfused_projections = dict(zip(names, linears))
         fused += 1
+    for module in text_model.modules():  # after the trios: their originals stay plain nn.Linear
+        if type(module) is nn.Linear:
+            module.__class__ = OneTokenLinear
     return fused
 
 
 def unfuse(model: nn.Module) -> None:
     """Put the original projection modules back (their weights stay views of the fused one)."""
     for module in model.modules():
+        if type(module) is OneTokenLinear:
+            module.__class__ = nn.Linear
         originals = module.__dict__.pop("_unfused_projections", None)
         for name, linear in (originals or {}).items():
             setattr(module, name, linear)

@@ -1,0 +1,94 @@
+"""Matrix-vector products for one-token decode steps: a Triton GEMV that streams each weight once.
+
+At batch 1 a decode step's projections are matrix-vector products, and time is bytes: on an H200
+cuBLAS reads Phi-2's projections at 1.7-3.2 TB/s of the card's 4.0 (its dense 2560x2560 in 7.6 us against
+3.3 us of bytes). This kernel gives each program a few output rows and walks their weights in long
+contiguous runs, with enough programs (about 8 per SM) to keep the memory system busy; it reads the same
+projections at 2.1-3.6 TB/s, 1.4-2.1 us faster each
+(`experiments/gpu/decode_kernels.py`, `docs/results/bench/decode-kernels-h200.txt`).
+
+Only the `graphs` engine calls it (`bench/fusion.py` routes its linear layers here), for one token on
+CUDA in half precision; anything else is `F.linear`. Accumulation is float32, as in cuBLAS.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+try:  # CUDA builds of torch bring Triton; elsewhere F.linear runs
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(X, W, Bias, Y, N, K, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # One program: BLOCK_N output rows. The products are summed in a (BLOCK_N, BLOCK_K) tile and
+        # reduced once at the end, so the loop is loads and fused multiply-adds only.
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_rows = rows < N
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for k in range(0, K, BLOCK_K):
+            cols = k + tl.arange(0, BLOCK_K)
+            if EVEN_K:
+                x = tl.load(X + cols)
+                w = tl.load(W + rows[:, None] * K + cols[None, :], mask=in_rows[:, None], other=0.0)
+            else:
+                in_cols = cols < K
+                x = tl.load(X + cols, mask=in_cols, other=0.0)
+                w = tl.load(W + rows[:, None] * K + cols[None, :], mask=in_rows[:, None] & in_cols[None, :], other=0.0)
+            acc += w.to(tl.float32) * x[None, :].to(tl.float32)
+        y = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            y += tl.load(Bias + rows, mask=in_rows, other=0.0).to(tl.float32)
+        tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=in_rows)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def tiles(out_features: int, in_features: int, sms: int) -> tuple[int, int]:
+    """(rows per program, columns per load). The most rows, up to 8, that still leave 8 programs per SM;
+    half a KB of columns per row at 1-2 rows, a quarter at more (the best tiles of the H200 sweep for
+    Phi-2's q/k/v, dense, fc1 and fc2, within 0.1 us)."""
+    rows = 8
+    while rows > 1 and -(-out_features // rows) < 8 * sms:
+        rows //= 2
+    return rows, 512 if rows <= 2 else 256
+
+
+@torch.library.custom_op("matvlm::gemv", mutates_args=())
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., in) holding one row; weight (out, in) contiguous. Returns (..., out) in x's dtype."""
+    out_features, in_features = weight.shape
+    y = torch.empty(*x.shape[:-1], out_features, device=x.device, dtype=x.dtype)
+    rows, cols = tiles(out_features, in_features, _sm_count(x.device))
+    _gemv_kernel[(triton.cdiv(out_features, rows),)](
+        x, weight, y if bias is None else bias, y, out_features, in_features, HAS_BIAS=bias is not None,
+        EVEN_K=in_features % cols == 0, BLOCK_N=rows, BLOCK_K=cols, num_warps=4, num_stages=3,
+    )
+    return y
+
+
+@gemv.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, by the GEMV kernel when x is one token on CUDA in half precision."""
+    if (
+        triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+        and x.shape[:-1].numel() == 1 and x.is_contiguous() and weight.is_contiguous()
+        and weight.dtype == x.dtype and (bias is None or bias.is_contiguous())
+    ):
+        return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
