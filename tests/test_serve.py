@@ -136,17 +136,37 @@ def test_an_export_saved_by_transformers_before_5_23_is_refused(llava_export, tm
 
 @needs_per_group_norm
 def test_a_family_vllm_cannot_serve_is_refused_with_the_reason(tmp_path_factory, cli):
-    """A real Idefics3 export (Llama text, so `export` writes it) whose family has no vLLM hybrid class."""
+    """A real SmolVLM export (Llama text, so `export` writes it) whose family vLLM cannot serve here."""
+    import zoo
+
+    teacher = zoo.save("smolvlm", tmp_path_factory.mktemp("smolvlm") / "teacher")
+    export = _export(tmp_path_factory, teacher, [1], "smolvlm")
+    reason = MODEL_FAMILIES["smolvlm"].serve
+    assert not isinstance(reason, ServeMapping) and "torchvision" in reason
+    with pytest.raises(MatvlmError, match=re.escape(f"vLLM cannot serve this smolvlm export as a hybrid: {reason}")):
+        check_servable(export)
+    run = cli("serve", export)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1 and "cannot serve" in run.stderr
+
+
+@needs_per_group_norm
+def test_an_idefics3_export_is_served_by_the_plugin_class_that_builds_the_hybrid_text_model(tmp_path_factory):
+    """Idefics3: vLLM's class builds a fixed LlamaModel for the text, so the plugin's class swaps in
+    vLLM's GraniteMoeHybridModel; the saved names are vLLM's already (no renames)."""
     import zoo
 
     teacher = zoo.save("idefics3", tmp_path_factory.mktemp("idefics3") / "teacher")
     export = _export(tmp_path_factory, teacher, [1], "idefics3")
-    reason = MODEL_FAMILIES["idefics3"].serve
-    assert not isinstance(reason, ServeMapping)
-    with pytest.raises(MatvlmError, match=re.escape(f"vLLM cannot serve this idefics3 export as a hybrid: {reason}")):
-        check_servable(export)
-    run = cli("serve", export)
-    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1 and "cannot serve" in run.stderr
+    plan = check_servable(export)
+    assert plan.architecture == "MatvlmIdefics3ForConditionalGeneration"
+    assert engine_options(plan, cpu=True)["hf_overrides"] == {"architectures": [plan.architecture]}
+    mapping = MODEL_FAMILIES["idefics3"].serve
+    assert mapping.fixed_language_model == "vllm.model_executor.models.idefics3:LlamaModel" and not mapping.renames
+    with safe_open(export / "model.safetensors", "pt") as weights:
+        names = set(weights.keys())
+    # what vLLM's Idefics3ForConditionalGeneration holds: model.vision_model, model.connector, model.text_model, lm_head
+    assert {name.split(".")[1] for name in names if name.startswith("model.")} == {"vision_model", "connector", "text_model"}
+    assert any(".mamba." in name for name in names if name.startswith("model.text_model.layers.1."))
 
 
 @needs_per_group_norm
@@ -171,13 +191,28 @@ def test_serving_without_vllm_says_how_to_install_it(llava_export):
 
 @needs_vllm
 def test_the_plugin_class_is_vllms_llava_marked_hybrid_with_the_export_names_mapped():
+    from matvlm_cli.serve import models  # first: without torchvision, vLLM's LLaVA imports through its stand-in
+
+    # isort: split
     from vllm.model_executor.models.interfaces import has_inner_state, is_hybrid
     from vllm.model_executor.models.llava import LlavaForConditionalGeneration
-
-    from matvlm_cli.serve import models  # first: without torchvision, vLLM's LLaVA imports through its stand-in
 
     served = models.MatvlmLlavaForConditionalGeneration
     assert issubclass(served, LlavaForConditionalGeneration) and is_hybrid(served) and has_inner_state(served)
     mapper = served.hf_to_vllm_mapper
     assert mapper.map_name("vision_tower.embeddings.patch_embedding.weight") == "vision_tower.vision_model.embeddings.patch_embedding.weight"
     assert mapper.map_name("model.language_model.layers.1.mamba.in_proj.weight") == "language_model.model.layers.1.mamba.in_proj.weight"
+
+
+@needs_vllm
+def test_the_idefics3_plugin_class_is_vllms_marked_hybrid():
+    from vllm.model_executor.models import idefics3
+    from vllm.model_executor.models.interfaces import has_inner_state, is_hybrid
+    from vllm.model_executor.models.llama import LlamaModel
+
+    from matvlm_cli.serve import models
+
+    served = models.MatvlmIdefics3ForConditionalGeneration
+    assert issubclass(served, idefics3.Idefics3ForConditionalGeneration) and is_hybrid(served) and has_inner_state(served)
+    assert served.__init__ is not idefics3.Idefics3ForConditionalGeneration.__init__
+    assert idefics3.LlamaModel is LlamaModel  # swapped only while an instance is built

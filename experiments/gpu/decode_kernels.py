@@ -2,6 +2,8 @@
 
     python experiments/gpu/decode_kernels.py [attention] [gemv] > docs/results/bench/decode-kernels-h200.txt
     python experiments/gpu/decode_kernels.py fma > docs/results/bench/decode-attention-fma-h200.txt
+    python experiments/gpu/decode_kernels.py small > docs/results/bench/decode-attention-small-h200.txt
+    python experiments/gpu/decode_kernels.py tunings > docs/results/bench/decode-attention-tunings-h200.txt
 
 - attention: the split-KV kernel of `kernels/attention.py` against a variant that splits a head dim that is
   not a power of two into two that are (80 = 64 + 16), so no lane loads a padded column, and that drops the
@@ -25,6 +27,8 @@ from matvlm_cli.bench.floor import measure_bandwidth
 from matvlm_cli.kernels import attention
 
 dev = torch.device("cuda")
+DEFAULT_TUNING = dict(attention.TUNING)  # the engine's split-KV tuning
+BEFORE = {"block_n": 64, "programs_per_sm": 4, "num_warps": 4, "num_stages": 2}  # its tuning until session 14
 
 
 def graph_time(fn, reps=20):
@@ -174,11 +178,11 @@ def attention_variants():
         tag = f"b{batch} h{heads}/{kv_heads}x{dim} ctx {ctx}"
         print(f"{tag}: floor {moved / BW * 1e6:.1f} us/layer", flush=True)
         rows = []
-        attention.TUNING.update(block_n=None, programs_per_sm=4, num_warps=4, num_stages=2)
+        attention.TUNING.update(BEFORE)
         out = attention.split_kv_decode(q, ks[0], vs[0], keep, dim**-0.5)
         t = graph_time(lambda: [attention.split_kv_decode(q, k, v, keep, dim**-0.5) for k, v in zip(ks, vs)]) / layers
         err = ((out.float() - ref).norm() / ref.norm()).item()
-        print(f"{tag} today's kernel (TUNING default): {t * 1e6:6.1f} us/layer {moved / t / 1e9:5.0f} GB/s err {err:.1e}", flush=True)
+        print(f"{tag} the kernel as tuned before session 14: {t * 1e6:6.1f} us/layer {moved / t / 1e9:5.0f} GB/s err {err:.1e}", flush=True)
         if dims_split(dim) is None:
             continue
         for bn, pps, nw, ns in itertools.product((32, 64, 128), (2, 4, 8), (4, 8), (2, 3, 4)):
@@ -282,7 +286,7 @@ def attention_fma():
         ref = F.scaled_dot_product_attention(q.float(), ks[0][:, :, :ctx].float(), vs[0][:, :, :ctx].float()).transpose(1, 2)
         moved = 2 * batch * heads * slots * dim * 2
         tag = f"b1 h32x80 ctx {ctx}"
-        attention.TUNING.update(block_n=None, programs_per_sm=4, num_warps=4, num_stages=2)
+        attention.TUNING.update(BEFORE)
         t = graph_time(lambda: [attention.split_kv_decode(q, k, v, keep, dim**-0.5) for k, v in zip(ks, vs)]) / layers
         print(f"{tag}: floor (all slots) {moved / BW * 1e6:.1f} us; today's kernel {t * 1e6:.1f} us {moved / t / 1e9:.0f} GB/s", flush=True)
         if ctx not in (8192, 32768):
@@ -305,6 +309,65 @@ def attention_fma():
                   f"{t * 1e6:6.1f} us {moved / t / 1e9:5.0f} GB/s err {err:.1e}", flush=True)
         ks = vs = None
         torch.cuda.empty_cache()
+
+
+def attention_small_programs():
+    print("\n== today's split-KV kernel, MHA b1 h32x80: configs outside the first sweep (1-2 warps, 1 stage, 8-32 programs/SM) ==", flush=True)
+    for ctx, layers in ((128, 16), (8192, 16), (32768, 8)):
+        slots = ctx + 128
+        ks = [torch.randn(1, 32, slots, 80, device=dev, dtype=torch.bfloat16) for _ in range(layers)]
+        vs = [torch.randn_like(k) for k in ks]
+        q = torch.randn(1, 32, 1, 80, device=dev, dtype=torch.bfloat16)
+        keep = torch.zeros(1, slots, dtype=torch.bool, device=dev)
+        keep[:, :ctx] = True
+        ref = F.scaled_dot_product_attention(q.float(), ks[0][:, :, :ctx].float(), vs[0][:, :, :ctx].float()).transpose(1, 2)
+        moved = 2 * 32 * slots * 80 * 2
+        rows = []
+        for bn, pps, nw, ns in itertools.product((16, 32, 64), (4, 8, 16, 32), (1, 2, 4), (1, 2, 3)):
+            attention.TUNING.update(block_n=bn, programs_per_sm=pps, num_warps=nw, num_stages=ns)
+            try:
+                out = attention.split_kv_decode(q, ks[0], vs[0], keep, 80**-0.5)
+                err = ((out.float() - ref).norm() / ref.norm()).item()
+                t = graph_time(lambda: [attention.split_kv_decode(q, k, v, keep, 80**-0.5) for k, v in zip(ks, vs)]) / layers
+            except Exception as e:  # noqa: BLE001
+                print("fail", bn, pps, nw, ns, type(e).__name__, str(e)[:100], flush=True)
+                continue
+            rows.append((t, bn, pps, nw, ns, err))
+        rows.sort()
+        for t, bn, pps, nw, ns, err in rows[:5]:
+            print(f"ctx {ctx} block_n {bn:3d} programs/SM {pps:2d} warps {nw} stages {ns}: {t * 1e6:6.1f} us "
+                  f"{moved / t / 1e9:5.0f} GB/s err {err:.1e}", flush=True)
+        ks = vs = None
+        torch.cuda.empty_cache()
+    attention.TUNING.update(DEFAULT_TUNING)
+
+
+def attention_tunings():
+    print("\n== split-KV decode attention: the tuning before session 14 against the engine's ==", flush=True)
+    for batch, heads, kv_heads, dim, ctx, layers in ((1, 32, 32, 80, 8192, 16), (1, 32, 32, 80, 32768, 8),
+                                                     (24, 32, 32, 80, 8192, 2), (1, 32, 8, 128, 8192, 16),
+                                                     (4, 32, 32, 80, 8192, 8)):
+        slots = ctx + 128
+        ks = [torch.randn(batch, kv_heads, slots, dim, device=dev, dtype=torch.bfloat16) for _ in range(layers)]
+        vs = [torch.randn_like(k) for k in ks]
+        q = torch.randn(batch, heads, 1, dim, device=dev, dtype=torch.bfloat16)
+        keep = torch.zeros(batch, slots, dtype=torch.bool, device=dev)
+        keep[:, :ctx] = True
+        group = heads // kv_heads
+        ref = F.scaled_dot_product_attention(q.float(), ks[0][:, :, :ctx].float().repeat_interleave(group, 1),
+                                             vs[0][:, :, :ctx].float().repeat_interleave(group, 1)).transpose(1, 2)
+        moved = 2 * batch * kv_heads * ctx * dim * 2
+        line = f"b{batch} h{heads}/{kv_heads}x{dim} ctx {ctx}:"
+        for name, tuning in (("before", BEFORE), ("engine", DEFAULT_TUNING)):
+            attention.TUNING.update(tuning)
+            out = attention.split_kv_decode(q, ks[0], vs[0], keep, dim**-0.5)
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            t = graph_time(lambda: [attention.split_kv_decode(q, k, v, keep, dim**-0.5) for k, v in zip(ks, vs)]) / layers
+            line += f" {name} {t * 1e6:6.1f} us ({moved / t / 1e9:4.0f} GB/s, err {err:.0e});"
+        print(line, flush=True)
+        ks = vs = None
+        torch.cuda.empty_cache()
+    attention.TUNING.update(DEFAULT_TUNING)
 
 
 @triton.jit
@@ -371,6 +434,10 @@ if __name__ == "__main__":
     parts = sys.argv[1:] or ["attention", "gemv"]
     if "attention" in parts:
         attention_variants()
+    if "tunings" in parts:
+        attention_tunings()
+    if "small" in parts:
+        attention_small_programs()
     if "fma" in parts:
         attention_fma()
     if "gemv" in parts:

@@ -68,6 +68,10 @@ class ServeMapping:
     vllm_class: str  # "module:Class" in vLLM
     # (regular expression over a saved weight name, replacement), applied before vLLM's own renaming
     renames: tuple[tuple[str, str], ...] = ()
+    # "module:Name" when vLLM's class builds its language model from that fixed class (Idefics3's
+    # LlamaModel) rather than from `text_config.architectures`: the plugin's class builds vLLM's
+    # GraniteMoeHybridModel in its place.
+    fixed_language_model: str | None = None
 
     @property
     def serves(self) -> str:

@@ -2,7 +2,7 @@
 these wrappers call `text_model`. An image is split into tiles of the tower's size plus a downscaled
 whole (`pixel_attention_mask` marks each tile's real pixels), each tile giving its own image tokens."""
 
-from . import ModelFamily
+from . import ModelFamily, ServeMapping
 
 
 def _image_processor(config):
@@ -15,4 +15,17 @@ def _image_processor(config):
     return cls(size={"longest_edge": 4 * side}, max_image_size={"longest_edge": side})
 
 
-MODELS = (ModelFamily(model_types=("idefics3", "smolvlm"), decoder="model.text_model", image_processor=_image_processor),)
+def _serve(vllm_class: str) -> ServeMapping:
+    # vLLM's Idefics3 (and SmolVLM, its subclass) builds a LlamaModel for the text whatever the config says;
+    # the saved names (model.vision_model / connector / text_model, lm_head) are already vLLM's.
+    return ServeMapping(vllm_class, fixed_language_model="vllm.model_executor.models.idefics3:LlamaModel")
+
+
+MODELS = (
+    ModelFamily(model_types=("idefics3",), decoder="model.text_model", image_processor=_image_processor,
+                serve=_serve("vllm.model_executor.models.idefics3:Idefics3ForConditionalGeneration")),
+    ModelFamily(model_types=("smolvlm",), decoder="model.text_model", image_processor=_image_processor,
+                serve="vLLM's SmolVLM processor also loads SmolVLM's video processor, which needs torchvision, and "
+                      "torchvision's Linux wheels cannot sit beside the CPU torch vLLM's CPU build runs on, so no "
+                      "SmolVLM export has been served and checked yet (docs/serving.md)"),
+)

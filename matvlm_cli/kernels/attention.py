@@ -30,10 +30,13 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
 DECODE_ATTENTION = "matvlm_decode"
-# Tuning, from a sweep on an H200 (experiments/gpu/decode_profile.py, attention-sweep-h200.txt): cache slots a program reads
-# per step (None: 64 when the cache is split into slices, 128 when each program reads a whole
-# sequence), programs to launch per SM, and Triton's warps per program and pipeline stages.
-TUNING = {"block_n": None, "programs_per_sm": 4, "num_warps": 4, "num_stages": 2}
+# Tuning, from sweeps on an H200 (experiments/gpu/decode_kernels.py, decode-attention-small-h200.txt). When
+# there are too few (sequence, KV head) pairs to fill the card (batch 1), the cache is cut into slices:
+# many small programs (one warp, 16 slots a step, 8 per SM) keep the most loads in flight; at 8k tokens that
+# took a layer from 34.3 to 30.3 us, at 32k from 102.8 to 90.6. When there are enough pairs, each program
+# reads a whole sequence with 4 warps, 128 slots a step (3.9 TB/s at batch 24 and 8k, attention-sweep-h200.txt).
+TUNING = {"block_n": 16, "programs_per_sm": 8, "num_warps": 1, "num_stages": 3}
+WHOLE_SEQUENCE = {"block_n": 128, "num_warps": 4, "num_stages": 2}
 
 
 try:  # resolved at import, so the compiled decode step sees a constant, not a call it cannot trace
@@ -126,8 +129,10 @@ def split_kv_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     batch, heads, _, dim = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
     target = TUNING["programs_per_sm"] * _sm_count(query.device)
-    block_n = TUNING["block_n"] or (64 if batch * kv_heads < target else 128)
-    splits = max(1, min(triton.cdiv(slots, block_n), target // (batch * kv_heads)))
+    splits = min(triton.cdiv(slots, TUNING["block_n"]), target // (batch * kv_heads))
+    tuning = TUNING if splits > 1 else WHOLE_SEQUENCE
+    block_n = tuning["block_n"]
+    splits = max(1, splits)
     split_len = triton.cdiv(triton.cdiv(slots, splits), block_n) * block_n
     splits = triton.cdiv(slots, split_len)
     acc = torch.empty(batch * heads * splits, dim, device=query.device, dtype=torch.float32)
@@ -143,7 +148,7 @@ def split_kv_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         value.stride(0), value.stride(1), value.stride(2), keep.stride(0),
         scale, slots, split_len, heads, splits,
         GROUP=group, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK=block_n,
-        num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
+        num_warps=tuning["num_warps"], num_stages=tuning["num_stages"],
     )
     combine[(batch, heads)](
         acc, maxes, sums, out, out.stride(0), out.stride(2), heads, splits,

@@ -3,8 +3,8 @@
 Two environments, two phases, one work folder:
 - `reference` (the project's environment; transformers >= 5.23 computes an export as it was
   trained): through the CLI, convert the embedded default, distil it briefly, export both, and export
-  a text-only hybrid of the embedded teacher's language model and a tiny random LLaVA-NeXT hybrid
-  (tests/zoo.py); then transformers' greedy tokens and top log-probabilities for each prompt, into
+  a text-only hybrid of the embedded teacher's language model and tiny random LLaVA-NeXT and Idefics3
+  hybrids (tests/zoo.py); then transformers' greedy tokens and top log-probabilities for each prompt, into
   `reference.json`.
 - `vllm` (the serving environment, `.venv-serve`): each export in `vllm.LLM` (text prompts, image
   prompts, a prompt longer than one Mamba chunk), and the distilled VLM behind `matvlm serve` on
@@ -92,16 +92,20 @@ def _text_only_teacher(path: Path) -> Path:
     return path
 
 
-def _tiny_llava_next(path: Path) -> Path:
-    """The tiny random LLaVA-NeXT of tests/zoo.py (anyres tiles, its real processor) with head_dim 32:
-    vLLM's CPU attention has no kernel for the zoo's 16."""
+# Tiny random teachers of tests/zoo.py, with their real processors, served as exports of their families.
+ZOO_FAMILIES = {"llava-next": "llava_next", "idefics3": "idefics3"}
+
+
+def _tiny_zoo_teacher(family: str, path: Path) -> Path:
+    """The tiny random teacher of `family` from tests/zoo.py (LLaVA-NeXT's anyres tiles, Idefics3's tiles
+    and pixel shuffle) with head_dim 32: vLLM's CPU attention has no kernel for the zoo's 16."""
     sys.path.insert(0, str(Path("tests").resolve()))
     import zoo
 
     text = dict(zoo.TEXT)
     zoo.TEXT["hidden_size"] = 128
     try:
-        return zoo.save("llava_next", path)
+        return zoo.save(family, path)
     finally:
         zoo.TEXT.clear()
         zoo.TEXT.update(text)
@@ -115,11 +119,12 @@ def build_exports(work: Path) -> dict[str, Path]:
     _text_only_teacher(work / "text-teacher")
     _matvlm("convert", "--teacher", str(work / "text-teacher"), "--layers", LAYERS,
             "--output", str(work / "hybrid-text"), "--overwrite")
-    _tiny_llava_next(work / "llava-next-teacher")
-    _matvlm("convert", "--teacher", str(work / "llava-next-teacher"), "--layers", "1,3",
-            "--output", str(work / "hybrid-llava-next"), "--overwrite")
-    exports = {"converted": work / "hybrid-converted", "distilled": work / "distill" / "final", "text": work / "hybrid-text",
-               "llava-next": work / "hybrid-llava-next"}
+    exports = {"converted": work / "hybrid-converted", "distilled": work / "distill" / "final", "text": work / "hybrid-text"}
+    for name, family in ZOO_FAMILIES.items():
+        _tiny_zoo_teacher(family, work / f"{name}-teacher")
+        _matvlm("convert", "--teacher", str(work / f"{name}-teacher"), "--layers", "1,3",
+                "--output", str(work / f"hybrid-{name}"), "--overwrite")
+        exports[name] = work / f"hybrid-{name}"
     for name, hybrid in exports.items():
         _matvlm("export", str(hybrid), "--output", str(work / f"export-{name}"), "--overwrite")
     return {name: work / f"export-{name}" for name in exports}

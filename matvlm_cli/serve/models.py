@@ -59,17 +59,40 @@ class HybridTextModel(HasInnerState, IsHybrid):
         return MambaStateCopyFuncCalculator.mamba2_state_copy_func()
 
 
+def _building_granite_text_model(base: type, fixed: str):
+    """An __init__ for a subclass of `base`, whose own __init__ builds its language model from the fixed
+    class `fixed` ("module:Name"): while it runs, that name in that module is vLLM's GraniteMoeHybridModel,
+    which takes the same arguments (vllm_config of the text config, prefix) and loads the export's names."""
+    module_name, name = fixed.split(":")
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        from vllm.model_executor.models.granitemoehybrid import GraniteMoeHybridModel
+
+        module = importlib.import_module(module_name)
+        original = getattr(module, name)
+        setattr(module, name, GraniteMoeHybridModel)
+        try:
+            base.__init__(self, vllm_config=vllm_config, prefix=prefix)
+        finally:
+            setattr(module, name, original)
+
+    return __init__
+
+
 def _hybrid_class(mapping: ServeMapping) -> type:
     module, name = mapping.vllm_class.split(":")
     base = getattr(importlib.import_module(module), name)
     renames = WeightsMapper(orig_to_new_regex={re.compile(pattern): new for pattern, new in mapping.renames})
     # vLLM's class first: its __init__ and forward; the hybrid answers come from the mixin
-    return type(mapping.architecture, (base, HybridTextModel), {
+    namespace = {
         "__module__": __name__,
         "__doc__": f"vLLM's {name} with the Mamba state of its GraniteMoeHybrid text model (matvlm export).",
         # ours run first: the regular expressions apply before vLLM's own prefix renaming
-        "hf_to_vllm_mapper": renames | base.hf_to_vllm_mapper,
-    })
+        "hf_to_vllm_mapper": renames | inherited if (inherited := getattr(base, "hf_to_vllm_mapper", None)) else renames,
+    }
+    if mapping.fixed_language_model:
+        namespace["__init__"] = _building_granite_text_model(base, mapping.fixed_language_model)
+    return type(mapping.architecture, (base, HybridTextModel), namespace)
 
 
 _MAPPINGS = {
