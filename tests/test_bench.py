@@ -311,3 +311,14 @@ def test_bench_cli_on_other_families(tmp_path, family, tokens, cli):
         assert row["error"] is None and row["decode_ms"] > 0 and row["x_floor"] > 0
     assert rows["hybrid-0.5", "graphs"]["kv_cache_bytes"] < rows["teacher", "graphs"]["kv_cache_bytes"]
     assert rows["hybrid-0.5", "graphs"]["state_bytes"] > 0
+
+
+def test_gemv_tiles_are_the_h200_sweeps_best_for_phi2():
+    """kernels/gemv.py's tile rule gives, on an H200's 132 SMs, tiles within 0.1 us of the best measured for Phi-2's
+    projections (docs/results/bench/decode-kernels-h200.txt), and always at least one row."""
+    from matvlm_cli.kernels.gemv import tiles
+
+    assert tiles(7680, 132) == (4, 256)  # q/k/v
+    assert tiles(2560, 132) == (2, 512)  # dense, and fc2 (its 10240 inputs do not change the rows)
+    assert tiles(10240, 132) == (8, 256)  # fc1
+    assert tiles(10, 132) == (1, 512)
