@@ -55,6 +55,12 @@ def _weight(norm: nn.Module) -> torch.Tensor:
     return norm.weight
 
 
+def needs_torchvision(what: str) -> str:
+    """Why a family is not served yet, when vLLM's code for it needs torchvision (`what` says which part)."""
+    return (f"{what}, which needs torchvision, and torchvision's Linux wheels cannot sit beside the CPU torch "
+            "that vLLM's CPU build runs on, so no export of this family has been served and checked yet (docs/serving.md)")
+
+
 def _nothing(config) -> list[str]:
     return []
 

@@ -2,7 +2,7 @@
 these wrappers call `text_model`. An image is split into tiles of the tower's size plus a downscaled
 whole (`pixel_attention_mask` marks each tile's real pixels), each tile giving its own image tokens."""
 
-from . import ModelFamily, ServeMapping
+from . import ModelFamily, ServeMapping, needs_torchvision
 
 
 def _image_processor(config):
@@ -25,7 +25,5 @@ MODELS = (
     ModelFamily(model_types=("idefics3",), decoder="model.text_model", image_processor=_image_processor,
                 serve=_serve("vllm.model_executor.models.idefics3:Idefics3ForConditionalGeneration")),
     ModelFamily(model_types=("smolvlm",), decoder="model.text_model", image_processor=_image_processor,
-                serve="vLLM's SmolVLM processor also loads SmolVLM's video processor, which needs torchvision, and "
-                      "torchvision's Linux wheels cannot sit beside the CPU torch vLLM's CPU build runs on, so no "
-                      "SmolVLM export has been served and checked yet (docs/serving.md)"),
+                serve=needs_torchvision("vLLM's SmolVLM processor also loads SmolVLM's video processor")),
 )

@@ -3,7 +3,7 @@ LLaVA): a vision tower, a projector, and any text backbone. LLaVA-1.5 sees one s
 OneVision add tiles at the best of `image_grid_pinpoints` (`image_sizes` says each image's size), so an
 image's token count depends on its size."""
 
-from . import ModelFamily, ServeMapping, square
+from . import ModelFamily, ServeMapping, needs_torchvision, square
 
 # transformers 5 saves a CLIP or SigLIP tower flat (`vision_tower.embeddings...`); vLLM's towers keep
 # them under `vision_model.` and its LLaVA classes map only the `model.` prefix away.
@@ -43,5 +43,6 @@ MODELS = (
         model_types=("llava_next", "llava_next_video"), image_processor=_next,
         serve=ServeMapping("vllm.model_executor.models.llava_next:LlavaNextForConditionalGeneration", _FLAT_TOWER),
     ),
-    ModelFamily(model_types=("llava_onevision",), image_processor=_onevision),
+    ModelFamily(model_types=("llava_onevision",), image_processor=_onevision,
+                serve=needs_torchvision("vLLM loads LLaVA-OneVision's processor with its video processor")),
 )
