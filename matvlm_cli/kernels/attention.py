@@ -33,8 +33,9 @@ DECODE_ATTENTION = "matvlm_decode"
 # Tuning, from sweeps on an H200 (experiments/gpu/decode_kernels.py, decode-attention-small-h200.txt). When
 # there are too few (sequence, KV head) pairs to fill the card (batch 1), the cache is cut into slices:
 # many small programs (one warp, 16 slots a step, 8 per SM) keep the most loads in flight; at 8k tokens that
-# took a layer from 34.3 to 30.3 us, at 32k from 102.8 to 90.6. When there are enough pairs, each program
-# reads a whole sequence with 4 warps, 128 slots a step (3.9 TB/s at batch 24 and 8k, attention-sweep-h200.txt).
+# took a layer from 34.4 to 30.2 us, at 32k from 102.9 to 90.2 (decode-attention-tunings-h200.txt). When
+# there are enough pairs, each program reads a whole sequence with 4 warps, 128 slots a step (3.9 TB/s at
+# batch 24 and 8k, attention-sweep-h200.txt).
 TUNING = {"block_n": 16, "programs_per_sm": 8, "num_warps": 1, "num_stages": 3}
 WHOLE_SEQUENCE = {"block_n": 128, "num_warps": 4, "num_stages": 2}
 
