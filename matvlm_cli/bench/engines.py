@@ -9,8 +9,8 @@
   baseline) run it.
 
 Both engines run the same model code. `graphs` switches the language model's attention to
-`kernels/attention.py`'s `matvlm_decode` (split-KV Triton decoding over the static cache, SDPA for prefill)
-and computes q, k and v in one product (`fusion.py`).
+`kernels/attention.py`'s `matvlm_decode` (split-KV Triton decoding over the static cache, SDPA for prefill),
+computes q, k and v in one product, and runs one-token products on `kernels/gemv.py` (`fusion.py`).
 """
 
 from __future__ import annotations
