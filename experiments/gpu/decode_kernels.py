@@ -15,44 +15,20 @@ sits in L2 from one call to the next.
 """
 
 import itertools
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from graph_timing import graph_time  # this folder: on the path when the script runs
 
 from matvlm_cli.bench.floor import measure_bandwidth
-from matvlm_cli.kernels import attention
+from matvlm_cli.kernels import attention, sm_count
 
 dev = torch.device("cuda")
 DEFAULT_TUNING = dict(attention.TUNING)  # the engine's split-KV tuning
 BEFORE = {"block_n": 64, "programs_per_sm": 4, "num_warps": 4, "num_stages": 2}  # its tuning until session 14
-
-
-def graph_time(fn, reps=20):
-    """median seconds per graph replay of fn()"""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1000)
-    return statistics.median(times)
 
 
 @triton.jit
@@ -124,34 +100,91 @@ def dims_split(dim):
     return None
 
 
-def split_kv_dims_decode(query, key, value, keep, scale, block_n, programs_per_sm, num_warps, num_stages):
+def _slices(slots, pairs, block_n, programs_per_sm):
+    """(split_len, splits): the cache cut into at most programs_per_sm x SMs / pairs slices of whole blocks
+    (the engine's arithmetic before session 14)."""
+    target = programs_per_sm * sm_count(dev)
+    splits = max(1, min(triton.cdiv(slots, block_n), target // pairs))
+    split_len = triton.cdiv(triton.cdiv(slots, splits), block_n) * block_n
+    return split_len, triton.cdiv(slots, split_len)
+
+
+def _strides(query, key, value, keep8):
+    return (query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+            value.stride(0), value.stride(1), value.stride(2), keep8.stride(0))
+
+
+def _split_and_merge(query, keep, splits, launch):
+    """Buffers for `splits` slices' partial results, `launch(acc, maxes, sums, keep8)` to fill them, then the
+    engine's combine kernel to merge them. Returns (batch, 1, heads, dim)."""
     _, _, combine = attention._triton_kernels()
     batch, heads, _, dim = query.shape
-    kv_heads, slots = key.shape[1], key.shape[2]
-    target = programs_per_sm * torch.cuda.get_device_properties(dev).multi_processor_count
-    splits = max(1, min(triton.cdiv(slots, block_n), target // (batch * kv_heads)))
-    split_len = triton.cdiv(triton.cdiv(slots, splits), block_n) * block_n
-    splits = triton.cdiv(slots, split_len)
     acc = torch.empty(batch * heads * splits, dim, device=dev, dtype=torch.float32)
     maxes = torch.empty(batch * heads * splits, device=dev, dtype=torch.float32)
     sums = torch.empty_like(maxes)
     out = torch.empty(batch, 1, heads, dim, device=dev, dtype=query.dtype)
-    d0, d1 = dims_split(dim)
-    group = heads // kv_heads
-    keep8 = keep.view(torch.uint8)
-    split_kv_dims[(batch, kv_heads, splits)](
-        query, key, value, keep8, acc, maxes, sums,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2), keep8.stride(0),
-        scale, slots, split_len, heads, splits,
-        GROUP=group, HEAD_DIM=dim, D0=d0, D1=d1, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK=block_n,
-        EVEN=slots % block_n == 0, num_warps=num_warps, num_stages=num_stages,
-    )
+    launch(acc, maxes, sums, keep.view(torch.uint8))
     combine[(batch, heads)](
         acc, maxes, sums, out, out.stride(0), out.stride(2), heads, splits,
         HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_S=triton.next_power_of_2(splits),
     )
     return out
+
+
+def split_kv_dims_decode(query, key, value, keep, scale, block_n, programs_per_sm, num_warps, num_stages):
+    batch, heads, _, dim = query.shape
+    kv_heads, slots = key.shape[1], key.shape[2]
+    split_len, splits = _slices(slots, batch * kv_heads, block_n, programs_per_sm)
+    d0, d1 = dims_split(dim)
+    group = heads // kv_heads
+
+    def launch(acc, maxes, sums, keep8):
+        split_kv_dims[(batch, kv_heads, splits)](
+            query, key, value, keep8, acc, maxes, sums, *_strides(query, key, value, keep8),
+            scale, slots, split_len, heads, splits,
+            GROUP=group, HEAD_DIM=dim, D0=d0, D1=d1, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK=block_n,
+            EVEN=slots % block_n == 0, num_warps=num_warps, num_stages=num_stages,
+        )
+
+    return _split_and_merge(query, keep, splits, launch)
+
+
+def decode_inputs(batch, heads, kv_heads, dim, ctx, layers, left_pad=False):
+    """One query and `layers` distinct bf16 caches of ctx + 128 slots (ctx filled; with left_pad, the first
+    row's first 5 slots masked), and float32 SDPA's answer for the first cache."""
+    slots = ctx + 128
+    ks = [torch.randn(batch, kv_heads, slots, dim, device=dev, dtype=torch.bfloat16) for _ in range(layers)]
+    vs = [torch.randn_like(k) for k in ks]
+    q = torch.randn(batch, heads, 1, dim, device=dev, dtype=torch.bfloat16)
+    keep = torch.zeros(batch, slots, dtype=torch.bool, device=dev)
+    keep[:, :ctx] = True
+    if left_pad:
+        keep[0, :5] = False
+    group = heads // kv_heads
+    kr = ks[0][:, :, :ctx].float().repeat_interleave(group, 1)
+    vr = vs[0][:, :, :ctx].float().repeat_interleave(group, 1)
+    mask = keep[:, None, None, :ctx] if left_pad else None
+    ref = F.scaled_dot_product_attention(q.float(), kr, vr, attn_mask=mask).transpose(1, 2)
+    return q, ks, vs, keep, ref
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def sweep(configs, call, count, ref):
+    """[(seconds per call, config, error against ref)], fastest first: `call(config, i)` runs config on the
+    i-th of `count` operand sets; its error is on the first, its time the graph of all of them."""
+    rows = []
+    for config in configs:
+        try:
+            err = rel_err(call(config, 0), ref)
+            t = graph_time(lambda: [call(config, i) for i in range(count)]) / count
+        except Exception as e:  # noqa: BLE001 - a config that does not compile is reported and skipped
+            print("fail", *config, type(e).__name__, str(e)[:100], flush=True)
+            continue
+        rows.append((t, config, err))
+    return sorted(rows, key=lambda row: row[0])
 
 
 def attention_variants():
@@ -163,41 +196,19 @@ def attention_variants():
         (1, 32, 8, 128, 8192, 16),
     )
     for batch, heads, kv_heads, dim, ctx, layers in shapes:
-        slots = ctx + 128
-        ks = [torch.randn(batch, kv_heads, slots, dim, device=dev, dtype=torch.bfloat16) for _ in range(layers)]
-        vs = [torch.randn_like(k) for k in ks]
-        q = torch.randn(batch, heads, 1, dim, device=dev, dtype=torch.bfloat16)
-        keep = torch.zeros(batch, slots, dtype=torch.bool, device=dev)
-        keep[:, :ctx] = True
-        keep[0, :5] = False  # a left-padded row
-        group = heads // kv_heads
-        kr = ks[0][:, :, :ctx].float().repeat_interleave(group, 1)
-        vr = vs[0][:, :, :ctx].float().repeat_interleave(group, 1)
-        ref = F.scaled_dot_product_attention(q.float(), kr, vr, attn_mask=keep[:, None, None, :ctx]).transpose(1, 2)
+        q, ks, vs, keep, ref = decode_inputs(batch, heads, kv_heads, dim, ctx, layers, left_pad=True)
         moved = 2 * batch * kv_heads * ctx * dim * 2
         tag = f"b{batch} h{heads}/{kv_heads}x{dim} ctx {ctx}"
         print(f"{tag}: floor {moved / BW * 1e6:.1f} us/layer", flush=True)
-        rows = []
         attention.TUNING.update(BEFORE)
-        out = attention.split_kv_decode(q, ks[0], vs[0], keep, dim**-0.5)
+        err = rel_err(attention.split_kv_decode(q, ks[0], vs[0], keep, dim**-0.5), ref)
         t = graph_time(lambda: [attention.split_kv_decode(q, k, v, keep, dim**-0.5) for k, v in zip(ks, vs)]) / layers
-        err = ((out.float() - ref).norm() / ref.norm()).item()
         print(f"{tag} the kernel as tuned before session 14: {t * 1e6:6.1f} us/layer {moved / t / 1e9:5.0f} GB/s err {err:.1e}", flush=True)
         if dims_split(dim) is None:
             continue
-        for bn, pps, nw, ns in itertools.product((32, 64, 128), (2, 4, 8), (4, 8), (2, 3, 4)):
-            if bn == 32 and nw == 8:
-                continue
-            try:
-                out = split_kv_dims_decode(q, ks[0], vs[0], keep, dim**-0.5, bn, pps, nw, ns)
-                err = ((out.float() - ref).norm() / ref.norm()).item()
-                t = graph_time(lambda: [split_kv_dims_decode(q, k, v, keep, dim**-0.5, bn, pps, nw, ns) for k, v in zip(ks, vs)]) / layers
-            except Exception as e:  # noqa: BLE001 - a config that does not compile is reported and skipped
-                print("fail", bn, pps, nw, ns, type(e).__name__, str(e)[:100], flush=True)
-                continue
-            rows.append((t, bn, pps, nw, ns, err))
-        rows.sort()
-        for t, bn, pps, nw, ns, err in rows[:6] + rows[-1:]:
+        configs = [c for c in itertools.product((32, 64, 128), (2, 4, 8), (4, 8), (2, 3, 4)) if not (c[0] == 32 and c[2] == 8)]
+        rows = sweep(configs, lambda c, i: split_kv_dims_decode(q, ks[i], vs[i], keep, dim**-0.5, *c), layers, ref)
+        for t, (bn, pps, nw, ns), err in rows[:6] + rows[-1:]:
             print(f"{tag} split-dims block_n {bn:3d} programs/SM {pps} warps {nw} stages {ns}: {t * 1e6:6.1f} us/layer "
                   f"{moved / t / 1e9:5.0f} GB/s err {err:.1e}")
         print(f"{tag} worst error over configs {max(r[-1] for r in rows):.1e}", flush=True)
@@ -246,65 +257,37 @@ def split_kv_fma(Q, K, V, Mask, Acc, Max, Sum, sq_b, sq_h, sk_b, sk_h, sk_n, sv_
 
 
 def split_kv_fma_decode(query, key, value, keep, scale, block_n, programs_per_sm, num_warps, num_stages, use_keep=True):
-    _, _, combine = attention._triton_kernels()
     batch, heads, _, dim = query.shape
     slots = key.shape[2]
-    target = programs_per_sm * torch.cuda.get_device_properties(dev).multi_processor_count
-    splits = max(1, min(triton.cdiv(slots, block_n), target // (batch * heads)))
-    split_len = triton.cdiv(triton.cdiv(slots, splits), block_n) * block_n
-    splits = triton.cdiv(slots, split_len)
-    acc = torch.empty(batch * heads * splits, dim, device=dev, dtype=torch.float32)
-    maxes = torch.empty(batch * heads * splits, device=dev, dtype=torch.float32)
-    sums = torch.empty_like(maxes)
-    out = torch.empty(batch, 1, heads, dim, device=dev, dtype=query.dtype)
-    keep8 = keep.view(torch.uint8)
-    split_kv_fma[(batch, heads, splits)](
-        query, key, value, keep8, acc, maxes, sums,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2), keep8.stride(0),
-        scale, slots, split_len, heads, splits,
-        HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK=block_n, USE_KEEP=use_keep,
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    combine[(batch, heads)](
-        acc, maxes, sums, out, out.stride(0), out.stride(2), heads, splits,
-        HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_S=triton.next_power_of_2(splits),
-    )
-    return out
+    split_len, splits = _slices(slots, batch * heads, block_n, programs_per_sm)
+
+    def launch(acc, maxes, sums, keep8):
+        split_kv_fma[(batch, heads, splits)](
+            query, key, value, keep8, acc, maxes, sums, *_strides(query, key, value, keep8),
+            scale, slots, split_len, heads, splits,
+            HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK=block_n, USE_KEEP=use_keep,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+
+    return _split_and_merge(query, keep, splits, launch)
 
 
 def attention_fma():
     print("\n== split-KV decode, MHA: today's kernel by context, and a CUDA-core kernel ==", flush=True)
     for ctx, layers in ((2048, 16), (4096, 16), (8192, 16), (16384, 8), (32768, 8)):
         batch, heads, dim = 1, 32, 80
-        slots = ctx + 128
-        ks = [torch.randn(batch, heads, slots, dim, device=dev, dtype=torch.bfloat16) for _ in range(layers)]
-        vs = [torch.randn_like(k) for k in ks]
-        q = torch.randn(batch, heads, 1, dim, device=dev, dtype=torch.bfloat16)
-        keep = torch.zeros(batch, slots, dtype=torch.bool, device=dev)
-        keep[:, :ctx] = True
-        ref = F.scaled_dot_product_attention(q.float(), ks[0][:, :, :ctx].float(), vs[0][:, :, :ctx].float()).transpose(1, 2)
-        moved = 2 * batch * heads * slots * dim * 2
+        q, ks, vs, keep, ref = decode_inputs(batch, heads, heads, dim, ctx, layers)
+        moved = 2 * batch * heads * (ctx + 128) * dim * 2
         tag = f"b1 h32x80 ctx {ctx}"
         attention.TUNING.update(BEFORE)
         t = graph_time(lambda: [attention.split_kv_decode(q, k, v, keep, dim**-0.5) for k, v in zip(ks, vs)]) / layers
         print(f"{tag}: floor (all slots) {moved / BW * 1e6:.1f} us; today's kernel {t * 1e6:.1f} us {moved / t / 1e9:.0f} GB/s", flush=True)
         if ctx not in (8192, 32768):
             continue
-        rows = []
-        for bn, pps, nw, ns, use_keep in itertools.product((32, 64, 128), (4, 8), (2, 4, 8), (2, 3), (True, False)):
-            if not use_keep and (pps, ns) != (4, 2):
-                continue
-            try:
-                out = split_kv_fma_decode(q, ks[0], vs[0], keep, dim**-0.5, bn, pps, nw, ns, use_keep)
-                err = ((out.float() - ref).norm() / ref.norm()).item()
-                t = graph_time(lambda: [split_kv_fma_decode(q, k, v, keep, dim**-0.5, bn, pps, nw, ns, use_keep) for k, v in zip(ks, vs)]) / layers
-            except Exception as e:  # noqa: BLE001
-                print("fail", bn, pps, nw, ns, use_keep, type(e).__name__, str(e)[:100], flush=True)
-                continue
-            rows.append((t, bn, pps, nw, ns, use_keep, err))
-        rows.sort()
-        for t, bn, pps, nw, ns, use_keep, err in rows[:6]:
+        # the mask-free variant reads the slots past ctx too: its error against ref is not meaningful
+        configs = [c for c in itertools.product((32, 64, 128), (4, 8), (2, 4, 8), (2, 3), (True, False)) if c[4] or (c[1], c[3]) == (4, 2)]
+        rows = sweep(configs, lambda c, i: split_kv_fma_decode(q, ks[i], vs[i], keep, dim**-0.5, *c), layers, ref)
+        for t, (bn, pps, nw, ns, use_keep), err in rows[:6]:
             print(f"{tag} cuda-core block_n {bn:3d} programs/SM {pps} warps {nw} stages {ns} mask {use_keep}: "
                   f"{t * 1e6:6.1f} us {moved / t / 1e9:5.0f} GB/s err {err:.1e}", flush=True)
         ks = vs = None
@@ -313,28 +296,18 @@ def attention_fma():
 
 def attention_small_programs():
     print("\n== today's split-KV kernel, MHA b1 h32x80: configs outside the first sweep (1-2 warps, 1 stage, 8-32 programs/SM) ==", flush=True)
+
+    def tuned(config, q, k, v, keep):
+        bn, pps, nw, ns = config
+        attention.TUNING.update(block_n=bn, programs_per_sm=pps, num_warps=nw, num_stages=ns)
+        return attention.split_kv_decode(q, k, v, keep, 80**-0.5)
+
     for ctx, layers in ((128, 16), (8192, 16), (32768, 8)):
-        slots = ctx + 128
-        ks = [torch.randn(1, 32, slots, 80, device=dev, dtype=torch.bfloat16) for _ in range(layers)]
-        vs = [torch.randn_like(k) for k in ks]
-        q = torch.randn(1, 32, 1, 80, device=dev, dtype=torch.bfloat16)
-        keep = torch.zeros(1, slots, dtype=torch.bool, device=dev)
-        keep[:, :ctx] = True
-        ref = F.scaled_dot_product_attention(q.float(), ks[0][:, :, :ctx].float(), vs[0][:, :, :ctx].float()).transpose(1, 2)
-        moved = 2 * 32 * slots * 80 * 2
-        rows = []
-        for bn, pps, nw, ns in itertools.product((16, 32, 64), (4, 8, 16, 32), (1, 2, 4), (1, 2, 3)):
-            attention.TUNING.update(block_n=bn, programs_per_sm=pps, num_warps=nw, num_stages=ns)
-            try:
-                out = attention.split_kv_decode(q, ks[0], vs[0], keep, 80**-0.5)
-                err = ((out.float() - ref).norm() / ref.norm()).item()
-                t = graph_time(lambda: [attention.split_kv_decode(q, k, v, keep, 80**-0.5) for k, v in zip(ks, vs)]) / layers
-            except Exception as e:  # noqa: BLE001
-                print("fail", bn, pps, nw, ns, type(e).__name__, str(e)[:100], flush=True)
-                continue
-            rows.append((t, bn, pps, nw, ns, err))
-        rows.sort()
-        for t, bn, pps, nw, ns, err in rows[:5]:
+        q, ks, vs, keep, ref = decode_inputs(1, 32, 32, 80, ctx, layers)
+        moved = 2 * 32 * (ctx + 128) * 80 * 2
+        configs = list(itertools.product((16, 32, 64), (4, 8, 16, 32), (1, 2, 4), (1, 2, 3)))
+        rows = sweep(configs, lambda c, i: tuned(c, q, ks[i], vs[i], keep), layers, ref)
+        for t, (bn, pps, nw, ns), err in rows[:5]:
             print(f"ctx {ctx} block_n {bn:3d} programs/SM {pps:2d} warps {nw} stages {ns}: {t * 1e6:6.1f} us "
                   f"{moved / t / 1e9:5.0f} GB/s err {err:.1e}", flush=True)
         ks = vs = None
@@ -347,21 +320,12 @@ def attention_tunings():
     for batch, heads, kv_heads, dim, ctx, layers in ((1, 32, 32, 80, 8192, 16), (1, 32, 32, 80, 32768, 8),
                                                      (24, 32, 32, 80, 8192, 2), (1, 32, 8, 128, 8192, 16),
                                                      (4, 32, 32, 80, 8192, 8)):
-        slots = ctx + 128
-        ks = [torch.randn(batch, kv_heads, slots, dim, device=dev, dtype=torch.bfloat16) for _ in range(layers)]
-        vs = [torch.randn_like(k) for k in ks]
-        q = torch.randn(batch, heads, 1, dim, device=dev, dtype=torch.bfloat16)
-        keep = torch.zeros(batch, slots, dtype=torch.bool, device=dev)
-        keep[:, :ctx] = True
-        group = heads // kv_heads
-        ref = F.scaled_dot_product_attention(q.float(), ks[0][:, :, :ctx].float().repeat_interleave(group, 1),
-                                             vs[0][:, :, :ctx].float().repeat_interleave(group, 1)).transpose(1, 2)
+        q, ks, vs, keep, ref = decode_inputs(batch, heads, kv_heads, dim, ctx, layers)
         moved = 2 * batch * kv_heads * ctx * dim * 2
         line = f"b{batch} h{heads}/{kv_heads}x{dim} ctx {ctx}:"
         for name, tuning in (("before", BEFORE), ("engine", DEFAULT_TUNING)):
             attention.TUNING.update(tuning)
-            out = attention.split_kv_decode(q, ks[0], vs[0], keep, dim**-0.5)
-            err = ((out.float() - ref).norm() / ref.norm()).item()
+            err = rel_err(attention.split_kv_decode(q, ks[0], vs[0], keep, dim**-0.5), ref)
             t = graph_time(lambda: [attention.split_kv_decode(q, k, v, keep, dim**-0.5) for k, v in zip(ks, vs)]) / layers
             line += f" {name} {t * 1e6:6.1f} us ({moved / t / 1e9:4.0f} GB/s, err {err:.0e});"
         print(line, flush=True)
@@ -407,20 +371,9 @@ def gemv_variants():
         print(f"{what} {n_in} -> {n_out} ({size / 1e6:.1f} MB): floor {size / BW * 1e6:.1f} us; "
               f"cuBLAS {t * 1e6:.1f} us {size / t / 1e9:.0f} GB/s", flush=True)
         ref = F.linear(x.float(), ws[0].float(), bs[0].float())
-        rows = []
-        for bn, bk, nw, ns in itertools.product((2, 4, 8, 16), (128, 256, 512), (2, 4, 8), (1, 2, 3, 4)):
-            if bn * bk > 8192:
-                continue
-            try:
-                y = triton_gemv(x, ws[0], bs[0], bn, bk, nw, ns)
-                err = ((y.float() - ref).norm() / ref.norm()).item()
-                t = graph_time(lambda: [triton_gemv(x, w, b, bn, bk, nw, ns) for w, b in zip(ws, bs)]) / count
-            except Exception as e:  # noqa: BLE001
-                print("fail", bn, bk, nw, ns, type(e).__name__, str(e)[:100], flush=True)
-                continue
-            rows.append((t, bn, bk, nw, ns, err))
-        rows.sort()
-        for t, bn, bk, nw, ns, err in rows[:4]:
+        configs = [c for c in itertools.product((2, 4, 8, 16), (128, 256, 512), (2, 4, 8), (1, 2, 3, 4)) if c[0] * c[1] <= 8192]
+        rows = sweep(configs, lambda c, i: triton_gemv(x, ws[i], bs[i], *c), count, ref)
+        for t, (bn, bk, nw, ns), err in rows[:4]:
             print(f"{what} triton block_n {bn:2d} block_k {bk:4d} warps {nw} stages {ns}: {t * 1e6:5.1f} us "
                   f"{size / t / 1e9:5.0f} GB/s err {err:.1e}", flush=True)
         ws = bs = None

@@ -12,6 +12,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from graph_timing import graph_time  # this folder: on the path when the script runs
 
 from matvlm_cli.bench.floor import measure_bandwidth
 from matvlm_cli.kernels import attention
@@ -20,31 +21,6 @@ dev = torch.device("cuda")
 print(torch.cuda.get_device_name(), torch.__version__, flush=True)
 bw = measure_bandwidth(dev)
 print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
-
-
-def graph_time(fn, reps=20):
-    """median seconds per graph replay of fn()"""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1000)
-    return statistics.median(times)
 
 
 def attention_sweep():

@@ -23,6 +23,7 @@ mostly their autotuning.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from types import SimpleNamespace
@@ -50,6 +51,12 @@ AUTO_ORDER = {
     "skip_gate_norm": ("triton",),
 }
 _selected = "auto"
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """The GPU's streaming multiprocessors: how the Triton decode kernels size their grids."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def set_backend(name: str) -> None:

@@ -29,6 +29,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
+from . import sm_count
+
 DECODE_ATTENTION = "matvlm_decode"
 # Tuning, from sweeps on an H200 (experiments/gpu/decode_kernels.py, decode-attention-small-h200.txt). When
 # there are too few (sequence, KV head) pairs to fill the card (batch 1), the cache is cut into slices:
@@ -115,11 +117,6 @@ def _triton_kernels():
     return triton, split_kv, combine
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 # A custom op is opaque to torch.compile: the compiled decode step calls the kernels as they are,
 # without a graph break per layer.
 @torch.library.custom_op("matvlm::split_kv_decode", mutates_args=())
@@ -129,7 +126,7 @@ def split_kv_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     triton, split_kv, combine = _triton_kernels()
     batch, heads, _, dim = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
-    target = TUNING["programs_per_sm"] * _sm_count(query.device)
+    target = TUNING["programs_per_sm"] * sm_count(query.device)
     splits = min(triton.cdiv(slots, TUNING["block_n"]), target // (batch * kv_heads))
     tuning = TUNING if splits > 1 else WHOLE_SEQUENCE
     block_n = tuning["block_n"]

@@ -13,10 +13,10 @@ CUDA in half precision; anything else is `F.linear`. Accumulation is float32, as
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
+
+from . import sm_count
 
 try:  # CUDA builds of torch bring Triton; elsewhere F.linear runs
     import triton
@@ -50,11 +50,6 @@ if triton is not None:
         tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=in_rows)
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def tiles(out_features: int, sms: int) -> tuple[int, int]:
     """(rows per program, columns per load). The most rows, up to 8, that still leave 8 programs per SM;
     512 columns a load at 1-2 rows, 256 at more (the best tiles of the H200 sweep for Phi-2's q/k/v,
@@ -70,7 +65,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
     """x (..., in) holding one row; weight (out, in) contiguous. Returns (..., out) in x's dtype."""
     out_features, in_features = weight.shape
     y = torch.empty(*x.shape[:-1], out_features, device=x.device, dtype=x.dtype)
-    rows, cols = tiles(out_features, _sm_count(x.device))
+    rows, cols = tiles(out_features, sm_count(x.device))
     _gemv_kernel[(triton.cdiv(out_features, rows),)](
         x, weight, y if bias is None else bias, y, out_features, in_features, HAS_BIAS=bias is not None,
         EVEN_K=in_features % cols == 0, BLOCK_N=rows, BLOCK_K=cols, num_warps=4, num_stages=3,
