@@ -529,3 +529,57 @@ def test_training_the_converted_layers_keeps_the_teacher_path_exact():
     assert decoder.layers[5] is shared.decoder_layer(5)  # and back
     shared.set_stage([1], "converted")  # layer 5 not converted yet: the student runs its attention, untrained
     assert not any("layers.5." in n for n, p in shared.model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("trainable, layers, active", [("converted", [2, 5], [2, 5]), ("mamba", [2, 5], [2, 5]),
+                                                      ("converted", [2, 5], [5]), ("converted", [0, 5], [0, 5])])
+def test_the_shared_prefix_shortcut_gives_the_same_losses_and_gradients(trainable, layers, active):
+    """The student pass replays the teacher's output of the layers before the first converted one, and that
+    layer's layer loss reuses its student-pass output: the same losses and gradients as computing it all,
+    with those layers run once per step (by the teacher) and the first converted layer once."""
+    from accelerate import Accelerator
+
+    from matvlm_cli.distill.objective import DistillationObjective, weighted_total
+    from matvlm_cli.recipes import LossWeights
+
+    teacher = load_teacher(default_teacher_dir())
+    attentions = {i: find_decoder(teacher).attention(i) for i in layers}
+    convert_to_hybrid(teacher, layers)
+    shared = SharedTeacherStudent(teacher, attentions, trainable)
+    shared.set_stage(active, trainable)
+    torch.manual_seed(0)
+    ids = torch.randint(4, 900, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100), "model_inputs": ["attention_mask"]}
+    weights = LossWeights(layer_weight=3.0, ce_weight=0.5)
+    objective = DistillationObjective(Accelerator(cpu=True), shared)
+    calls = {"before": 0, "first": 0}
+    before = shared.decoder_layers[0].register_forward_hook(lambda *_: calls.__setitem__("before", calls["before"] + 1))
+    first = shared.decoder_layer(layers[0]).register_forward_hook(lambda *_: calls.__setitem__("first", calls["first"] + 1))
+
+    def losses_and_grads():
+        shared.model.zero_grad(set_to_none=True)
+        parts = objective(shared.model, batch, weights)
+        weighted_total(parts, weights).backward()
+        return parts, {n: p.grad.clone() for n, p in shared.model.named_parameters() if p.grad is not None}
+
+    short_parts, short_grads = losses_and_grads()
+    shortcut_calls = dict(calls)
+    shared.shared_prefix = lambda: None  # every layer computed in both passes, as before the shortcut
+    full_parts, full_grads = losses_and_grads()
+    before.remove(), first.remove()
+    assert short_parts.keys() == full_parts.keys() == {"kl", "ce", "layer"}
+    for key in full_parts:
+        torch.testing.assert_close(short_parts[key], full_parts[key], rtol=1e-5, atol=1e-6)
+    assert short_grads.keys() == full_grads.keys() and short_grads
+    for name in full_grads:
+        torch.testing.assert_close(short_grads[name], full_grads[name], rtol=1e-4, atol=1e-6)
+    if layers[0] > 0:  # the student pass replays layer 0: the teacher ran it once
+        assert shortcut_calls["before"] == 1 and calls["before"] == 3
+    has_layer_loss = layers[0] in active  # not yet converted in the stage: it runs attention, with no layer loss
+    # The first converted layer: once in the student pass, plus its layer-loss call unless reused (the teacher
+    # pass runs a frozen copy of it under `converted`, and it as attention under `mamba`).
+    teacher_runs = 0 if trainable == "converted" else 1
+    assert shortcut_calls["first"] == teacher_runs + 1
+    assert calls["first"] - shortcut_calls["first"] == teacher_runs + 1 + has_layer_loss

@@ -78,6 +78,26 @@ class LayerCapture:
         return hook
 
 
+class OutputTap:
+    """`value`: what the module returned in the forward passes while the tap was open (None when no module)."""
+
+    def __init__(self):
+        self.value = None
+
+
+@contextmanager
+def output_of(module: nn.Module | None):
+    tap = OutputTap()
+    if module is None:
+        yield tap
+        return
+    handle = module.register_forward_hook(lambda _module, _args, output: setattr(tap, "value", output))
+    try:
+        yield tap
+    finally:
+        handle.remove()
+
+
 class DistillationObjective:
     """The loss components of one batch for the prepared `model`, under a stage's `LossWeights`."""
 
@@ -86,6 +106,10 @@ class DistillationObjective:
         self.capture = LayerCapture({idx: shared.teacher_layer(idx) for idx in shared.layers})
         # Gemma 2's tanh soft-capping of the logits, which the chunked losses apply after the head.
         self.logit_softcap = getattr(shared.model.config.get_text_config(), "final_logit_softcapping", None)
+
+    def _prefix_end(self, prefix: int | None) -> nn.Module | None:
+        """The teacher's last layer before the first converted one (None: nothing to replay)."""
+        return self.shared.decoder_layers[prefix - 1] if prefix else None
 
     def __call__(self, model: nn.Module, batch: dict, losses: LossWeights) -> dict[str, torch.Tensor]:
         if "seq_idx" not in batch.get("model_inputs", ()):
@@ -103,15 +127,22 @@ class DistillationObjective:
         # recompile on its state (issue 25).
         inputs = {k: batch[k] for k in ("input_ids", *batch.get("model_inputs", ())) if k in batch} | {"use_cache": False}
         student_model = acc.unwrap_model(model)
+        # The layers before the first converted one are frozen and see the teacher's input, so the student pass
+        # replays their teacher output, and that converted layer's layer loss reuses its student-pass output
+        # (its input is the teacher's). Same values, less work per step.
+        prefix = self.shared.shared_prefix()
         with torch.no_grad(), self.shared.teacher_path(model) as teacher:
             teacher_model = acc.unwrap_model(teacher)
             teacher_head = teacher_model.get_output_embeddings()
-            with final_hidden_states(teacher_model) as teacher_hidden:
+            with final_hidden_states(teacher_model) as teacher_hidden, output_of(self._prefix_end(prefix)) as prefix_out:
                 self.capture.active = True
                 teacher(**inputs)
                 self.capture.active = False
         student_head = student_model.get_output_embeddings()
-        with final_hidden_states(student_model) as student_hidden:
+        reuse_first = prefix is not None and self.shared.active[0] == prefix  # the first converted layer is a Mamba-2 one yet
+        first = self.shared.decoder_layer(prefix) if reuse_first else None
+        with final_hidden_states(student_model) as student_hidden, self.shared.replaying(prefix or 0, prefix_out.value), \
+                output_of(first) as first_out:
             model(**inputs)
         mask = batch["attention_mask"].bool()
         parts = {}
@@ -125,10 +156,13 @@ class DistillationObjective:
         if weights.layer_weight:
             distances = []
             for idx in self.shared.active:
-                args, kwargs = self.capture.calls[idx]
-                layer = self.shared.decoder_layer(idx)
-                with acc.autocast():  # the prepared model's forward autocasts; this call is outside it
-                    student_out = first_output(layer(*args, **kwargs))
+                if first is not None and idx == prefix:
+                    student_out = first_output(first_out.value)
+                else:
+                    args, kwargs = self.capture.calls[idx]
+                    layer = self.shared.decoder_layer(idx)
+                    with acc.autocast():  # the prepared model's forward autocasts; this call is outside it
+                        student_out = first_output(layer(*args, **kwargs))
                 distances.append(layer_loss(student_out, self.capture.outputs[idx], mask, weights.layer_loss))
             parts["layer"] = torch.stack(distances).mean()
         return parts

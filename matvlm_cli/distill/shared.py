@@ -42,6 +42,18 @@ class TeacherStudentMixer(nn.Module):
         return (self.attention if self.teacher_mode or not self.active else self.mamba)(*args, **kwargs)
 
 
+class Replay(nn.Module):
+    """Stands in for a frozen decoder layer during the student pass: returns what that layer returned in the
+    teacher pass, which ran it on the same input."""
+
+    def __init__(self, output):
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args, **kwargs):
+        return self.output
+
+
 class SharedTeacherStudent:
     """The student model, whose converted layers also carry the teacher's attention."""
 
@@ -187,6 +199,26 @@ class SharedTeacherStudent:
         finally:
             for (layer, name), dual in zip(self._slots, self.duals):
                 setattr(layer, name, dual)
+
+    def shared_prefix(self) -> int | None:
+        """How many leading decoder layers the student computes exactly as the teacher does: those before the
+        first converted layer, when nothing in or before them trains. None when the student's inputs already
+        differ (a trained connector, everything trained, a separate teacher)."""
+        if self.separate_teacher is not None or self.teacher_connector is not None:
+            return None
+        return self.layers[0] if self.trainable in ("mamba", "converted") else None
+
+    @contextmanager
+    def replaying(self, count: int, output):
+        """The first `count` decoder layers return `output`, the teacher pass's output of layer count - 1."""
+        originals = [self.decoder_layers[i] for i in range(count)]
+        for i in range(count):
+            self.decoder_layers[i] = Replay(output)
+        try:
+            yield
+        finally:
+            for i, layer in enumerate(originals):
+                self.decoder_layers[i] = layer
 
     def decoder_layer(self, idx: int) -> nn.Module:
         return self._slots[self.layers.index(idx)][0]
