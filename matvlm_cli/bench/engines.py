@@ -160,7 +160,12 @@ class GraphEngine:
             torch._dynamo.reset()
             kernels.resolved()  # import the kernel backends now: an import inside the trace breaks the graph
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            self._next_token = torch.compile(self._next_token, dynamic=True)
+            # On Hopper inductor's kernels launch with PDL too (kernels.pdl), so every kernel of the step
+            # overlaps its start with the end of the one before.
+            import torch._inductor.config as inductor_config
+
+            pdl = kernels.pdl(self.device) and hasattr(inductor_config.triton, "enable_pdl")
+            self._next_token = torch.compile(self._next_token, dynamic=True, options={"triton.enable_pdl": True} if pdl else None)
         self.takes_cache_position = _accepts(model, "cache_position")
         self.cache_keyword = "cache" if _accepts(model, "cache") else "past_key_values"  # renamed in 5.2x
         # Like generate(min_new_tokens=...): every run decodes exactly gen_len tokens.

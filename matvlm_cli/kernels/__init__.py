@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import os
 from types import SimpleNamespace
 from typing import Callable
 
@@ -57,6 +58,22 @@ _selected = "auto"
 def sm_count(device: torch.device) -> int:
     """The GPU's streaming multiprocessors: how the Triton decode kernels size their grids."""
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def pdl(device: torch.device) -> bool:
+    """Whether the Triton decode kernels launch with programmatic dependent launch (PDL). From Hopper on,
+    a kernel so launched is scheduled while the one before it is still finishing; each waits
+    (`gdc_wait`) before it reads anything, and lets the next one start (`gdc_launch_dependents`) once its
+    main loop is done. A decode step is a few hundred short kernels, so the gaps between them count.
+    MATVLM_PDL=0 launches them plainly, to time the difference."""
+    if os.environ.get("MATVLM_PDL", "1") == "0" or torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    try:
+        import triton.language.extra.cuda as cuda_extra
+    except ImportError:
+        return False
+    return hasattr(cuda_extra, "gdc_wait") and hasattr(cuda_extra, "gdc_launch_dependents")
 
 
 def set_backend(name: str) -> None:

@@ -29,7 +29,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
-from . import sm_count
+from . import pdl, sm_count
 
 DECODE_ATTENTION = "matvlm_decode"
 # Tuning, from sweeps on an H200 (experiments/gpu/decode_kernels.py, decode-attention-small-h200.txt). When
@@ -59,7 +59,7 @@ def _triton_kernels():
     def split_kv(Q, K, V, Mask, Acc, Max, Sum, sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b,
                  scale, slots, split_len, heads, splits,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
         # One program: the GROUP query heads that share one KV head, over one slice of the cache. The
         # queries are padded to BLOCK_H rows so both products run on tensor cores, which lets Triton
         # pipeline the K and V loads (a memory-bound kernel needs many bytes in flight).
@@ -69,6 +69,8 @@ def _triton_kernels():
         h = kv_head * GROUP + rows
         d = tl.arange(0, BLOCK_D)
         in_dim = d < HEAD_DIM
+        if USE_PDL:  # the query and this token's key and value come from the kernels before (kernels.pdl)
+            tl.extra.cuda.gdc_wait()
         q = tl.load(Q + b * sq_b + h[:, None] * sq_h + d[None, :], mask=in_group[:, None] & in_dim[None, :], other=0.0)
         running_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
         running_sum = tl.zeros([BLOCK_H], tl.float32)
@@ -91,6 +93,8 @@ def _triton_kernels():
             acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
             running_sum = running_sum * rescale + tl.sum(p, axis=1)
             running_max = new_max
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         out_rows = (b * heads + h) * splits + s
         tl.store(Acc + out_rows[:, None] * HEAD_DIM + d[None, :], acc, mask=in_group[:, None] & in_dim[None, :])
         tl.store(Max + out_rows, running_max, mask=in_group)
@@ -98,8 +102,10 @@ def _triton_kernels():
 
     @triton.jit
     def combine(Acc, Max, Sum, Out, so_b, so_h, heads, splits,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr):
         b, h = tl.program_id(0), tl.program_id(1)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
         s = tl.arange(0, BLOCK_S)
         in_split = s < splits
         rows = (b * heads + h) * splits + s
@@ -111,6 +117,8 @@ def _triton_kernels():
         d = tl.arange(0, BLOCK_D)
         in_dim = d < HEAD_DIM
         acc = tl.load(Acc + rows[:, None] * HEAD_DIM + d[None, :], mask=in_split[:, None] & in_dim[None, :], other=0.0)
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         out = tl.sum(acc * weights[:, None], axis=0) / total
         tl.store(Out + b * so_b + h * so_h + d, out.to(Out.dtype.element_ty), mask=in_dim)
 
@@ -140,17 +148,18 @@ def split_kv_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     block_d = triton.next_power_of_2(dim)
     keep = keep.view(torch.uint8)
     group = heads // kv_heads
+    use_pdl = pdl(query.device)
     split_kv[(batch, kv_heads, splits)](
         query, key, value, keep, acc, maxes, sums,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), keep.stride(0),
         scale, slots, split_len, heads, splits,
         GROUP=group, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK=block_n,
-        num_warps=tuning["num_warps"], num_stages=tuning["num_stages"],
+        USE_PDL=use_pdl, num_warps=tuning["num_warps"], num_stages=tuning["num_stages"], launch_pdl=use_pdl,
     )
     combine[(batch, heads)](
         acc, maxes, sums, out, out.stride(0), out.stride(2), heads, splits,
-        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
+        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits), USE_PDL=use_pdl, launch_pdl=use_pdl,
     )
     return out
 

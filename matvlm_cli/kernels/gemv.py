@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import sm_count
+from . import pdl, sm_count
 
 try:  # CUDA builds of torch bring Triton; elsewhere F.linear runs
     import triton
@@ -28,12 +28,14 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(X, W, Bias, Y, N, K, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
         # One program: BLOCK_N output rows. The products are summed in a (BLOCK_N, BLOCK_K) tile and
         # reduced once at the end, so the loop is loads and fused multiply-adds only.
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_rows = rows < N
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        if USE_PDL:  # x is the previous kernel's output (kernels.pdl)
+            tl.extra.cuda.gdc_wait()
         for k in range(0, K, BLOCK_K):
             cols = k + tl.arange(0, BLOCK_K)
             if EVEN_K:
@@ -44,6 +46,8 @@ if triton is not None:
                 x = tl.load(X + cols, mask=in_cols, other=0.0)
                 w = tl.load(W + rows[:, None] * K + cols[None, :], mask=in_rows[:, None] & in_cols[None, :], other=0.0)
             acc += w.to(tl.float32) * x[None, :].to(tl.float32)
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(Bias + rows, mask=in_rows, other=0.0).to(tl.float32)
@@ -66,9 +70,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
     out_features, in_features = weight.shape
     y = torch.empty(*x.shape[:-1], out_features, device=x.device, dtype=x.dtype)
     rows, cols = tiles(out_features, sm_count(x.device))
+    use_pdl = pdl(x.device)
     _gemv_kernel[(triton.cdiv(out_features, rows),)](
         x, weight, y if bias is None else bias, y, out_features, in_features, HAS_BIAS=bias is not None,
-        EVEN_K=in_features % cols == 0, BLOCK_N=rows, BLOCK_K=cols, num_warps=4, num_stages=3,
+        EVEN_K=in_features % cols == 0, BLOCK_N=rows, BLOCK_K=cols, USE_PDL=use_pdl, num_warps=4, num_stages=3,
+        launch_pdl=use_pdl,
     )
     return y
 

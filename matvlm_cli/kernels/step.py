@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from . import pdl
+
 try:  # CUDA builds of torch bring Triton; elsewhere the PyTorch step runs
     import triton
     import triton.language as tl
@@ -45,8 +47,10 @@ if triton is not None:
                     stride_in, stride_conv, stride_state, stride_out, dt_low, dt_high, eps,
                     D_INNER: tl.constexpr, HEADS_PER_GROUP: tl.constexpr, GROUPS: tl.constexpr,
                     HEADDIM: tl.constexpr, D_STATE: tl.constexpr, D_CONV: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+                    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, USE_PDL: tl.constexpr):
         seq, group = tl.program_id(0), tl.program_id(1)
+        if USE_PDL:  # the inputs are in_proj's output (kernels.pdl)
+            tl.extra.cuda.gdc_wait()
         conv_dim = D_INNER + 2 * GROUPS * D_STATE
         Inputs += seq * stride_in  # [z, x, B, C, dt], as in_proj writes them
         ConvState += seq * stride_conv
@@ -125,7 +129,7 @@ def mamba2_step(
         D_INNER=d_inner, HEADS_PER_GROUP=heads // ngroups, GROUPS=ngroups, HEADDIM=headdim, D_STATE=d_state,
         D_CONV=d_conv, HAS_BIAS=conv_bias is not None, BLOCK_P=triton.next_power_of_2(headdim),
         BLOCK_N=triton.next_power_of_2(d_state), BLOCK_W=triton.next_power_of_2(d_conv),
-        num_warps=4 if headdim * d_state <= 64 * 64 else 8,
+        num_warps=4 if headdim * d_state <= 64 * 64 else 8, USE_PDL=pdl(inputs.device), launch_pdl=pdl(inputs.device),
     )
     return out
 
