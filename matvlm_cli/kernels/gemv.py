@@ -27,27 +27,14 @@ except ImportError:
 if triton is not None:
 
     @triton.jit
-    def _prefetch_l2(pointers):
-        """Asks for the lines at `pointers` to be brought into L2; nothing waits for them."""
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [pointers], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
     def _gemv_kernel(X, W, Bias, Y, N, K, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
-                     EARLY_LAUNCH: tl.constexpr, PREFETCH: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
         # One program: BLOCK_N output rows. The products are summed in a (BLOCK_N, BLOCK_K) tile and
         # reduced once at the end, so the loop is loads and fused multiply-adds only.
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_rows = rows < N
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        if USE_PDL:  # x is the previous kernel's output; the weights are not (kernels.pdl)
-            if EARLY_LAUNCH:
-                tl.extra.cuda.gdc_launch_dependents()
-            if PREFETCH:  # this program's weights, one address per 128-byte line, while the kernel before ends
-                safe_rows = tl.minimum(rows, N - 1)
-                for k in range(0, K, BLOCK_K):
-                    line = tl.minimum(k + tl.arange(0, BLOCK_K // 64) * 64, K - 1)
-                    _prefetch_l2(W + safe_rows[:, None] * K + line[None, :])
+        if USE_PDL:  # x is the previous kernel's output (kernels.pdl)
             tl.extra.cuda.gdc_wait()
         for k in range(0, K, BLOCK_K):
             cols = k + tl.arange(0, BLOCK_K)
@@ -59,17 +46,12 @@ if triton is not None:
                 x = tl.load(X + cols, mask=in_cols, other=0.0)
                 w = tl.load(W + rows[:, None] * K + cols[None, :], mask=in_rows[:, None] & in_cols[None, :], other=0.0)
             acc += w.to(tl.float32) * x[None, :].to(tl.float32)
-        if USE_PDL and not EARLY_LAUNCH:
+        if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(Bias + rows, mask=in_rows, other=0.0).to(tl.float32)
         tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=in_rows)
-
-
-# How the GEMV uses PDL: when it lets the next kernel launch (EARLY_LAUNCH: at its start, else after its
-# loop), and whether it prefetches its weights into L2 before waiting for x (PREFETCH).
-PDL_MODE = {"EARLY_LAUNCH": False, "PREFETCH": False}
 
 
 def tiles(out_features: int, sms: int) -> tuple[int, int]:
@@ -91,8 +73,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
     use_pdl = pdl(x.device)
     _gemv_kernel[(triton.cdiv(out_features, rows),)](
         x, weight, y if bias is None else bias, y, out_features, in_features, HAS_BIAS=bias is not None,
-        EVEN_K=in_features % cols == 0, BLOCK_N=rows, BLOCK_K=cols, USE_PDL=use_pdl, **PDL_MODE, num_warps=4,
-        num_stages=3, launch_pdl=use_pdl,
+        EVEN_K=in_features % cols == 0, BLOCK_N=rows, BLOCK_K=cols, USE_PDL=use_pdl, num_warps=4, num_stages=3,
+        launch_pdl=use_pdl,
     )
     return y
 
