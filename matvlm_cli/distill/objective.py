@@ -139,7 +139,8 @@ class DistillationObjective:
                 teacher(**inputs)
                 self.capture.active = False
         student_head = student_model.get_output_embeddings()
-        reuse_first = prefix is not None and self.shared.active[0] == prefix  # the first converted layer is a Mamba-2 one yet
+        # Reused only while the first converted layer runs Mamba-2 in this stage (else it has no layer loss).
+        reuse_first = prefix is not None and self.shared.active[0] == prefix
         first = self.shared.decoder_layer(prefix) if reuse_first else None
         with final_hidden_states(student_model) as student_hidden, self.shared.replaying(prefix or 0, prefix_out.value), \
                 output_of(first) as first_out:
