@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from graph_timing import graph_time  # this folder: on the path when the script runs
+from decode_common import decode_inputs, graph_time, rel_err  # this folder: on the path when the script runs
 
 from matvlm_cli.bench.floor import measure_bandwidth
 from matvlm_cli.kernels import attention, sm_count
@@ -147,29 +147,6 @@ def split_kv_dims_decode(query, key, value, keep, scale, block_n, programs_per_s
         )
 
     return _split_and_merge(query, keep, splits, launch)
-
-
-def decode_inputs(batch, heads, kv_heads, dim, ctx, layers, left_pad=False):
-    """One query and `layers` distinct bf16 caches of ctx + 128 slots (ctx filled; with left_pad, the first
-    row's first 5 slots masked), and float32 SDPA's answer for the first cache."""
-    slots = ctx + 128
-    ks = [torch.randn(batch, kv_heads, slots, dim, device=dev, dtype=torch.bfloat16) for _ in range(layers)]
-    vs = [torch.randn_like(k) for k in ks]
-    q = torch.randn(batch, heads, 1, dim, device=dev, dtype=torch.bfloat16)
-    keep = torch.zeros(batch, slots, dtype=torch.bool, device=dev)
-    keep[:, :ctx] = True
-    if left_pad:
-        keep[0, :5] = False
-    group = heads // kv_heads
-    kr = ks[0][:, :, :ctx].float().repeat_interleave(group, 1)
-    vr = vs[0][:, :, :ctx].float().repeat_interleave(group, 1)
-    mask = keep[:, None, None, :ctx] if left_pad else None
-    ref = F.scaled_dot_product_attention(q.float(), kr, vr, attn_mask=mask).transpose(1, 2)
-    return q, ks, vs, keep, ref
-
-
-def rel_err(out, ref):
-    return ((out.float() - ref).norm() / ref.norm()).item()
 
 
 def sweep(configs, call, count, ref):

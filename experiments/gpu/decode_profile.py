@@ -12,7 +12,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from graph_timing import graph_time  # this folder: on the path when the script runs
+from decode_common import decode_inputs, graph_time, rel_err  # this folder: on the path when the script runs
 
 from matvlm_cli.bench.floor import measure_bandwidth
 from matvlm_cli.kernels import attention
@@ -33,17 +33,8 @@ def attention_sweep():
         (1, 32, 8, 128, 8192, 16),
     )
     for batch, heads, kv_heads, dim, ctx, layers in shapes:
-        slots = ctx + 128
-        ks = [torch.randn(batch, kv_heads, slots, dim, device=dev, dtype=torch.bfloat16) for _ in range(layers)]
-        vs = [torch.randn_like(k) for k in ks]
-        q = torch.randn(batch, heads, 1, dim, device=dev, dtype=torch.bfloat16)
-        keep = torch.zeros(batch, slots, dtype=torch.bool, device=dev)
-        keep[:, :ctx] = True
-        keep[0, :5] = False  # a left-padded row
+        q, ks, vs, keep, ref = decode_inputs(batch, heads, kv_heads, dim, ctx, layers, left_pad=True)  # a left-padded row
         group = heads // kv_heads
-        kr = ks[0][:, :, :ctx].float().repeat_interleave(group, 1)
-        vr = vs[0][:, :, :ctx].float().repeat_interleave(group, 1)
-        ref = F.scaled_dot_product_attention(q.float(), kr, vr, attn_mask=keep[:, None, None, :ctx]).transpose(1, 2)
         moved = 2 * batch * kv_heads * ctx * dim * 2
         mask4 = keep[:, None, None, :]
         tag = f"b{batch} h{heads}/{kv_heads}x{dim} ctx {ctx}"
@@ -57,7 +48,7 @@ def attention_sweep():
             attention.TUNING.update(block_n=bn, programs_per_sm=pps, num_warps=nw, num_stages=ns)
             try:
                 out = attention.split_kv_decode(q, ks[0], vs[0], keep, dim**-0.5)
-                err = ((out.float() - ref).norm() / ref.norm()).item()
+                err = rel_err(out, ref)
                 t = graph_time(lambda: [attention.split_kv_decode(q, k, v, keep, dim**-0.5) for k, v in zip(ks, vs)])
             except Exception as e:  # noqa
                 print("fail", bn, pps, nw, ns, type(e).__name__, str(e)[:80])

@@ -1,8 +1,10 @@
 """Every GPU kernel matvlm has or borrows, and the choice between them.
 
 matvlm's own Triton kernels live in this package: `step.py` (a whole Mamba-2 decode step), `norm.py`
-(the skip, gate and norm after a prefill's chunk scan) and `attention.py` (split-KV decoding attention
-for bench's `graphs` engine). This module picks the mixer's kernels, imported lazily and only on demand.
+(the skip, gate and norm after a prefill's chunk scan), and for bench's `graphs` engine `attention.py`
+(split-KV decoding attention) and `gemv.py` (one-token projections). The decode kernels launch with
+programmatic dependent launch on Hopper and later (`pdl` below). This module picks the mixer's kernels,
+imported lazily and only on demand.
 
 Three backends compute the same four operations (chunked scan, one-token state update, causal conv,
 one-token conv update):

@@ -123,13 +123,14 @@ def mamba2_step(
     d_inner, d_conv = heads * headdim, conv_state.shape[-1]
     # one float32 buffer: scratch for the gated output, then the normalised one
     out = torch.empty(batch, d_inner, device=inputs.device, dtype=torch.float32)
+    use_pdl = pdl(inputs.device)
     _mamba2_step_kernel[(batch, ngroups)](
         inputs, conv_state, conv_weight, conv_bias, dt_bias, A_log, D, ssm_state, norm_weight, out,
         inputs.stride(0), conv_state.stride(0), ssm_state.stride(0), out.stride(0), dt_low, dt_high, eps,
         D_INNER=d_inner, HEADS_PER_GROUP=heads // ngroups, GROUPS=ngroups, HEADDIM=headdim, D_STATE=d_state,
         D_CONV=d_conv, HAS_BIAS=conv_bias is not None, BLOCK_P=triton.next_power_of_2(headdim),
         BLOCK_N=triton.next_power_of_2(d_state), BLOCK_W=triton.next_power_of_2(d_conv),
-        num_warps=4 if headdim * d_state <= 64 * 64 else 8, USE_PDL=pdl(inputs.device), launch_pdl=pdl(inputs.device),
+        num_warps=4 if headdim * d_state <= 64 * 64 else 8, USE_PDL=use_pdl, launch_pdl=use_pdl,
     )
     return out
 
