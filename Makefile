@@ -2,13 +2,19 @@
 # of every package (constraints.txt). `make test-latest` checks the newest versions pyproject.toml allows.
 VENV ?= .venv
 LATEST_VENV ?= .venv-latest
-# On a machine without a GPU, pin the CPU build (an unpinned torch pulls a multi-GB CUDA build).
-TORCH := $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo "torch>=2.4,<2.14"; else echo torch==2.13.0; fi)
+# On a machine without a GPU, pin the CPU build (an unpinned torch pulls a multi-GB CUDA build). CUDA builds
+# bring Triton; the CPU build does not, so it is installed beside it: the suite runs matvlm's Triton kernels in
+# Triton's interpreter (tests/test_triton_kernels.py). `make test-latest` takes the newest Triton.
+COMMA := ,
+HAVE_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+TORCH := $(if $(HAVE_GPU),torch>=2.4$(COMMA)<2.14,torch==2.13.0)
+TRITON := $(if $(HAVE_GPU),,triton==3.9.0)
+TRITON_LATEST := $(if $(HAVE_GPU),,triton)
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q "$(TORCH)"
+	$(VENV)/bin/pip install -q "$(TORCH)" $(TRITON)
 	$(VENV)/bin/pip install -q -c constraints.txt -e ".[test,app]"
 	touch $@
 
@@ -35,7 +41,7 @@ test-latest:
 	rm -rf $(LATEST_VENV)
 	python3 -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/pip install -q --upgrade pip
-	$(LATEST_VENV)/bin/pip install -q "$(TORCH)"
+	$(LATEST_VENV)/bin/pip install -q "$(TORCH)" $(TRITON_LATEST)
 	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[test,app]"
 	$(LATEST_VENV)/bin/pip freeze --exclude-editable > $(LATEST_VENV)/versions.txt
 	$(LATEST_VENV)/bin/python -m pytest -q

@@ -56,9 +56,16 @@ AUTO_ORDER = {
 _selected = "auto"
 
 
+# A device without streaming multiprocessors is Triton's interpreter on the CPU (TRITON_INTERPRET=1, the
+# suite's kernel tests): it is given an H200's count, so it runs the grids an H200 runs.
+H200_SMS = 132
+
+
 @functools.cache
 def sm_count(device: torch.device) -> int:
     """The GPU's streaming multiprocessors: how the Triton decode kernels size their grids."""
+    if device.type != "cuda":
+        return H200_SMS
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -69,7 +76,7 @@ def pdl(device: torch.device) -> bool:
     (`gdc_wait`) before it reads anything, and lets the next one start (`gdc_launch_dependents`) once its
     main loop is done. A decode step is a few hundred short kernels, so the gaps between them count.
     MATVLM_PDL=0 launches them plainly, to time the difference."""
-    if os.environ.get("MATVLM_PDL", "1") == "0" or torch.cuda.get_device_capability(device)[0] < 9:
+    if device.type != "cuda" or os.environ.get("MATVLM_PDL", "1") == "0" or torch.cuda.get_device_capability(device)[0] < 9:
         return False
     try:
         import triton.language.extra.cuda as cuda_extra

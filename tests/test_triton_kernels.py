@@ -1,0 +1,170 @@
+"""matvlm's own Triton kernels against their PyTorch references: the one-token GEMV, split-KV decoding
+attention with its combine, the fused Mamba-2 decode step, and the prefill's skip + gate + norm.
+
+On the GPU machine they run compiled, on CUDA. Without a GPU, conftest.py sets TRITON_INTERPRET=1, so
+Triton (which the Makefile installs beside the CPU torch) runs the same kernel code in its interpreter,
+on the CPU: CI checks their maths, their masks and their grids. The interpreter has no programmatic
+dependent launch, so `kernels.pdl` is off there; the PDL form runs in the GPU checks
+(experiments/gpu/pdl_ab.sh). Shapes the size of Phi-2's run on CUDA only: the interpreter runs each
+program in Python."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from matvlm_cli import kernels
+from matvlm_cli.hybrid import Mamba2Config, Mamba2Mixer
+from matvlm_cli.hybrid.ssd import causal_conv1d_step, ssd_step
+
+pytest.importorskip("triton", reason="Triton is not installed (the Makefile installs it; CUDA torch brings it)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("without a GPU the kernels need TRITON_INTERPRET=1 (conftest.py sets it)", allow_module_level=True)
+GPU_SIZED = pytest.mark.cuda  # CUDA only: skipped without a GPU (conftest.py)
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def generator():
+    return torch.Generator(device=DEVICE).manual_seed(0)
+
+
+BF16, FP16 = torch.bfloat16, torch.float16
+
+
+@pytest.mark.parametrize(
+    "out_features,in_features,bias,dtype",
+    [
+        *(pytest.param(*shape, dtype, marks=GPU_SIZED) for dtype in (BF16, FP16) for shape in [
+            (7680, 2560, True),  # Phi-2's q/k/v
+            (2560, 10240, True),  # fc2
+            (10272, 2560, False),  # a hybrid's in_proj, no bias
+        ]),
+        (100, 200, True, BF16),  # one row per program, a partial tile of columns
+        (100, 200, True, FP16),
+        (2200, 512, False, BF16),  # two rows per program, whole column tiles
+        (9001, 256, True, FP16),  # eight rows per program, a partial last program
+    ],
+)
+def test_one_token_gemv_matches_float32_linear(out_features, in_features, bias, dtype):
+    """The graphs engine's GEMV kernel against F.linear in float32, for tile shapes from one to eight rows
+    per program and inputs that are and are not a whole number of column tiles."""
+    from matvlm_cli.kernels import gemv
+
+    g = generator()
+    x = torch.randn(1, 1, in_features, device=DEVICE, generator=g).to(dtype)
+    w = (torch.randn(out_features, in_features, device=DEVICE, generator=g) * 0.02).to(dtype)
+    b = torch.randn(out_features, device=DEVICE, generator=g).to(dtype) if bias else None
+    out = gemv.gemv(x, w, b)
+    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+    assert out.shape == (1, 1, out_features) and out.dtype == dtype
+    assert rel_err(out, ref) < 1e-2
+    if DEVICE == "cuda":  # `linear` routes one CUDA token to the kernel, anything else to F.linear
+        assert torch.equal(gemv.linear(x, w, b), out)
+        two_tokens = torch.cat([x, x], dim=1)
+        torch.testing.assert_close(gemv.linear(two_tokens, w, b), F.linear(two_tokens, w, b))
+
+
+@pytest.mark.parametrize(
+    "batch,heads,kv_heads,dim,slots",
+    [
+        pytest.param(3, 32, 32, 80, 8320, marks=GPU_SIZED),  # Phi-2 at 8k
+        (3, 8, 2, 32, 1000),  # grouped queries, many slices
+        (3, 4, 4, 128, 70),  # slices ending inside a block
+        (2, 6, 3, 80, 13),  # fewer slots than a block: one slice, the whole-sequence tuning
+        (36, 16, 16, 32, 150),  # enough (sequence, head) pairs to fill the card: whole sequences, 2 blocks each
+    ],
+)
+# The interpreter keeps bfloat16 as raw bits and its tl.dot multiplies them (triton#11584, "not supported
+# yet"); the kernel's bfloat16 form runs on CUDA, its float16 form everywhere.
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=GPU_SIZED), torch.float16])
+def test_split_kv_decode_attention_matches_sdpa(batch, heads, kv_heads, dim, slots, dtype):
+    """The graphs engine's Triton decoding attention (split-KV, then the combine) against float32 SDPA,
+    with GQA, head dims that are not powers of two, slot counts that are not multiples of the block, and
+    masks with holes."""
+    from matvlm_cli.kernels.attention import split_kv_decode
+
+    g = generator()
+    q = torch.randn(batch, heads, 1, dim, device=DEVICE, generator=g).to(dtype)
+    k, v = (torch.randn(batch, kv_heads, slots, dim, device=DEVICE, generator=g).to(dtype) for _ in range(2))
+    keep = torch.rand(batch, slots, device=DEVICE, generator=g) < 0.7
+    keep[:, 0] = True
+    out = split_kv_decode(q, k, v, keep, dim**-0.5)
+    rep = heads // kv_heads
+    ref = F.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1), attn_mask=keep[:, None, None, :]
+    )
+    assert out.shape == (batch, 1, heads, dim) and out.dtype == dtype
+    assert rel_err(out, ref.transpose(1, 2)) < 1e-2
+
+
+@pytest.mark.parametrize(
+    "heads,headdim,d_state,groups",
+    [pytest.param(32, 80, 80, 32, marks=GPU_SIZED), (8, 64, 128, 2), (6, 12, 10, 3)],
+)
+def test_fused_decode_step_matches_the_reference_step(heads, headdim, d_state, groups):
+    """matvlm's one-kernel Mamba-2 decode step against the PyTorch step in float32: the output, the
+    shifted conv window and the updated state, from bf16 activations."""
+    from matvlm_cli.kernels.step import mamba2_step
+
+    torch.manual_seed(0)
+    cfg = Mamba2Config(d_model=64, nheads=heads, headdim=headdim, d_state=d_state, ngroups=groups)
+    mixer = Mamba2Mixer(cfg, 0, device=DEVICE)
+    with torch.no_grad():
+        mixer.norm.weight.uniform_(0.5, 1.5)
+        mixer.conv1d.bias.normal_()
+        mixer.D.normal_()
+    projected = torch.randn(3, cfg.in_proj_dim, device=DEVICE).bfloat16()
+    conv_state = torch.randn(3, cfg.conv_dim, cfg.d_conv, device=DEVICE).bfloat16()
+    state = torch.randn(3, heads, headdim, d_state, device=DEVICE)
+    weight = mixer.conv1d.weight.detach().squeeze(1)
+
+    ref_conv, ref_state = conv_state.float(), state.clone()
+    z, xBC, dt = projected.float().split([cfg.d_inner, cfg.conv_dim, heads], dim=-1)
+    dt = F.softplus(dt + mixer.dt_bias).clamp(*cfg.dt_bounds)
+    kernels.set_backend("torch")
+    try:
+        with torch.no_grad():
+            x, B, C = mixer._split_xBC(causal_conv1d_step(xBC, ref_conv, weight, mixer.conv1d.bias))
+            y = ssd_step(ref_state, x, dt, -torch.exp(mixer.A_log), B, C, mixer.D)
+            reference = mixer.norm(y.reshape(3, cfg.d_inner), z)
+    finally:
+        kernels.set_backend("auto")
+    with torch.no_grad():
+        out = mamba2_step(
+            projected, conv_state, weight, mixer.conv1d.bias, mixer.dt_bias, mixer.A_log, mixer.D, state,
+            mixer.norm.weight, groups, d_state, *cfg.dt_bounds, mixer.norm.eps,
+        )
+    assert rel_err(out, reference) < 1e-2
+    assert rel_err(state, ref_state) < 1e-2
+    assert rel_err(conv_state, ref_conv) < 1e-2
+
+
+@pytest.mark.parametrize("dtype,channels_first", [(torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True)])
+def test_prefill_skip_gate_norm_kernel_matches_the_pytorch_norm(dtype, channels_first):
+    """The prefill's fused skip + gate + grouped RMSNorm against mamba2.GatedRMSNorm in float32, on views
+    with the strides the mixer hands it (x and z are slices of wider rows, y is contiguous; x from a
+    channels-first conv output)."""
+    from matvlm_cli.hybrid.mamba2 import GatedRMSNorm
+    from matvlm_cli.kernels.norm import skip_gate_norm
+
+    g = generator()
+    batch, length, heads, headdim, groups = 3, 1000 if DEVICE == "cuda" else 100, 8, 20, 4
+    d_inner = heads * headdim
+    wide = torch.randn(batch, length + 4, 3 * d_inner, device=DEVICE, generator=g).to(dtype)
+    x, z = wide[:, 4:, d_inner : 2 * d_inner], wide[:, 4:, :d_inner]
+    if channels_first:
+        x = torch.randn(batch, d_inner, length + 4, device=DEVICE, generator=g).to(dtype)[..., 4:].transpose(1, 2)
+    y = torch.randn(batch, length, d_inner, device=DEVICE, generator=g).to(dtype)
+    D = torch.randn(heads, device=DEVICE, generator=g)
+    norm = GatedRMSNorm(d_inner, d_inner // groups, eps=1e-5, device=DEVICE)
+    norm.weight.data = torch.rand(d_inner, device=DEVICE, generator=g) + 0.5
+    skip = (y.float() + x.float() * D.repeat_interleave(headdim)).to(dtype)
+    reference = norm(skip.float(), z.float())
+    out = skip_gate_norm(y, x, D, z, norm.weight, d_inner // groups, headdim, 1e-5, dtype)
+    assert out.shape == (batch, length, d_inner) and out.dtype == dtype
+    assert rel_err(out, reference) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
