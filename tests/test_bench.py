@@ -146,29 +146,61 @@ def test_bench_user_errors_are_one_line(args, message, tmp_path, cli):
     assert not (tmp_path / "b" / "bench.json").exists()
 
 
-def test_qkv_fusion_keeps_outputs_and_holds_the_weights_once(tiny_teachers):
-    model = build_teacher(str(tiny_teachers["llama"]), CPU, torch.float32)
+# What reads one tensor, per decoder layer: (attention layer, Mamba layer) of each family's tiny model.
+SHARED_INPUTS = {
+    "llama": ([("self_attn", "q_proj", "k_proj", "v_proj"), ("mlp", "gate_proj", "up_proj")], [("mlp", "gate_proj", "up_proj")]),
+    # Phi's parallel block: attention and MLP read the same normed input
+    "phi": ([("self_attn", "q_proj", "k_proj", "v_proj"), ("mlp", "fc1")], [("self_attn", "in_proj"), ("mlp", "fc1")]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(SHARED_INPUTS))
+def test_projections_that_read_one_input_become_one_and_keep_outputs_and_weights(tiny_teachers, family):
+    """fuse() finds by a probe forward which projections read the same tensor, in a teacher and in a 0.5
+    hybrid (layers 0 and 2 Mamba): q/k/v, gate/up, and in Phi's parallel block q/k/v with fc1 or a Mamba
+    in_proj (no bias) with fc1 (bias). The logits do not change, the weights are held once, and unfuse
+    restores the modules."""
+    model = build_teacher(str(tiny_teachers[family]), CPU, torch.float32)
+    convert_to_hybrid(model, [0, 2])
     inputs = bench_inputs(model, 40, 2, image_input(model))
     before = model(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values).logits
     weight_bytes = floor.decode_weight_bytes(model)
-    attention = model.model.language_model.layers[0].self_attn
+    layers = model.model.language_model.layers
+    attention_groups, mamba_groups = SHARED_INPUTS[family]
+    originals = {(i, parent, name): getattr(getattr(layer, parent), name)
+                 for i, layer in enumerate(layers) for parent, *names in attention_groups + mamba_groups
+                 for name in names if hasattr(getattr(layer, parent), name)}
 
-    assert fusion.fuse(model) == 4  # one trio per decoder layer
-    assert isinstance(attention.q_proj, fusion.ProjectionSlice)
-    assert attention.k_proj.shared is attention.q_proj.shared
-    # every other linear layer of the language model goes to the one-token GEMV; the vision side does not
-    assert type(attention.o_proj) is fusion.OneTokenLinear
-    assert not any(type(m) is torch.nn.Linear for m in model.model.language_model.modules())
-    assert type(model.lm_head) is torch.nn.Linear
-    assert floor.decode_weight_bytes(model) == weight_bytes
+    shared_per_layer = [1 if family == "phi" else len(mamba_groups if i in (0, 2) else attention_groups) for i in range(4)]
+    assert fusion.fuse(model) == sum(shared_per_layer)
+    for i, layer in enumerate(layers):
+        slices = [getattr(getattr(layer, parent), name) for parent, *names in (mamba_groups if i in (0, 2) else attention_groups) for name in names]
+        assert all(isinstance(part, fusion.ProjectionSlice) for part in slices)
+        assert len({id(part.shared) for part in slices}) == shared_per_layer[i]
+        # what reads nothing shared goes to the one-token GEMV: o_proj, down_proj or fc2, a Mamba out_proj
+        assert not any(type(m) is torch.nn.Linear for m in layer.modules())
+    if family == "phi":
+        mamba = layers[0].self_attn
+        assert mamba.in_proj.bias is None and layers[0].mlp.fc1.bias is not None  # each slice reads as before
+        assert mamba.in_proj.shared is layers[0].mlp.fc1.shared
+    assert type(model.lm_head) is torch.nn.Linear  # the head and the vision side are left as they are
+    # no weight is copied; a projection without a bias beside ones with one reads zeros in its place
+    zero_bias_bytes = sum(
+        part.out_features * part.shared.bias.element_size() for part in model.modules()
+        if isinstance(part, fusion.ProjectionSlice) and not part.has_bias and part.shared.bias is not None
+    )
+    assert zero_bias_bytes == (2 * 4 * layers[0].self_attn.in_proj.out_features if family == "phi" else 0)
+    assert floor.decode_weight_bytes(model) == weight_bytes + zero_bias_bytes
     fused = model(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values).logits
     torch.testing.assert_close(fused, before)
     assert fusion.fuse(model) == 0  # already fused
 
     fusion.unfuse(model)
-    assert type(attention.q_proj) is type(attention.o_proj) is torch.nn.Linear
-    assert not any(type(m) is fusion.OneTokenLinear for m in model.modules())
+    for (i, parent, name), module in originals.items():
+        assert getattr(getattr(layers[i], parent), name) is module and type(module) is torch.nn.Linear
+    assert not any(type(m) in (fusion.OneTokenLinear, fusion.ProjectionSlice) for m in model.modules())
     # the restored modules read views of the fused weight: no copy was kept
+    attention = layers[1].self_attn
     assert attention.k_proj.weight.untyped_storage().data_ptr() == attention.q_proj.weight.untyped_storage().data_ptr()
     torch.testing.assert_close(model(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values).logits, before)
 

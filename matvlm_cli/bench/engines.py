@@ -10,7 +10,8 @@
 
 Both engines run the same model code. `graphs` switches the language model's attention to
 `kernels/attention.py`'s `matvlm_decode` (split-KV Triton decoding over the static cache, SDPA for prefill),
-computes q, k and v in one product, and runs one-token products on `kernels/gemv.py` (`fusion.py`).
+computes the projections that read the same input (q, k and v; gate and up; in a parallel block fc1 with
+them) in one product, and runs one-token products on `kernels/gemv.py` (`fusion.py`).
 """
 
 from __future__ import annotations

@@ -1,31 +1,35 @@
-"""The `graphs` engine's projections: one GEMV for q, k and v, and every one-token product on a GEMV kernel.
+"""The `graphs` engine's projections: one GEMV for every group of projections that read the same input,
+and every one-token product on a GEMV kernel.
 
 At batch 1 a decode step is a string of matrix-vector products, and a small one cannot reach the
 card's bandwidth: a 13 MB projection of Phi-2 takes 8.3 us on an H100, where its bytes take 4.5 us,
-and q, k and v read as one 39 MB matrix take 16.5 us instead of 25 (`docs/bench.md`). So,
-as inference engines do, the `graphs` engine concatenates the q, k and v weights of every attention
-module and computes them in one product.
+and q, k and v read as one 39 MB matrix take 16.5 us instead of 25 (`docs/bench.md`). So, as inference
+engines do, the `graphs` engine concatenates the weights of projections that read the same tensor and
+computes them in one product: q, k and v; a gated MLP's gate and up projections (Llama, Qwen2); and in a
+parallel block (Phi), q, k, v and the MLP's fc1 together, or a Mamba layer's in_proj and fc1. Which
+projections read the same tensor is found by one two-token forward of the language model with a hook
+on each linear layer (`shared_input_groups`), so no family's module names are known here.
 
-It changes no model code. The three projection modules are swapped for slices of one shared
-projection, which computes all three when the first is called and hands out the other two from
-memory. The original modules keep views of the fused weight, so the weights are held once, and
-`unfuse` puts them back (the `hf` engine runs the model as users do).
+It changes no model code. The projection modules are swapped for slices of one shared projection,
+which computes all of them when the first is called and hands out the others from memory. The
+original modules keep views of the fused weight, so the weights are held once, and `unfuse` puts them
+back (the `hf` engine runs the model as users do).
 
-The same swap sends every other linear layer of the language model (the attention's output, the MLP,
-a Mamba layer's in and out projections) through `kernels/gemv.py` while they are fused: for one token on
-CUDA that is a Triton GEMV that reads the weights nearer the card's bandwidth than cuBLAS does; for a
+The same swap sends every other linear layer of the language model (the attention's output, the MLP's
+last projection, a Mamba layer's out_proj) through `kernels/gemv.py` while they are fused: for one token
+on CUDA that is a Triton GEMV that reads the weights nearer the card's bandwidth than cuBLAS does; for a
 prefill chunk, a batch or a CPU it is `F.linear` as before. The modules change class, not weights.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 from torch import nn
 
 from ..hybrid.conversion import find_decoder
 from ..kernels import gemv
-
-FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"),)
 
 
 class _Pending:
@@ -41,8 +45,10 @@ class SharedProjection(nn.Module):
         super().__init__()
         weight = torch.cat([linear.weight.detach() for linear in linears])
         self.weight = nn.Parameter(weight, requires_grad=False)
-        has_bias = linears[0].bias is not None
-        self.bias = nn.Parameter(torch.cat([linear.bias.detach() for linear in linears]), requires_grad=False) if has_bias else None
+        # a projection without a bias beside ones with (a Mamba in_proj beside Phi's fc1) adds zeros
+        biases = [linear.bias.detach() if linear.bias is not None else weight.new_zeros(linear.out_features) for linear in linears]
+        has_bias = any(linear.bias is not None for linear in linears)
+        self.bias = nn.Parameter(torch.cat(biases), requires_grad=False) if has_bias else None
         self.sizes = [linear.out_features for linear in linears]
         self.pending = _Pending()
 
@@ -61,10 +67,11 @@ class SharedProjection(nn.Module):
 class ProjectionSlice(nn.Module):
     """Stands in for one of the fused projections, and reads like it (weight, bias, sizes)."""
 
-    def __init__(self, shared: SharedProjection, index: int):
+    def __init__(self, shared: SharedProjection, index: int, has_bias: bool):
         super().__init__()
         self.shared = shared
         self.index = index
+        self.has_bias = has_bias
         self.start = sum(shared.sizes[:index])
         self.in_features, self.out_features = shared.weight.shape[1], shared.sizes[index]
 
@@ -74,8 +81,9 @@ class ProjectionSlice(nn.Module):
 
     @property
     def bias(self) -> torch.Tensor | None:
-        bias = self.shared.bias
-        return None if bias is None else bias[self.start : self.start + self.out_features]
+        if not self.has_bias:
+            return None
+        return self.shared.bias[self.start : self.start + self.out_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.shared.part(x, self.index)
@@ -88,48 +96,73 @@ class OneTokenLinear(nn.Linear):
         return gemv.linear(x, self.weight, self.bias)
 
 
+def shared_input_groups(text_model: nn.Module) -> list[list[nn.Linear]]:
+    """The language model's linear layers that read the same tensor, grouped in call order (groups of two
+    or more), from one two-token forward with a hook on each. A layer called more than once in that
+    forward (a shared module) is left alone: its inputs differ from call to call."""
+    linears = [module for module in text_model.modules() if type(module) is nn.Linear]
+    calls: list[tuple[nn.Linear, torch.Tensor]] = []  # the inputs are kept, so `is` compares live tensors
+
+    def record(module, args):
+        calls.append((module, args[0]))
+
+    handles = [linear.register_forward_pre_hook(record) for linear in linears]
+    embeddings = text_model.get_input_embeddings().weight
+    probe = torch.zeros(1, 2, embeddings.shape[1], dtype=embeddings.dtype, device=embeddings.device)
+    try:
+        with torch.no_grad():
+            text_model(inputs_embeds=probe, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    times_called = Counter(module for module, _ in calls)
+    groups: list[tuple[torch.Tensor, list[nn.Linear]]] = []
+    for module, x in calls:
+        if times_called[module] != 1:
+            continue
+        group = next((members for seen, members in groups if seen is x), None)
+        if group is None:
+            groups.append((x, [module]))
+        else:
+            group.append(module)
+    return [members for _, members in groups if len(members) > 1 and _fusable(members)]
+
+
 def _fusable(linears) -> bool:
     first = linears[0]
     return all(
-        type(linear) is nn.Linear and linear.in_features == first.in_features
-        and (linear.bias is None) == (first.bias is None)
+        linear.in_features == first.in_features
         and linear.weight.dtype == first.weight.dtype and linear.weight.device == first.weight.device
         for linear in linears
     )
 
 
-def _groups(model: nn.Module):
-    for module in model.modules():
-        for names in FUSED_GROUPS:
-            if all(isinstance(getattr(module, name, None), nn.Module) for name in names):
-                yield module, names
-
-
 def fuse(model: nn.Module) -> int:
-    """Swap every q/k/v trio of the language model for slices of one shared projection, and its other
-    linear layers for `OneTokenLinear`; returns how many trios were fused."""
-    fused = 0
+    """Swap each group of the language model's projections that read the same input for slices of one
+    shared projection, and its other linear layers for `OneTokenLinear`; returns how many shared
+    projections were made (0 when the model is fused already)."""
     text_model = find_decoder(model).text_model
-    for module, names in list(_groups(text_model)):
-        linears = [getattr(module, name) for name in names]
-        if any(isinstance(linear, ProjectionSlice) for linear in linears) or not _fusable(linears):
-            continue
+    if any(isinstance(module, SharedProjection) for module in text_model.modules()):
+        return 0
+    place = {module: (parent, name) for parent in text_model.modules() for name, module in parent.named_children()}
+    groups = shared_input_groups(text_model)
+    for linears in groups:
         shared = SharedProjection(linears)
         start = 0
-        for index, (name, linear) in enumerate(zip(names, linears)):
+        for index, linear in enumerate(linears):
+            parent, name = place[linear]
             # the original keeps a view of the fused weight: one copy of the bytes, ready for unfuse
             end = start + linear.out_features
             linear.weight = nn.Parameter(shared.weight[start:end], requires_grad=False)
             if linear.bias is not None:
                 linear.bias = nn.Parameter(shared.bias[start:end], requires_grad=False)
             start = end
-            setattr(module, name, ProjectionSlice(shared, index))
-        module._unfused_projections = dict(zip(names, linears))
-        fused += 1
-    for module in text_model.modules():  # after the trios: their originals stay plain nn.Linear
+            setattr(parent, name, ProjectionSlice(shared, index, linear.bias is not None))
+            parent.__dict__.setdefault("_unfused_projections", {})[name] = linear
+    for module in text_model.modules():  # after the groups: their originals stay plain nn.Linear
         if type(module) is nn.Linear:
             module.__class__ = OneTokenLinear
-    return fused
+    return len(groups)
 
 
 def unfuse(model: nn.Module) -> None:
