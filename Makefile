@@ -2,20 +2,24 @@
 # of every package (constraints.txt). `make test-latest` checks the newest versions pyproject.toml allows.
 VENV ?= .venv
 LATEST_VENV ?= .venv-latest
-# On a machine without a GPU, pin the CPU build (an unpinned torch pulls a multi-GB CUDA build). CUDA builds
-# bring Triton; the CPU build does not, so it is installed beside it: the suite runs matvlm's Triton kernels in
-# Triton's interpreter (tests/test_triton_kernels.py). `make test-latest` takes the newest Triton.
+# On a machine without a GPU, pin the CPU build (an unpinned torch pulls a multi-GB CUDA build).
 COMMA := ,
 HAVE_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 TORCH := $(if $(HAVE_GPU),torch>=2.4$(COMMA)<2.14,torch==2.13.0)
+# CUDA builds of torch bring Triton; beside the CPU build the suite installs it itself, and runs matvlm's
+# Triton kernels in Triton's interpreter (tests/test_triton_kernels.py). `make demo` does not need it.
 TRITON := $(if $(HAVE_GPU),,triton==3.9.0)
 TRITON_LATEST := $(if $(HAVE_GPU),,triton)
 
-$(VENV)/.installed: pyproject.toml constraints.txt Makefile
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q "$(TORCH)" $(TRITON)
+	$(VENV)/bin/pip install -q "$(TORCH)"
 	$(VENV)/bin/pip install -q -c constraints.txt -e ".[test,app]"
+	touch $@
+
+$(VENV)/.triton: $(VENV)/.installed Makefile
+	$(if $(TRITON),$(VENV)/bin/pip install -q $(TRITON))
 	touch $@
 
 # The whole chain on the embedded default: convert, a short distillation, then evaluate teacher,
@@ -28,7 +32,7 @@ demo: $(VENV)/.installed
 		--model runs/tiny-hybrid-0.25 --model runs/demo-distill/final --tasks pope,mmmu,textvqa --output runs/demo-evaluate
 
 # The suite, after ruff's lint (pyproject.toml [tool.ruff]); `make lint` runs the lint alone.
-test: lint
+test: lint $(VENV)/.triton
 	$(VENV)/bin/python -m pytest -q
 
 lint: $(VENV)/.installed
