@@ -354,3 +354,19 @@ def test_gemv_tiles_are_the_h200_sweeps_best_for_phi2():
     assert tiles(2560, 132) == (2, 512)  # dense, and fc2 (its 10240 inputs do not change the rows)
     assert tiles(10240, 132) == (8, 256)  # fc1
     assert tiles(10, 132) == (1, 512)
+
+
+@pytest.mark.parametrize("family", zoo.FAMILIES)
+def test_every_family_fuses_q_k_v_and_gate_up_by_what_they_read(family):
+    """The probe forward finds, in each family's decoder (M-RoPE, q/k norms, sliding windows, Gemma's
+    scaled embeddings), q/k/v and gate/up as the projections that read one input, per layer; the logits
+    do not change."""
+    model = zoo.build(family).eval()
+    ids = torch.randint(4, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        assert fusion.fuse(model) == 2 * 4
+        layer = fusion.find_decoder(model).layers[0]
+        assert layer.self_attn.q_proj.shared is layer.self_attn.v_proj.shared
+        assert layer.mlp.gate_proj.shared is layer.mlp.up_proj.shared is not layer.self_attn.q_proj.shared
+        torch.testing.assert_close(model(input_ids=ids).logits, before)
