@@ -37,32 +37,40 @@ BF16, FP16 = torch.bfloat16, torch.float16
 
 
 @pytest.mark.parametrize(
-    "out_features,in_features,bias,dtype",
+    "out_features,in_features,bias,dtype,gelu",
     [
         *(pytest.param(*shape, dtype, marks=GPU_SIZED) for dtype in (BF16, FP16) for shape in [
-            (7680, 2560, True),  # Phi-2's q/k/v
-            (2560, 10240, True),  # fc2
-            (10272, 2560, False),  # a hybrid's in_proj, no bias
+            (7680, 2560, True, False),  # Phi-2's q/k/v
+            (2560, 10240, True, False),  # fc2
+            (10272, 2560, False, False),  # a hybrid's in_proj, no bias
+            (17920, 2560, True, True),  # Phi-2's q/k/v and fc1 as one product, with a GELU range
         ]),
-        (100, 200, True, BF16),  # one row per program, a partial tile of columns
-        (100, 200, True, FP16),
-        (2200, 512, False, BF16),  # two rows per program, whole column tiles
-        (9001, 256, True, FP16),  # eight rows per program, a partial last program
+        (100, 200, True, BF16, False),  # one row per program, a partial tile of columns
+        (100, 200, True, FP16, True),
+        (2200, 512, False, BF16, True),  # two rows per program, whole column tiles
+        (9001, 256, True, FP16, False),  # eight rows per program, a partial last program
     ],
 )
-def test_one_token_gemv_matches_float32_linear(out_features, in_features, bias, dtype):
+def test_one_token_gemv_matches_float32_linear(out_features, in_features, bias, dtype, gelu):
     """The graphs engine's GEMV kernel against F.linear in float32, for tile shapes from one to eight rows
-    per program and inputs that are and are not a whole number of column tiles."""
+    per program and inputs that are and are not a whole number of column tiles; with `gelu`, the tanh
+    GELU on a range of rows that starts and ends inside a program's rows, against PyTorch's."""
     from matvlm_cli.kernels import gemv
 
     g = generator()
     x = torch.randn(1, 1, in_features, device=DEVICE, generator=g).to(dtype)
     w = (torch.randn(out_features, in_features, device=DEVICE, generator=g) * 0.02).to(dtype)
     b = torch.randn(out_features, device=DEVICE, generator=g).to(dtype) if bias else None
-    out = gemv.gemv(x, w, b)
+    rows = (out_features // 3 + 1, out_features - 3) if gelu else (0, 0)
+    out = gemv.gemv(x, w, b, *rows)
     ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+    ref[..., rows[0] : rows[1]] = F.gelu(ref[..., rows[0] : rows[1]], approximate="tanh")
     assert out.shape == (1, 1, out_features) and out.dtype == dtype
     assert rel_err(out, ref) < 1e-2
+    if gelu:  # rows outside the range are the plain product; those inside match PyTorch's GELU
+        assert torch.equal(out[..., : rows[0]], gemv.gemv(x, w, b)[..., : rows[0]])
+        assert rel_err(out[..., rows[0] : rows[1]], ref[..., rows[0] : rows[1]]) < 1e-2
+        torch.testing.assert_close(gemv.linear(x.cpu(), w.cpu(), None if b is None else b.cpu(), rows), out.cpu(), rtol=2e-2, atol=2e-2)
     if DEVICE == "cuda":  # `linear` routes one CUDA token to the kernel, anything else to F.linear
         assert torch.equal(gemv.linear(x, w, b), out)
         two_tokens = torch.cat([x, x], dim=1)

@@ -8,7 +8,11 @@ engines do, the `graphs` engine concatenates the weights of projections that rea
 computes them in one product: q, k and v; a gated MLP's gate and up projections (Llama, Qwen2); and in a
 parallel block (Phi), q, k, v and the MLP's fc1 together, or a Mamba layer's in_proj and fc1. Which
 projections read the same tensor is found by one two-token forward of the language model with a hook
-on each linear layer (`shared_input_groups`), so no family's module names are known here.
+on each linear layer (`probe`), so no family's module names are known here.
+
+The same forward finds each tanh GELU that takes a projection's output as it is (Phi's fc1): the GEMV
+applies it to those rows before it writes them, and the activation module passes its input through, one
+kernel less per layer.
 
 It changes no model code. The projection modules are swapped for slices of one shared projection,
 which computes all of them when the first is called and hands out the others from memory. The
@@ -24,8 +28,10 @@ prefill chunk, a batch or a CPU it is `F.linear` as before. The modules change c
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
+import transformers.activations as hf_activations
 from torch import nn
 
 from ..hybrid.conversion import find_decoder
@@ -41,7 +47,7 @@ class _Pending:
 
 
 class SharedProjection(nn.Module):
-    def __init__(self, linears: list[nn.Linear]):
+    def __init__(self, linears: list[nn.Linear], gelu_rows: tuple[int, int] = (0, 0)):
         super().__init__()
         weight = torch.cat([linear.weight.detach() for linear in linears])
         self.weight = nn.Parameter(weight, requires_grad=False)
@@ -50,12 +56,14 @@ class SharedProjection(nn.Module):
         has_bias = any(linear.bias is not None for linear in linears)
         self.bias = nn.Parameter(torch.cat(biases), requires_grad=False) if has_bias else None
         self.sizes = [linear.out_features for linear in linears]
+        self.gelu_rows = gelu_rows
         self.pending = _Pending()
 
     def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
         pending = self.pending
         if pending.left == 0 or pending.input is not x:
-            pending.input, pending.outputs = x, gemv.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+            out = gemv.linear(x, self.weight, self.bias, self.gelu_rows)
+            pending.input, pending.outputs = x, out.split(self.sizes, dim=-1)
             pending.left = len(self.sizes)
         out = pending.outputs[index]
         pending.left -= 1
@@ -90,42 +98,83 @@ class ProjectionSlice(nn.Module):
 
 
 class OneTokenLinear(nn.Linear):
-    """An nn.Linear whose one-token products run on the GEMV kernel (the class `fuse` gives them)."""
+    """An nn.Linear whose one-token products run on the GEMV kernel (the class `fuse` gives them), with
+    the GELU after it applied there when `fuse` set `gelu_rows`."""
+
+    gelu_rows = (0, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gemv.linear(x, self.weight, self.bias)
+        return gemv.linear(x, self.weight, self.bias, self.gelu_rows)
 
 
-def shared_input_groups(text_model: nn.Module) -> list[list[nn.Linear]]:
-    """The language model's linear layers that read the same tensor, grouped in call order (groups of two
-    or more), from one two-token forward with a hook on each. A layer called more than once in that
-    forward (a shared module) is left alone: its inputs differ from call to call."""
+class AppliedByProjection(nn.Module):
+    """Stands in for an activation the projection before it now applies: passes its input through."""
+
+    def __init__(self, activation: nn.Module):
+        super().__init__()
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+# transformers' tanh GELUs (gelu_new, gelu_pytorch_tanh, gelu_fast): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+TANH_GELUS = tuple(
+    cls for name in ("NewGELUActivation", "GELUTanh", "FastGELUActivation")
+    if (cls := getattr(hf_activations, name, None)) is not None
+)
+
+
+def _is_tanh_gelu(module: nn.Module) -> bool:
+    return type(module) in TANH_GELUS or (type(module) is nn.GELU and module.approximate == "tanh")
+
+
+@dataclass
+class ProbeResult:
+    """What one forward of the language model showed: the linear layers that read the same tensor
+    (groups of two or more, in call order), and the tanh GELU that takes each one's output as it is."""
+
+    shared_inputs: list[list[nn.Linear]] = field(default_factory=list)
+    gelu_after: dict[nn.Linear, nn.Module] = field(default_factory=dict)
+
+
+def probe(text_model: nn.Module) -> ProbeResult:
+    """One two-token forward with a hook on each linear layer and each tanh GELU. A module called more
+    than once in that forward (a shared one) is left alone: its inputs differ from call to call."""
     linears = [module for module in text_model.modules() if type(module) is nn.Linear]
-    calls: list[tuple[nn.Linear, torch.Tensor]] = []  # the inputs are kept, so `is` compares live tensors
-
-    def record(module, args):
-        calls.append((module, args[0]))
-
-    handles = [linear.register_forward_pre_hook(record) for linear in linears]
+    gelus = [module for module in text_model.modules() if _is_tanh_gelu(module)]
+    # the tensors are kept until the end, so `is` compares live tensors
+    reads: list[tuple[nn.Linear, torch.Tensor]] = []
+    writes: list[tuple[nn.Linear, torch.Tensor]] = []
+    gelu_reads: list[tuple[nn.Module, torch.Tensor]] = []
+    handles = [linear.register_forward_pre_hook(lambda module, args: reads.append((module, args[0]))) for linear in linears]
+    handles += [linear.register_forward_hook(lambda module, args, out: writes.append((module, out))) for linear in linears]
+    handles += [gelu.register_forward_pre_hook(lambda module, args: gelu_reads.append((module, args[0]))) for gelu in gelus]
     embeddings = text_model.get_input_embeddings().weight
-    probe = torch.zeros(1, 2, embeddings.shape[1], dtype=embeddings.dtype, device=embeddings.device)
+    tokens = torch.zeros(1, 2, embeddings.shape[1], dtype=embeddings.dtype, device=embeddings.device)
     try:
         with torch.no_grad():
-            text_model(inputs_embeds=probe, use_cache=False)
+            text_model(inputs_embeds=tokens, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
-    times_called = Counter(module for module, _ in calls)
+    calls = Counter(module for module, _ in reads + gelu_reads)
+    result = ProbeResult()
     groups: list[tuple[torch.Tensor, list[nn.Linear]]] = []
-    for module, x in calls:
-        if times_called[module] != 1:
+    for module, x in reads:
+        if calls[module] != 1:
             continue
         group = next((members for seen, members in groups if seen is x), None)
         if group is None:
             groups.append((x, [module]))
         else:
             group.append(module)
-    return [members for _, members in groups if len(members) > 1 and _fusable(members)]
+    result.shared_inputs = [members for _, members in groups if len(members) > 1 and _fusable(members)]
+    for gelu, x in gelu_reads:
+        writer = next((linear for linear, out in writes if out is x), None)
+        if writer is not None and calls[gelu] == 1 and calls[writer] == 1:
+            result.gelu_after[writer] = gelu
+    return result
 
 
 def _fusable(linears) -> bool:
@@ -139,37 +188,55 @@ def _fusable(linears) -> bool:
 
 def fuse(model: nn.Module) -> int:
     """Swap each group of the language model's projections that read the same input for slices of one
-    shared projection, and its other linear layers for `OneTokenLinear`; returns how many shared
-    projections were made (0 when the model is fused already)."""
+    shared projection, and its other linear layers for `OneTokenLinear`; a tanh GELU right after a
+    projection moves into it. Returns how many shared projections were made (0 when the model is fused
+    already)."""
     text_model = find_decoder(model).text_model
-    if any(isinstance(module, SharedProjection) for module in text_model.modules()):
+    if any(isinstance(module, (SharedProjection, OneTokenLinear)) for module in text_model.modules()):
         return 0
     place = {module: (parent, name) for parent in text_model.modules() for name, module in parent.named_children()}
-    groups = shared_input_groups(text_model)
-    for linears in groups:
-        shared = SharedProjection(linears)
-        start = 0
-        for index, linear in enumerate(linears):
-            parent, name = place[linear]
+    found = probe(text_model)
+
+    def swap(module: nn.Module, replacement: nn.Module) -> None:
+        parent, name = place[module]
+        setattr(parent, name, replacement)
+        parent.__dict__.setdefault("_unfused", {})[name] = module
+
+    def take_gelu(linear: nn.Linear) -> bool:
+        gelu = found.gelu_after.get(linear)
+        if gelu is not None:
+            swap(gelu, AppliedByProjection(gelu))
+        return gelu is not None
+
+    for linears in found.shared_inputs:
+        starts = [sum(linear.out_features for linear in linears[:i]) for i in range(len(linears))]
+        # one range of rows per product: the first member with a GELU after it
+        with_gelu = next((i for i, linear in enumerate(linears) if linear in found.gelu_after), None)
+        gelu_rows = (0, 0)
+        if with_gelu is not None and take_gelu(linears[with_gelu]):
+            gelu_rows = (starts[with_gelu], starts[with_gelu] + linears[with_gelu].out_features)
+        shared = SharedProjection(linears, gelu_rows)
+        for index, (linear, start) in enumerate(zip(linears, starts)):
             # the original keeps a view of the fused weight: one copy of the bytes, ready for unfuse
             end = start + linear.out_features
             linear.weight = nn.Parameter(shared.weight[start:end], requires_grad=False)
             if linear.bias is not None:
                 linear.bias = nn.Parameter(shared.bias[start:end], requires_grad=False)
-            start = end
-            setattr(parent, name, ProjectionSlice(shared, index, linear.bias is not None))
-            parent.__dict__.setdefault("_unfused_projections", {})[name] = linear
-    for module in text_model.modules():  # after the groups: their originals stay plain nn.Linear
+            swap(linear, ProjectionSlice(shared, index, linear.bias is not None))
+    for module in list(text_model.modules()):  # after the groups: their originals stay plain nn.Linear
         if type(module) is nn.Linear:
             module.__class__ = OneTokenLinear
-    return len(groups)
+            if take_gelu(module):
+                module.gelu_rows = (0, module.out_features)
+    return len(found.shared_inputs)
 
 
 def unfuse(model: nn.Module) -> None:
-    """Put the original projection modules back (their weights stay views of the fused one)."""
+    """Put the original projection and activation modules back (the weights stay views of the fused one)."""
     for module in model.modules():
         if type(module) is OneTokenLinear:
             module.__class__ = nn.Linear
-        originals = module.__dict__.pop("_unfused_projections", None)
-        for name, linear in (originals or {}).items():
-            setattr(module, name, linear)
+            module.__dict__.pop("gelu_rows", None)
+        originals = module.__dict__.pop("_unfused", None)
+        for name, original in (originals or {}).items():
+            setattr(module, name, original)

@@ -9,6 +9,9 @@ projections at 2.1-3.6 TB/s, 1.4-2.1 us faster each
 
 Only the `graphs` engine calls it (`bench/fusion.py` routes its linear layers here), for one token on
 CUDA in half precision; anything else is `F.linear`. Accumulation is float32, as in cuBLAS.
+
+A range of output rows may leave through the tanh GELU (`gelu_rows`): an MLP's fc1 whose activation would
+otherwise be a kernel of its own between two GEMVs (Phi's, and in a merged q/k/v/fc1 product only fc1's rows).
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ except ImportError:
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(X, W, Bias, Y, N, K, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+    def _gemv_kernel(X, W, Bias, Y, N, K, gelu_start, gelu_end, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                     GELU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
         # One program: BLOCK_N output rows. The products are summed in a (BLOCK_N, BLOCK_K) tile and
         # reduced once at the end, so the loop is loads and fused multiply-adds only.
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -51,6 +54,9 @@ if triton is not None:
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(Bias + rows, mask=in_rows, other=0.0).to(tl.float32)
+        if GELU:  # tanh GELU, 0.5 y (1 + tanh(u)), written as y sigmoid(2u): u = sqrt(2/pi) (y + 0.044715 y^3)
+            gelu = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
+            y = tl.where((rows >= gelu_start) & (rows < gelu_end), gelu, y)
         tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=in_rows)
 
 
@@ -65,31 +71,37 @@ def tiles(out_features: int, sms: int) -> tuple[int, int]:
 
 
 @torch.library.custom_op("matvlm::gemv", mutates_args=())
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (..., in) holding one row; weight (out, in) contiguous. Returns (..., out) in x's dtype."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu_start: int = 0, gelu_end: int = 0) -> torch.Tensor:
+    """x (..., in) holding one row; weight (out, in) contiguous; output rows gelu_start .. gelu_end - 1 go
+    through the tanh GELU. Returns (..., out) in x's dtype."""
     out_features, in_features = weight.shape
     y = torch.empty(*x.shape[:-1], out_features, device=x.device, dtype=x.dtype)
     rows, cols = tiles(out_features, sm_count(x.device))
     use_pdl = pdl(x.device)
     _gemv_kernel[(triton.cdiv(out_features, rows),)](
-        x, weight, y if bias is None else bias, y, out_features, in_features, HAS_BIAS=bias is not None,
-        EVEN_K=in_features % cols == 0, BLOCK_N=rows, BLOCK_K=cols, USE_PDL=use_pdl, num_warps=4, num_stages=3,
-        launch_pdl=use_pdl,
+        x, weight, y if bias is None else bias, y, out_features, in_features, gelu_start, gelu_end,
+        HAS_BIAS=bias is not None, EVEN_K=in_features % cols == 0, GELU=gelu_end > gelu_start, BLOCK_N=rows,
+        BLOCK_K=cols, USE_PDL=use_pdl, num_warps=4, num_stages=3, launch_pdl=use_pdl,
     )
     return y
 
 
 @gemv.register_fake
-def _(x, weight, bias):
+def _(x, weight, bias, gelu_start=0, gelu_end=0):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear, by the GEMV kernel when x is one token on CUDA in half precision."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu_rows: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """F.linear, then the tanh GELU over the output rows `gelu_rows` (start, end); by the GEMV kernel when x
+    is one token on CUDA in half precision."""
     if (
         triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
         and x.shape[:-1].numel() == 1 and x.is_contiguous() and weight.is_contiguous()
         and weight.dtype == x.dtype and (bias is None or bias.is_contiguous())
     ):
-        return gemv(x, weight, bias)
-    return F.linear(x, weight, bias)
+        return gemv(x, weight, bias, *gelu_rows)
+    y = F.linear(x, weight, bias)
+    start, end = gelu_rows
+    if end > start:  # a fresh output: changed in place, as the module after it would have made a new one
+        y[..., start:end] = F.gelu(y[..., start:end], approximate="tanh")
+    return y
