@@ -10,9 +10,9 @@ parallel block (Phi), q, k, v and the MLP's fc1 together, or a Mamba layer's in_
 projections read the same tensor is found by one two-token forward of the language model with a hook
 on each linear layer (`probe`), so no family's module names are known here.
 
-The same forward finds each tanh GELU that takes a projection's output as it is (Phi's fc1): the GEMV
-applies it to those rows before it writes them, and the activation module passes its input through, one
-kernel less per layer.
+The same forward finds each tanh GELU that takes a projection's output as it is (Phi's fc1): when the GEMV
+kernel computes the product (one decoding token on CUDA) it applies the GELU to those rows before it writes
+them, and the activation module passes its input through, one kernel less per layer.
 
 It changes no model code. The projection modules are swapped for slices of one shared projection,
 which computes all of them when the first is called and hands out the others from memory. The
@@ -57,12 +57,13 @@ class SharedProjection(nn.Module):
         self.bias = nn.Parameter(torch.cat(biases), requires_grad=False) if has_bias else None
         self.sizes = [linear.out_features for linear in linears]
         self.gelu_rows = gelu_rows
+        self.gelu_applied = False
         self.pending = _Pending()
 
     def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
         pending = self.pending
         if pending.left == 0 or pending.input is not x:
-            out = gemv.linear(x, self.weight, self.bias, self.gelu_rows)
+            out = _product(self, x)
             pending.input, pending.outputs = x, out.split(self.sizes, dim=-1)
             pending.left = len(self.sizes)
         out = pending.outputs[index]
@@ -102,20 +103,34 @@ class OneTokenLinear(nn.Linear):
     the GELU after it applied there when `fuse` set `gelu_rows`."""
 
     gelu_rows = (0, 0)
+    gelu_applied = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gemv.linear(x, self.weight, self.bias, self.gelu_rows)
+        return _product(self, x)
 
 
-class AppliedByProjection(nn.Module):
-    """Stands in for an activation the projection before it now applies: passes its input through."""
+def _product(projection: SharedProjection | OneTokenLinear, x: torch.Tensor) -> torch.Tensor:
+    """The projection's product, with its GELU rows applied where the GEMV kernel computes it; records
+    whether it did, for the activation module after it."""
+    applied = projection.gelu_rows != (0, 0) and gemv.takes(x, projection.weight, projection.bias)
+    projection.gelu_applied = applied
+    if applied:
+        return gemv.gemv(x, projection.weight, projection.bias, *projection.gelu_rows)
+    return gemv.linear(x, projection.weight, projection.bias)
 
-    def __init__(self, activation: nn.Module):
+
+class ActivationAfterProjection(nn.Module):
+    """Stands in for an activation that the projection before it may apply: passes its input through
+    when the GEMV kernel applied it (one decoding token on CUDA), runs it otherwise (prefill chunks, a
+    batch, a CPU), so those run exactly as before."""
+
+    def __init__(self, activation: nn.Module, projection: SharedProjection | OneTokenLinear):
         super().__init__()
         self.activation = activation
+        self.projection = [projection]  # a list: not registered as a submodule a second time
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+        return x if self.projection[0].gelu_applied else self.activation(x)
 
 
 # transformers' tanh GELUs (gelu_new, gelu_pytorch_tanh, gelu_fast): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
@@ -204,20 +219,20 @@ def fuse(model: nn.Module) -> int:
         setattr(parent, name, replacement)
         parent.__dict__.setdefault("_unfused", {})[name] = module
 
-    def take_gelu(linear: nn.Linear) -> bool:
-        gelu = found.gelu_after.get(linear)
-        if gelu is not None:
-            swap(gelu, AppliedByProjection(gelu))
-        return gelu is not None
+    def take_gelu(linear: nn.Linear, projection: SharedProjection | OneTokenLinear) -> None:
+        gelu = found.gelu_after[linear]
+        swap(gelu, ActivationAfterProjection(gelu, projection))
 
     for linears in found.shared_inputs:
         starts = [sum(linear.out_features for linear in linears[:i]) for i in range(len(linears))]
         # one range of rows per product: the first member with a GELU after it
         with_gelu = next((i for i, linear in enumerate(linears) if linear in found.gelu_after), None)
         gelu_rows = (0, 0)
-        if with_gelu is not None and take_gelu(linears[with_gelu]):
+        if with_gelu is not None:
             gelu_rows = (starts[with_gelu], starts[with_gelu] + linears[with_gelu].out_features)
         shared = SharedProjection(linears, gelu_rows)
+        if with_gelu is not None:
+            take_gelu(linears[with_gelu], shared)
         for index, (linear, start) in enumerate(zip(linears, starts)):
             # the original keeps a view of the fused weight: one copy of the bytes, ready for unfuse
             end = start + linear.out_features
@@ -228,8 +243,9 @@ def fuse(model: nn.Module) -> int:
     for module in list(text_model.modules()):  # after the groups: their originals stay plain nn.Linear
         if type(module) is nn.Linear:
             module.__class__ = OneTokenLinear
-            if take_gelu(module):
+            if module in found.gelu_after:
                 module.gelu_rows = (0, module.out_features)
+                take_gelu(module, module)
     return len(found.shared_inputs)
 
 
@@ -239,6 +255,7 @@ def unfuse(model: nn.Module) -> None:
         if type(module) is OneTokenLinear:
             module.__class__ = nn.Linear
             module.__dict__.pop("gelu_rows", None)
+            module.__dict__.pop("gelu_applied", None)
         originals = module.__dict__.pop("_unfused", None)
         for name, original in (originals or {}).items():
             setattr(module, name, original)

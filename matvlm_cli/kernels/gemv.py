@@ -10,8 +10,9 @@ projections at 2.1-3.6 TB/s, 1.4-2.1 us faster each
 Only the `graphs` engine calls it (`bench/fusion.py` routes its linear layers here), for one token on
 CUDA in half precision; anything else is `F.linear`. Accumulation is float32, as in cuBLAS.
 
-A range of output rows may leave through the tanh GELU (`gelu_rows`): an MLP's fc1 whose activation would
-otherwise be a kernel of its own between two GEMVs (Phi's, and in a merged q/k/v/fc1 product only fc1's rows).
+A range of output rows may leave through the tanh GELU (`gemv`'s gelu_start, gelu_end): an MLP's fc1 whose
+activation would otherwise be a kernel of its own between two GEMVs (Phi's, and in a merged q/k/v/fc1
+product only fc1's rows). Only the kernel does this; where F.linear runs, the activation module still does.
 """
 
 from __future__ import annotations
@@ -91,17 +92,16 @@ def _(x, weight, bias, gelu_start=0, gelu_end=0):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu_rows: tuple[int, int] = (0, 0)) -> torch.Tensor:
-    """F.linear, then the tanh GELU over the output rows `gelu_rows` (start, end); by the GEMV kernel when x
-    is one token on CUDA in half precision."""
-    if (
+def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the GEMV kernel computes this product: x one token on CUDA in half precision, every operand
+    contiguous and of x's dtype."""
+    return (
         triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
         and x.shape[:-1].numel() == 1 and x.is_contiguous() and weight.is_contiguous()
         and weight.dtype == x.dtype and (bias is None or bias.is_contiguous())
-    ):
-        return gemv(x, weight, bias, *gelu_rows)
-    y = F.linear(x, weight, bias)
-    start, end = gelu_rows
-    if end > start:  # a fresh output: changed in place, as the module after it would have made a new one
-        y[..., start:end] = F.gelu(y[..., start:end], approximate="tanh")
-    return y
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, by the GEMV kernel where it `takes` the product."""
+    return gemv(x, weight, bias) if takes(x, weight, bias) else F.linear(x, weight, bias)
