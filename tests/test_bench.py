@@ -146,11 +146,14 @@ def test_bench_user_errors_are_one_line(args, message, tmp_path, cli):
     assert not (tmp_path / "b" / "bench.json").exists()
 
 
-# What reads one tensor, per decoder layer: (attention layer, Mamba layer) of each family's tiny model.
+# The products each decoder layer's projections become, each a list of (module, projection) that read one
+# tensor: (in an attention layer, in a Mamba layer) of each family's tiny model.
+QKV = [("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj")]
+GATE_UP = [("mlp", "gate_proj"), ("mlp", "up_proj")]
 SHARED_INPUTS = {
-    "llama": ([("self_attn", "q_proj", "k_proj", "v_proj"), ("mlp", "gate_proj", "up_proj")], [("mlp", "gate_proj", "up_proj")]),
+    "llama": ([QKV, GATE_UP], [GATE_UP]),
     # Phi's parallel block: attention and MLP read the same normed input
-    "phi": ([("self_attn", "q_proj", "k_proj", "v_proj"), ("mlp", "fc1")], [("self_attn", "in_proj"), ("mlp", "fc1")]),
+    "phi": ([QKV + [("mlp", "fc1")]], [[("self_attn", "in_proj"), ("mlp", "fc1")]]),
 }
 
 
@@ -166,17 +169,18 @@ def test_projections_that_read_one_input_become_one_and_keep_outputs_and_weights
     before = model(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values).logits
     weight_bytes = floor.decode_weight_bytes(model)
     layers = model.model.language_model.layers
-    attention_groups, mamba_groups = SHARED_INPUTS[family]
-    originals = {(i, parent, name): getattr(getattr(layer, parent), name)
-                 for i, layer in enumerate(layers) for parent, *names in attention_groups + mamba_groups
-                 for name in names if hasattr(getattr(layer, parent), name)}
 
-    shared_per_layer = [1 if family == "phi" else len(mamba_groups if i in (0, 2) else attention_groups) for i in range(4)]
-    assert fusion.fuse(model) == sum(shared_per_layer)
+    def products(i):
+        return SHARED_INPUTS[family][1 if i in (0, 2) else 0]
+
+    originals = {(i, parent, name): getattr(getattr(layer, parent), name)
+                 for i, layer in enumerate(layers) for product in products(i) for parent, name in product}
+
+    assert fusion.fuse(model) == sum(len(products(i)) for i in range(len(layers)))
     for i, layer in enumerate(layers):
-        slices = [getattr(getattr(layer, parent), name) for parent, *names in (mamba_groups if i in (0, 2) else attention_groups) for name in names]
+        slices = [getattr(getattr(layer, parent), name) for product in products(i) for parent, name in product]
         assert all(isinstance(part, fusion.ProjectionSlice) for part in slices)
-        assert len({id(part.shared) for part in slices}) == shared_per_layer[i]
+        assert len({id(part.shared) for part in slices}) == len(products(i))
         # what reads nothing shared goes to the one-token GEMV: o_proj, down_proj or fc2, a Mamba out_proj
         assert not any(type(m) is torch.nn.Linear for m in layer.modules())
     if family == "phi":

@@ -11,8 +11,8 @@
 Both engines run the same model code. `graphs` switches the language model's attention to
 `kernels/attention.py`'s `matvlm_decode` (split-KV Triton decoding over the static cache, SDPA for prefill),
 computes the projections that read the same input (q, k and v; gate and up; in a parallel block fc1 with
-them) in one product, applies fc1's tanh GELU inside it, and runs one-token products on `kernels/gemv.py`
-(`fusion.py`).
+them) in one product, applies a tanh GELU that follows one of them (Phi's fc1) inside it, and runs
+one-token products on `kernels/gemv.py` (`fusion.py`).
 """
 
 from __future__ import annotations

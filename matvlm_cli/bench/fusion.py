@@ -10,9 +10,11 @@ parallel block (Phi), q, k, v and the MLP's fc1 together, or a Mamba layer's in_
 projections read the same tensor is found by one two-token forward of the language model with a hook
 on each linear layer (`probe`), so no family's module names are known here.
 
-The same forward finds each tanh GELU that takes a projection's output as it is (Phi's fc1): when the GEMV
-kernel computes the product (one decoding token on CUDA) it applies the GELU to those rows before it writes
-them, and the activation module passes its input through, one kernel less per layer.
+The same forward finds each tanh GELU that takes a projection's output as it is: Phi's fc1, and in Gemma's
+gated MLP the gate projection. When the GEMV kernel computes the product (one decoding token on CUDA) it
+applies the GELU to those rows before it writes them, and the activation module passes its input through:
+one kernel less per layer for Phi; none for Gemma, whose GELU inductor had already fused with the
+multiplication by up.
 
 It changes no model code. The projection modules are swapped for slices of one shared projection,
 which computes all of them when the first is called and hands out the others from memory. The

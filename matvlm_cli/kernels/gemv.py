@@ -12,7 +12,7 @@ CUDA in half precision; anything else is `F.linear`. Accumulation is float32, as
 
 A range of output rows may leave through the tanh GELU (`gemv`'s gelu_start, gelu_end): an MLP's fc1 whose
 activation would otherwise be a kernel of its own between two GEMVs (Phi's, and in a merged q/k/v/fc1
-product only fc1's rows). Only the kernel does this; where F.linear runs, the activation module still does.
+product only fc1's rows), or the gate rows of Gemma's gate/up product. Only the kernel does this; where F.linear runs, the activation module still does.
 """
 
 from __future__ import annotations
