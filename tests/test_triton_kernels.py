@@ -177,7 +177,21 @@ def test_prefill_skip_gate_norm_kernel_matches_the_pytorch_norm(dtype, channels_
     assert rel_err(out, reference) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
-def test_fused_phi_decodes_one_token_through_the_kernels_like_the_model(tiny_teachers, monkeypatch):
+@pytest.fixture
+def kernel_path(monkeypatch):
+    """On a CPU, routes every one-token product to the (interpreted) GEMV kernel, as the engine routes CUDA
+    half precision there, on grids for one SM, eight rows a program: the tiny models' grids for 132 SMs take
+    the interpreter most of a minute. Returns the dtype to build the model in."""
+    from matvlm_cli.kernels import gemv
+
+    if DEVICE == "cuda":
+        return torch.bfloat16
+    monkeypatch.setattr(gemv, "takes", lambda x, weight, bias: x.shape[:-1].numel() == 1)
+    monkeypatch.setattr(gemv, "sm_count", lambda device: 1)
+    return torch.float32
+
+
+def test_fused_phi_decodes_one_token_through_the_kernels_like_the_model(tiny_teachers, kernel_path):
     """The graphs engine's projections (bench/fusion.py) on the kernel path, for a tiny Phi teacher and its
     0.5 hybrid: q/k/v/fc1 (or in_proj/fc1) as one GEMV with fc1's GELU inside it, every other projection
     on the GEMV, and the activation modules passing through. One token's logits equal the model's own.
@@ -185,13 +199,8 @@ def test_fused_phi_decodes_one_token_through_the_kernels_like_the_model(tiny_tea
     from matvlm_cli.bench import fusion
     from matvlm_cli.bench.models import build_teacher
     from matvlm_cli.hybrid import convert_to_hybrid
-    from matvlm_cli.kernels import gemv
 
-    if DEVICE == "cpu":  # the engine routes only CUDA half precision to the kernel; here, every one-token product
-        monkeypatch.setattr(gemv, "takes", lambda x, weight, bias: x.shape[:-1].numel() == 1)
-        # and grids for one SM, eight rows a program: the tiny model's grids for 132 SMs take the interpreter most of a minute
-        monkeypatch.setattr(gemv, "sm_count", lambda device: 1)
-    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    dtype = kernel_path
     for mamba_layers in ([], [0, 2]):
         model = build_teacher(str(tiny_teachers["phi"]), torch.device(DEVICE), dtype)
         if mamba_layers:
@@ -215,3 +224,23 @@ def test_fused_phi_decodes_one_token_through_the_kernels_like_the_model(tiny_tea
             assert not any(m.projection[0].gelu_applied for m in activations)
             fusion.unfuse(model)
             assert rel_err(fused_two, model(input_ids=two).logits) < 1e-5
+
+
+def test_fused_gemma_decodes_one_token_through_the_kernels_like_the_model(kernel_path):
+    """Gemma's gated MLP takes a tanh GELU of its gate projection: in the fused gate/up GEMV the GELU covers
+    the gate's rows only, the up rows leave as they are, and one token's logits equal the model's own."""
+    from matvlm_cli.bench import fusion
+    from tests import zoo
+
+    model = zoo.build("gemma3").eval().to(DEVICE, kernel_path)
+    token = torch.tensor([[7]], device=DEVICE)
+    with torch.no_grad():
+        before = model(input_ids=token).logits
+        fusion.fuse(model)
+        after = model(input_ids=token).logits
+    layers = fusion.find_decoder(model).layers
+    for layer in layers:
+        gate = layer.mlp.gate_proj
+        assert gate.shared is layer.mlp.up_proj.shared and gate.shared.gelu_rows == (0, gate.out_features)
+        assert gate.shared.gelu_applied and isinstance(layer.mlp.act_fn, fusion.ActivationAfterProjection)
+    assert rel_err(after, before) < (1e-5 if kernel_path == torch.float32 else 2e-2)
