@@ -157,6 +157,14 @@ SHARED_INPUTS = {
 }
 
 
+# The norm before each product, by (norm, a projection of the product it folds into), per family as above.
+NORMS_BEFORE = {
+    "llama": ([("input_layernorm", ("self_attn", "q_proj")), ("post_attention_layernorm", ("mlp", "gate_proj"))],
+              [("input_layernorm", ("self_attn", "in_proj")), ("post_attention_layernorm", ("mlp", "gate_proj"))]),
+    "phi": ([("input_layernorm", ("mlp", "fc1"))], [("input_layernorm", ("mlp", "fc1"))]),
+}
+
+
 @pytest.mark.parametrize("family", sorted(SHARED_INPUTS))
 def test_projections_that_read_one_input_become_one_and_keep_outputs_and_weights(tiny_teachers, family):
     """fuse() finds by a probe forward which projections read the same tensor, in a teacher and in a 0.5
@@ -195,6 +203,15 @@ def test_projections_that_read_one_input_become_one_and_keep_outputs_and_weights
             assert isinstance(layer.mlp.activation_fn, fusion.ActivationAfterProjection)
     else:  # a gated MLP's SiLU is not a tanh GELU: it stays where it is
         assert all(layer.mlp.gate_proj.shared.gelu_rows == (0, 0) for layer in layers)
+    # each layer's pre-norms fold into the product after them (a Llama Mamba layer's in_proj alone); the
+    # final norm, before the head, does not
+    for i, layer in enumerate(layers):
+        for norm_name, (parent, name) in NORMS_BEFORE[family][1 if i in (0, 2) else 0]:
+            norm, target = getattr(layer, norm_name), getattr(getattr(layer, parent), name)
+            assert isinstance(norm, fusion.NormBeforeProjection)
+            assert norm.projection[0] is getattr(target, "shared", target) and norm.projection[0].norm_scale is not None
+    folded = [m for m in model.modules() if isinstance(m, fusion.NormBeforeProjection)]
+    assert len(folded) == sum(len(NORMS_BEFORE[family][1 if i in (0, 2) else 0]) for i in range(len(layers)))
     assert type(model.lm_head) is torch.nn.Linear  # the head and the vision side are left as they are
     # no weight is copied; a projection without a bias beside ones with one reads zeros in its place
     zero_bias_bytes = sum(
@@ -210,7 +227,11 @@ def test_projections_that_read_one_input_become_one_and_keep_outputs_and_weights
     fusion.unfuse(model)
     for (i, parent, name), module in originals.items():
         assert getattr(getattr(layers[i], parent), name) is module and type(module) is torch.nn.Linear
-    assert not any(type(m) in (fusion.OneTokenLinear, fusion.ProjectionSlice, fusion.ActivationAfterProjection) for m in model.modules())
+    assert not any(
+        type(m) in (fusion.OneTokenLinear, fusion.ProjectionSlice, fusion.ActivationAfterProjection, fusion.NormBeforeProjection)
+        for m in model.modules()
+    )
+    assert not any("norm_scale" in dict(m.named_buffers()) for m in model.modules())
     # the restored modules read views of the fused weight: no copy was kept
     attention = layers[1].self_attn
     assert attention.k_proj.weight.untyped_storage().data_ptr() == attention.q_proj.weight.untyped_storage().data_ptr()
@@ -368,6 +389,31 @@ def test_gemv_tiles_are_the_h200_sweeps_best_for_phi2():
     assert tiles(10, 132) == (1, 512)
 
 
+def test_norms_are_recognised_by_what_they_compute():
+    """bench/folds.py folds a module into the GEMV after it only when it computes a layer or RMS norm with its
+    weight (or Gemma's 1 + weight) as the scale: a group norm, a gated norm and a norm without a weight are
+    left alone, whatever their attributes."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from matvlm_cli.bench import folds
+    from matvlm_cli.hybrid.mamba2 import GatedRMSNorm
+
+    layer = torch.nn.LayerNorm(32, eps=1e-5)
+    with torch.no_grad():
+        layer.bias.uniform_(-1, 1)
+    fold = folds.norm_fold(layer)
+    assert fold.centered and fold.eps == 1e-5 and torch.equal(fold.shift, layer.bias.detach())
+    rms = folds.norm_fold(LlamaRMSNorm(32, eps=1e-6))
+    assert not rms.centered and rms.shift is None and rms.eps == 1e-6
+    gemma = Gemma3RMSNorm(32, eps=1e-6)
+    with torch.no_grad():
+        gemma.weight.uniform_(-0.5, 0.5)
+    torch.testing.assert_close(folds.norm_fold(gemma).scale, 1 + gemma.weight.detach())
+    for other in (torch.nn.GroupNorm(4, 32), GatedRMSNorm(32, 8), torch.nn.LayerNorm(32, elementwise_affine=False)):
+        assert folds.norm_fold(other) is None
+
+
 @pytest.mark.parametrize("family", zoo.FAMILIES)
 def test_every_family_fuses_q_k_v_and_gate_up_by_what_they_read(family):
     """The probe forward finds, in each family's decoder (M-RoPE, q/k norms, sliding windows, Gemma's
@@ -381,4 +427,7 @@ def test_every_family_fuses_q_k_v_and_gate_up_by_what_they_read(family):
         layer = fusion.find_decoder(model).layers[0]
         assert layer.self_attn.q_proj.shared is layer.self_attn.v_proj.shared
         assert layer.mlp.gate_proj.shared is layer.mlp.up_proj.shared is not layer.self_attn.q_proj.shared
+        # the pre-norms before both products fold into them, found by what they compute (Gemma's 1 + weight too)
+        folded = [m.projection[0] for m in model.modules() if isinstance(m, fusion.NormBeforeProjection)]
+        assert len(folded) == 2 * 4 and layer.self_attn.q_proj.shared in folded and layer.mlp.gate_proj.shared in folded
         torch.testing.assert_close(model(input_ids=ids).logits, before)

@@ -10,11 +10,11 @@ parallel block (Phi), q, k, v and the MLP's fc1 together, or a Mamba layer's in_
 projections read the same tensor is found by one two-token forward of the language model with a hook
 on each linear layer (`probe`), so no family's module names are known here.
 
-The same forward finds each tanh GELU that takes a projection's output as it is: Phi's fc1, and in Gemma's
-gated MLP the gate projection. When the GEMV kernel computes the product (one decoding token on CUDA) it
-applies the GELU to those rows before it writes them, and the activation module passes its input through:
-one kernel less per layer for Phi; none for Gemma, whose GELU inductor had already fused with the
-multiplication by up.
+The same forward finds each tanh GELU that takes a projection's output as it is (Phi's fc1, Gemma's gate
+projection), and each norm whose output only one product reads (the pre-norms). When the GEMV kernel
+computes the product (one decoding token on CUDA) it applies them itself, and their modules pass their
+input through (`bench/folds.py`): for Phi one GELU kernel less per layer, for every pre-norm family one
+norm kernel less per pre-norm.
 
 It changes no model code. The projection modules are swapped for slices of one shared projection,
 which computes all of them when the first is called and hands out the others from memory. The
@@ -33,11 +33,19 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-import transformers.activations as hf_activations
 from torch import nn
 
 from ..hybrid.conversion import find_decoder
 from ..kernels import gemv
+from .folds import (
+    ActivationAfterProjection,
+    NormBeforeProjection,
+    attach_norm,
+    detach_norm,
+    is_tanh_gelu,
+    might_be_norm,
+    norm_fold,
+)
 
 
 class _Pending:
@@ -60,6 +68,7 @@ class SharedProjection(nn.Module):
         self.sizes = [linear.out_features for linear in linears]
         self.gelu_rows = gelu_rows
         self.gelu_applied = False
+        self.raw_input = False  # set by the norm before (bench/folds.py) when it passed its input through
         self.pending = _Pending()
 
     def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
@@ -106,67 +115,54 @@ class OneTokenLinear(nn.Linear):
 
     gelu_rows = (0, 0)
     gelu_applied = False
+    raw_input = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _product(self, x)
 
 
 def _product(projection: SharedProjection | OneTokenLinear, x: torch.Tensor) -> torch.Tensor:
-    """The projection's product, with its GELU rows applied where the GEMV kernel computes it; records
-    whether it did, for the activation module after it."""
+    """The projection's product. Where the GEMV kernel computes it, the kernel also applies the GELU rows
+    and, when the norm before passed its raw input through, that norm (bench/folds.py); records whether
+    it applied the GELU, for the activation module after it."""
+    normed = projection.raw_input
+    projection.raw_input = False
     applied = projection.gelu_rows != (0, 0) and gemv.takes(x, projection.weight, projection.bias)
     projection.gelu_applied = applied
+    if normed:  # the norm asked `gemv.takes` of the same input: the kernel computes this product
+        return gemv.gemv(x, projection.weight, projection.norm_bias, *projection.gelu_rows, projection.norm_scale,
+                         projection.norm_row_sums, projection.norm_eps)
     if applied:
         return gemv.gemv(x, projection.weight, projection.bias, *projection.gelu_rows)
     return gemv.linear(x, projection.weight, projection.bias)
 
 
-class ActivationAfterProjection(nn.Module):
-    """Stands in for an activation that the projection before it may apply: passes its input through
-    when the GEMV kernel applied it (one decoding token on CUDA), runs it otherwise (prefill chunks, a
-    batch, a CPU), so those run exactly as before."""
-
-    def __init__(self, activation: nn.Module, projection: SharedProjection | OneTokenLinear):
-        super().__init__()
-        self.activation = activation
-        self.projection = [projection]  # a list: not registered as a submodule a second time
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.projection[0].gelu_applied else self.activation(x)
-
-
-# transformers' tanh GELUs (gelu_new, gelu_pytorch_tanh, gelu_fast): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-TANH_GELUS = tuple(
-    cls for name in ("NewGELUActivation", "GELUTanh", "FastGELUActivation")
-    if (cls := getattr(hf_activations, name, None)) is not None
-)
-
-
-def _is_tanh_gelu(module: nn.Module) -> bool:
-    return type(module) in TANH_GELUS or (type(module) is nn.GELU and module.approximate == "tanh")
-
-
 @dataclass
 class ProbeResult:
     """What one forward of the language model showed: the linear layers that read the same tensor
-    (groups of two or more, in call order), and the tanh GELU that takes each one's output as it is."""
+    (groups of two or more, in call order), the tanh GELU that takes each one's output as it is, and the
+    norm-like module whose output each one reads as it is (every member of a group maps to it)."""
 
     shared_inputs: list[list[nn.Linear]] = field(default_factory=list)
     gelu_after: dict[nn.Linear, nn.Module] = field(default_factory=dict)
+    norm_before: dict[nn.Linear, nn.Module] = field(default_factory=dict)
 
 
 def probe(text_model: nn.Module) -> ProbeResult:
     """One two-token forward with a hook on each linear layer and each tanh GELU. A module called more
     than once in that forward (a shared one) is left alone: its inputs differ from call to call."""
     linears = [module for module in text_model.modules() if type(module) is nn.Linear]
-    gelus = [module for module in text_model.modules() if _is_tanh_gelu(module)]
+    gelus = [module for module in text_model.modules() if is_tanh_gelu(module)]
+    norms = [module for module in text_model.modules() if might_be_norm(module)]
     # the tensors are kept until the end, so `is` compares live tensors
     reads: list[tuple[nn.Linear, torch.Tensor]] = []
     writes: list[tuple[nn.Linear, torch.Tensor]] = []
     gelu_reads: list[tuple[nn.Module, torch.Tensor]] = []
+    norm_writes: list[tuple[nn.Module, torch.Tensor]] = []
     handles = [linear.register_forward_pre_hook(lambda module, args: reads.append((module, args[0]))) for linear in linears]
     handles += [linear.register_forward_hook(lambda module, args, out: writes.append((module, out))) for linear in linears]
     handles += [gelu.register_forward_pre_hook(lambda module, args: gelu_reads.append((module, args[0]))) for gelu in gelus]
+    handles += [norm.register_forward_hook(lambda module, args, out: norm_writes.append((module, out))) for norm in norms]
     embeddings = text_model.get_input_embeddings().weight
     tokens = torch.zeros(1, 2, embeddings.shape[1], dtype=embeddings.dtype, device=embeddings.device)
     try:
@@ -175,7 +171,7 @@ def probe(text_model: nn.Module) -> ProbeResult:
     finally:
         for handle in handles:
             handle.remove()
-    calls = Counter(module for module, _ in reads + gelu_reads)
+    calls = Counter(module for module, _ in reads + gelu_reads + norm_writes)
     result = ProbeResult()
     groups: list[tuple[torch.Tensor, list[nn.Linear]]] = []
     for module, x in reads:
@@ -193,6 +189,15 @@ def probe(text_model: nn.Module) -> ProbeResult:
         writer = next((linear for linear, out in writes if out is x), None)
         if writer is not None and calls[gelu] == 1 and calls[writer] == 1:
             result.gelu_after[writer] = gelu
+    # Nor can it see whether anything besides the projections reads a norm's output; in the pre-norm layers
+    # of the families matvlm describes nothing does (tests/test_bench.py, tests/test_triton_kernels.py).
+    # A norm folds into one product only: its readers must be one group above, or one linear layer.
+    for norm, out in norm_writes:
+        readers = [module for module, x in reads if x is out]
+        if calls[norm] == 1 and all(calls[module] == 1 for module in readers) and (
+            len(readers) == 1 or readers in result.shared_inputs
+        ):
+            result.norm_before.update(dict.fromkeys(readers, norm))
     return result
 
 
@@ -225,6 +230,13 @@ def fuse(model: nn.Module) -> int:
         gelu = found.gelu_after[linear]
         swap(gelu, ActivationAfterProjection(gelu, projection))
 
+    def take_norm(linear: nn.Linear, projection: SharedProjection | OneTokenLinear) -> None:
+        norm = found.norm_before.get(linear)
+        fold = norm_fold(norm) if norm is not None else None
+        if fold is not None:
+            attach_norm(projection, fold)
+            swap(norm, NormBeforeProjection(norm, projection))
+
     for linears in found.shared_inputs:
         starts = [sum(linear.out_features for linear in linears[:i]) for i in range(len(linears))]
         # one range of rows per product: the first member with a GELU after it
@@ -235,6 +247,7 @@ def fuse(model: nn.Module) -> int:
         shared = SharedProjection(linears, gelu_rows)
         if with_gelu is not None:
             take_gelu(linears[with_gelu], shared)
+        take_norm(linears[0], shared)
         for index, (linear, start) in enumerate(zip(linears, starts)):
             # the original keeps a view of the fused weight: one copy of the bytes, ready for unfuse
             end = start + linear.out_features
@@ -248,6 +261,7 @@ def fuse(model: nn.Module) -> int:
             if module in found.gelu_after:
                 module.gelu_rows = (0, module.out_features)
                 take_gelu(module, module)
+            take_norm(module, module)
     return len(found.shared_inputs)
 
 
@@ -258,6 +272,7 @@ def unfuse(model: nn.Module) -> None:
             module.__class__ = nn.Linear
             module.__dict__.pop("gelu_rows", None)
             module.__dict__.pop("gelu_applied", None)
+            detach_norm(module)
         originals = module.__dict__.pop("_unfused", None)
         for name, original in (originals or {}).items():
             setattr(module, name, original)

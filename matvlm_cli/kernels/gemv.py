@@ -12,7 +12,9 @@ CUDA in half precision; anything else is `F.linear`. Accumulation is float32, as
 
 A range of output rows may leave through the tanh GELU (`gemv`'s gelu_start, gelu_end): an MLP's fc1 whose
 activation would otherwise be a kernel of its own between two GEMVs (Phi's, and in a merged q/k/v/fc1
-product only fc1's rows), or the gate rows of Gemma's gate/up product. Only the kernel does this; where F.linear runs, the activation module still does.
+product only fc1's rows), or the gate rows of Gemma's gate/up product. And the input may be the raw input of
+the norm before the product (a layer or RMS norm): the kernel normalises it as it streams it. Only the
+kernel does these; where F.linear runs, the norm and activation modules still do (`bench/folds.py`).
 """
 
 from __future__ import annotations
@@ -31,28 +33,45 @@ except ImportError:
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(X, W, Bias, Y, N, K, gelu_start, gelu_end, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                     GELU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+    def _gemv_kernel(X, W, Bias, Y, NormScale, NormRowSums, N, K, gelu_start, gelu_end, norm_eps,
+                     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, GELU: tl.constexpr, NORM: tl.constexpr,
+                     CENTERED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
         # One program: BLOCK_N output rows. The products are summed in a (BLOCK_N, BLOCK_K) tile and
         # reduced once at the end, so the loop is loads and fused multiply-adds only.
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_rows = rows < N
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        sums = tl.zeros([BLOCK_K], tl.float32)  # with NORM: x's sum and sum of squares, as x streams by
+        squares = tl.zeros([BLOCK_K], tl.float32)
         if USE_PDL:  # x is the previous kernel's output (kernels.pdl)
             tl.extra.cuda.gdc_wait()
         for k in range(0, K, BLOCK_K):
             cols = k + tl.arange(0, BLOCK_K)
             if EVEN_K:
-                x = tl.load(X + cols)
+                x = tl.load(X + cols).to(tl.float32)
                 w = tl.load(W + rows[:, None] * K + cols[None, :], mask=in_rows[:, None], other=0.0)
             else:
                 in_cols = cols < K
-                x = tl.load(X + cols, mask=in_cols, other=0.0)
+                x = tl.load(X + cols, mask=in_cols, other=0.0).to(tl.float32)
                 w = tl.load(W + rows[:, None] * K + cols[None, :], mask=in_rows[:, None] & in_cols[None, :], other=0.0)
-            acc += w.to(tl.float32) * x[None, :].to(tl.float32)
+            if NORM:
+                sums += x
+                squares += x * x
+                if EVEN_K:
+                    x = x * tl.load(NormScale + cols).to(tl.float32)
+                else:
+                    x = x * tl.load(NormScale + cols, mask=in_cols, other=0.0).to(tl.float32)
+            acc += w.to(tl.float32) * x[None, :]
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
         y = tl.sum(acc, axis=1)
+        if NORM:  # y holds W (scale * x); the norm's mean and spread apply to the whole row at once
+            mean_square = tl.sum(squares, axis=0) / K
+            if CENTERED:  # W (scale * (x - mean)) = y - mean * (W scale), the row sums given
+                mean = tl.sum(sums, axis=0) / K
+                y = (y - mean * tl.load(NormRowSums + rows, mask=in_rows, other=0.0)) * tl.rsqrt(tl.maximum(mean_square - mean * mean, 0.0) + norm_eps)
+            else:
+                y = y * tl.rsqrt(mean_square + norm_eps)
         if HAS_BIAS:
             y += tl.load(Bias + rows, mask=in_rows, other=0.0).to(tl.float32)
         if GELU:  # tanh GELU, 0.5 y (1 + tanh(u)), written as y sigmoid(2u): u = sqrt(2/pi) (y + 0.044715 y^3)
@@ -72,23 +91,30 @@ def tiles(out_features: int, sms: int) -> tuple[int, int]:
 
 
 @torch.library.custom_op("matvlm::gemv", mutates_args=())
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu_start: int = 0, gelu_end: int = 0) -> torch.Tensor:
+def gemv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu_start: int = 0, gelu_end: int = 0,
+    norm_scale: torch.Tensor | None = None, norm_row_sums: torch.Tensor | None = None, norm_eps: float = 0.0,
+) -> torch.Tensor:
     """x (..., in) holding one row; weight (out, in) contiguous; output rows gelu_start .. gelu_end - 1 go
-    through the tanh GELU. Returns (..., out) in x's dtype."""
+    through the tanh GELU. With `norm_scale` (in,), x is the raw input of an RMS norm, or of a
+    layer norm when `norm_row_sums` (out,) float32 = weight @ norm_scale is given; eps `norm_eps`
+    (bench/folds.py). Returns (..., out) in x's dtype."""
     out_features, in_features = weight.shape
     y = torch.empty(*x.shape[:-1], out_features, device=x.device, dtype=x.dtype)
     rows, cols = tiles(out_features, sm_count(x.device))
     use_pdl = pdl(x.device)
     _gemv_kernel[(triton.cdiv(out_features, rows),)](
-        x, weight, y if bias is None else bias, y, out_features, in_features, gelu_start, gelu_end,
-        HAS_BIAS=bias is not None, EVEN_K=in_features % cols == 0, GELU=gelu_end > gelu_start, BLOCK_N=rows,
-        BLOCK_K=cols, USE_PDL=use_pdl, num_warps=4, num_stages=3, launch_pdl=use_pdl,
+        x, weight, y if bias is None else bias, y, y if norm_scale is None else norm_scale,
+        y if norm_row_sums is None else norm_row_sums, out_features, in_features, gelu_start, gelu_end, norm_eps,
+        HAS_BIAS=bias is not None, EVEN_K=in_features % cols == 0, GELU=gelu_end > gelu_start,
+        NORM=norm_scale is not None, CENTERED=norm_row_sums is not None, BLOCK_N=rows, BLOCK_K=cols,
+        USE_PDL=use_pdl, num_warps=4, num_stages=3, launch_pdl=use_pdl,
     )
     return y
 
 
 @gemv.register_fake
-def _(x, weight, bias, gelu_start=0, gelu_end=0):
+def _(x, weight, bias, gelu_start=0, gelu_end=0, norm_scale=None, norm_row_sums=None, norm_eps=0.0):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
