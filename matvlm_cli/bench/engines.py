@@ -29,6 +29,7 @@ from .. import kernels
 from ..hybrid.conversion import attention_windows
 from ..kernels.attention import DECODE_ATTENTION
 from . import fusion
+from .static_cache import new_static_cache
 
 
 @dataclass
@@ -180,8 +181,9 @@ class GraphEngine:
         return logits.index_fill(-1, self.eos, float("-inf")).argmax(-1, keepdim=True)
 
     def new_cache(self, max_len: int) -> StaticCache:
-        """An empty static cache of `max_len` slots (its layers are allocated by the first forward)."""
-        return StaticCache(config=self.model.config, max_cache_len=max_len)
+        """An empty static cache of `max_len` slots (its layers are allocated by the first forward), whose
+        full-attention layers write a decoding token in one kernel (bench/static_cache.py)."""
+        return new_static_cache(self.model.config, max_len)
 
     def forward(self, cache, **inputs):
         # transformers < 5.2x positions static caches with cache_position; later versions track it inside
