@@ -310,11 +310,17 @@ def test_one_token_cache_write_leaves_the_static_layer_as_transformers_does(dtyp
     assert len(calls) == 3
     assert torch.equal(fused.keys, stock.keys) and torch.equal(fused.values, stock.values)
     assert int(fused.cumulative_length) == int(stock.cumulative_length) == 8
+    # a full cache: nothing is written past its last slot (the stock update raises there)
+    fused.cumulative_length.fill_(12)
+    keys = fused.keys.clone()
+    fused.update(torch.ones(1, 3, 1, 80, device=DEVICE, dtype=dtype), torch.ones(1, 3, 1, 80, device=DEVICE, dtype=dtype))
+    assert len(calls) == 4 and torch.equal(fused.keys, keys)
+    fused.cumulative_length.fill_(8)
     two = StaticLayer(max_cache_len=4)
     two.__class__ = OneTokenWriteLayer
     for length in (2, 1):
         two.update(*(torch.randn(2, 3, length, 80, device=DEVICE, dtype=dtype, generator=g) for _ in range(2)))
-    assert len(calls) == 3 and int(two.cumulative_length) == 3
+    assert len(calls) == 4 and int(two.cumulative_length) == 3
 
 
 @pytest.mark.parametrize("family,ratio,traced", [("llama", 0.5, False), ("phi", 0.5, True)])

@@ -25,7 +25,7 @@ except ImportError:
 if triton is not None:
 
     @triton.jit
-    def _write_token_kernel(Keys, Values, Key, Value, Length, heads, sk_h, sk_n, sv_h, sv_n, snk_h, snv_h,
+    def _write_token_kernel(Keys, Values, Key, Value, Length, heads, slots, sk_h, sk_n, sv_h, sv_n, snk_h, snv_h,
                             K_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                             USE_PDL: tl.constexpr):
         # One program for every head: a batch-1 token is a few KB, so one program is the cheapest launch, and
@@ -39,8 +39,11 @@ if triton is not None:
         value = tl.load(Value + h * snv_h + d, mask=(h < heads) & (d < V_DIM))
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        tl.store(Keys + h * sk_h + slot * sk_n + d, key, mask=(h < heads) & (d < K_DIM))
-        tl.store(Values + h * sv_h + slot * sv_n + d, value, mask=(h < heads) & (d < V_DIM))
+        # a full cache is left as it is (never written out of bounds); the counter still moves, as the stock
+        # update's would before its index_copy_ failed
+        writes = (h < heads) & (h * 0 + slot < slots)
+        tl.store(Keys + h * sk_h + slot * sk_n + d, key, mask=writes & (d < K_DIM))
+        tl.store(Values + h * sv_h + slot * sv_n + d, value, mask=writes & (d < V_DIM))
         tl.store(Length, slot + 1)
 
 
@@ -52,7 +55,7 @@ def write_token(keys: torch.Tensor, values: torch.Tensor, key: torch.Tensor, val
     k_dim, v_dim = keys.shape[-1], values.shape[-1]
     use_pdl = pdl(keys.device)
     _write_token_kernel[(1,)](
-        keys, values, key, value, length, heads, keys.stride(1), keys.stride(2), values.stride(1), values.stride(2),
+        keys, values, key, value, length, heads, keys.shape[2], keys.stride(1), keys.stride(2), values.stride(1), values.stride(2),
         key.stride(1), value.stride(1), K_DIM=k_dim, V_DIM=v_dim, BLOCK_H=triton.next_power_of_2(heads),
         BLOCK_D=triton.next_power_of_2(max(k_dim, v_dim)), USE_PDL=use_pdl, num_warps=4, launch_pdl=use_pdl,
     )
