@@ -111,7 +111,8 @@ class ProjectionSlice(nn.Module):
 
 class OneTokenLinear(nn.Linear):
     """An nn.Linear whose one-token products run on the GEMV kernel (the class `fuse` gives them), with
-    the GELU after it applied there when `fuse` set `gelu_rows`."""
+    the GELU after it applied there when `fuse` set `gelu_rows`, and the norm before it when `fuse`
+    attached one (bench/folds.py)."""
 
     gelu_rows = (0, 0)
     gelu_applied = False
@@ -149,8 +150,9 @@ class ProbeResult:
 
 
 def probe(text_model: nn.Module) -> ProbeResult:
-    """One two-token forward with a hook on each linear layer and each tanh GELU. A module called more
-    than once in that forward (a shared one) is left alone: its inputs differ from call to call."""
+    """One two-token forward with a hook on each linear layer, each tanh GELU and each module that may be a
+    norm (`might_be_norm`). A module called more than once in that forward (a shared one) is left alone:
+    its inputs differ from call to call."""
     linears = [module for module in text_model.modules() if type(module) is nn.Linear]
     gelus = [module for module in text_model.modules() if is_tanh_gelu(module)]
     norms = [module for module in text_model.modules() if might_be_norm(module)]
