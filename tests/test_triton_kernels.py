@@ -30,6 +30,11 @@ def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def one_token_write(keys, values, key, value, length):
+    """`cache_write.takes` without its CUDA condition: one sequence's one token, on any device."""
+    return keys.shape[0] == 1 and key.shape[-2] == 1
+
+
 def generator():
     return torch.Generator(device=DEVICE).manual_seed(0)
 
@@ -241,7 +246,7 @@ def kernel_path(monkeypatch):
         return torch.bfloat16
     monkeypatch.setattr(gemv, "takes", lambda x, weight, bias: x.shape[:-1].numel() == 1)
     monkeypatch.setattr(gemv, "sm_count", lambda device: 1)
-    monkeypatch.setattr(cache_write, "takes", lambda keys, values, key, value, length: keys.shape[0] == 1 and key.shape[-2] == 1)
+    monkeypatch.setattr(cache_write, "takes", one_token_write)
     return torch.float32
 
 
@@ -293,7 +298,7 @@ def test_one_token_cache_write_leaves_the_static_layer_as_transformers_does(dtyp
     from matvlm_cli.kernels import cache_write
 
     if DEVICE == "cpu":  # the kernel runs in the interpreter; on CUDA `takes` routes there itself
-        monkeypatch.setattr(cache_write, "takes", lambda keys, values, key, value, length: keys.shape[0] == 1 and key.shape[-2] == 1)
+        monkeypatch.setattr(cache_write, "takes", one_token_write)
     g = generator()
     calls = []
     real_write = cache_write.write_token
@@ -337,7 +342,7 @@ def test_graph_engine_at_batch_1_decodes_through_the_kernels_like_generate(tiny_
     from matvlm_cli.kernels import cache_write, gemv
 
     monkeypatch.setattr(gemv, "takes", lambda x, weight, bias: x.shape[:-1].numel() == 1 and x.is_contiguous())
-    monkeypatch.setattr(cache_write, "takes", lambda keys, values, key, value, length: keys.shape[0] == 1 and key.shape[-2] == 1)
+    monkeypatch.setattr(cache_write, "takes", one_token_write)
     if DEVICE == "cpu":
         monkeypatch.setattr(gemv, "sm_count", lambda device: 1)
     kernels_run = []  # (kernel, folded norm?) per call

@@ -107,11 +107,13 @@ def norm_fold(module: nn.Module) -> NormFold | None:
             expected = module(x).float()
         except Exception:  # not a module that takes one tensor: not a norm this can fold
             return None
+    if expected.shape != x.shape:
+        return None
     tolerance = 1e-4 if weight.dtype == torch.float32 else 2e-2
     for centered in (True, False):
         for offset in (0.0, 1.0):
             fold = NormFold(weight.detach().float() + offset, shift, eps, centered)
-            if expected.shape == x.shape and ((fold(x) - expected).norm() / expected.norm()).item() < tolerance:
+            if ((fold(x) - expected).norm() / expected.norm()).item() < tolerance:
                 return fold
     return None
 
@@ -136,11 +138,12 @@ def attach_norm(projection: nn.Module, fold: NormFold) -> None:
     """Give the projection what the kernel needs to normalise its input: the scale, and for a layer norm the
     product's row sums of weight x scale (the mean's share of each output); a shift becomes a bias of
     weight x shift. Buffers, not parameters: they are derived, and no weight count includes them."""
-    weight = projection.weight.detach().float()
     # the kernel reads the scale in every program: in the weights' dtype when that holds it exactly (a bf16
     # norm's weight), float32 otherwise (Gemma's 1 + weight)
     scale = fold.scale.to(projection.weight.dtype)
     projection.register_buffer("norm_scale", scale if torch.equal(scale.float(), fold.scale) else fold.scale, persistent=False)
+    # a float32 copy of the weight only where a product with it is needed (a layer norm)
+    weight = projection.weight.detach().float() if fold.centered or fold.shift is not None else None
     projection.register_buffer("norm_row_sums", weight @ fold.scale if fold.centered else None, persistent=False)
     bias = projection.bias.detach().float() if projection.bias is not None else None
     if fold.shift is not None:
