@@ -45,7 +45,8 @@ BF16, FP16 = torch.bfloat16, torch.float16
 @pytest.mark.parametrize(
     "out_features,in_features,bias,dtype,gelu",
     [
-        *(pytest.param(*shape, dtype, marks=GPU_SIZED) for dtype in (BF16, FP16) for shape in [
+        *(pytest.param(out_features, in_features, bias, dtype, gelu, marks=GPU_SIZED)
+          for dtype in (BF16, FP16) for out_features, in_features, bias, gelu in [
             (7680, 2560, True, False),  # Phi-2's q/k/v
             (2560, 10240, True, False),  # fc2
             (10272, 2560, False, False),  # a hybrid's in_proj, no bias
@@ -77,7 +78,7 @@ def test_one_token_gemv_matches_float32_linear(out_features, in_features, bias, 
         assert torch.equal(out[..., : rows[0]], gemv.gemv(x, w, b)[..., : rows[0]])
         assert rel_err(out[..., rows[0] : rows[1]], ref[..., rows[0] : rows[1]]) < 1e-2
     if DEVICE == "cuda":  # `linear` routes one CUDA token to the kernel, anything else to F.linear
-        assert torch.equal(gemv.linear(x, w, b), out)
+        assert torch.equal(gemv.linear(x, w, b), gemv.gemv(x, w, b))
         two_tokens = torch.cat([x, x], dim=1)
         torch.testing.assert_close(gemv.linear(two_tokens, w, b), F.linear(two_tokens, w, b))
 
@@ -366,8 +367,11 @@ def test_graph_engine_at_batch_1_decodes_through_the_kernels_like_generate(tiny_
     # (Greedy tokens are a coarse check: a value written one slot late left them as they were. The cache
     # layer's own test compares the cache bit for bit.)
     attention_layers = layers - len(choose_layers(layers, ratio=ratio))
-    assert kernels_run.count(("write", False)) == 7 * attention_layers
-    assert kernels_run.count(("gemv", True)) >= 7 * layers
+    writes, folded = kernels_run.count(("write", False)), kernels_run.count(("gemv", True))
+    if DEVICE == "cpu":  # every step runs in Python
+        assert writes == 7 * attention_layers and folded >= 7 * layers
+    else:  # a CUDA graph replays its kernels without Python: only the steps run to capture it are counted
+        assert writes > 0 and writes % attention_layers == 0 and folded >= writes // attention_layers * layers
 
 
 def _folded_norms(model):

@@ -63,7 +63,7 @@ def main():
         row_sums = [(w.float() @ scale).contiguous() for w in ws] if norm else [None] * len(ws)
         y = torch.empty(1, 1, n, device=dev, dtype=torch.bfloat16)
         tb = n * k * 2 / 1e12
-        print(f"\n{name}: {n} x {k}, {n * k * 2 / 1e6:.1f} MB, {len(ws)} copies; engine tiles {gemv.tiles(n, sms)}")
+        print(f"\n{name}: {n} x {k}, {n * k * 2 / 1e6:.1f} MB, {len(ws)} copies; engine tiles {gemv.tiles(n, k, sms)}")
 
         def report(label, fn):
             t = graph_time(lambda: [fn(i) for i in range(len(ws))]) / len(ws)

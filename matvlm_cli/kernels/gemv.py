@@ -80,14 +80,18 @@ if triton is not None:
         tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=in_rows)
 
 
-def tiles(out_features: int, sms: int) -> tuple[int, int]:
-    """(rows per program, columns per load). The most rows, up to 8, that still leave 8 programs per SM;
-    512 columns a load at 1-2 rows, 256 at more (the best tiles of the H200 sweep for Phi-2's q/k/v,
-    dense, fc1 and fc2, within 0.1 us)."""
+def tiles(out_features: int, in_features: int, sms: int) -> tuple[int, int, int]:
+    """(rows per program, columns per load, warps). The most rows, up to 8, that still leave 8 programs per
+    SM; 512 columns a load at 1-2 rows, 256 at more, 4 warps (the best tiles of the H200 sweep for Phi-2's
+    q/k/v, dense and fc1, within 0.3 us). A down projection, whose inputs outnumber its outputs more than
+    twice, takes 4 rows of 128 columns with 8 warps instead: Phi-2's fc2 (2560 x 10240) in 17.7 us against
+    20.6 at 2 rows of 512 (`experiments/gpu/gemv_probe.py`, docs/results/bench/gemv-probe-h200.txt)."""
     rows = 8
     while rows > 1 and -(-out_features // rows) < 8 * sms:
         rows //= 2
-    return rows, 512 if rows <= 2 else 256
+    if rows <= 2 and in_features > 2 * out_features:
+        return 4, 128, 8
+    return rows, 512 if rows <= 2 else 256, 4
 
 
 @torch.library.custom_op("matvlm::gemv", mutates_args=())
@@ -101,14 +105,14 @@ def gemv(
     (bench/folds.py). Returns (..., out) in x's dtype."""
     out_features, in_features = weight.shape
     y = torch.empty(*x.shape[:-1], out_features, device=x.device, dtype=x.dtype)
-    rows, cols = tiles(out_features, sm_count(x.device))
+    rows, cols, warps = tiles(out_features, in_features, sm_count(x.device))
     use_pdl = pdl(x.device)
     _gemv_kernel[(triton.cdiv(out_features, rows),)](
         x, weight, y if bias is None else bias, y, y if norm_scale is None else norm_scale,
         y if norm_row_sums is None else norm_row_sums, out_features, in_features, gelu_start, gelu_end, norm_eps,
         HAS_BIAS=bias is not None, EVEN_K=in_features % cols == 0, GELU=gelu_end > gelu_start,
         NORM=norm_scale is not None, CENTERED=norm_row_sums is not None, BLOCK_N=rows, BLOCK_K=cols,
-        USE_PDL=use_pdl, num_warps=4, num_stages=3, launch_pdl=use_pdl,
+        USE_PDL=use_pdl, num_warps=warps, num_stages=3, launch_pdl=use_pdl,
     )
     return y
 
