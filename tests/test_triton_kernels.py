@@ -77,6 +77,8 @@ def test_one_token_gemv_matches_float32_linear(out_features, in_features, bias, 
     if gelu:  # rows outside the range are the plain product; those inside match PyTorch's GELU
         assert torch.equal(out[..., : rows[0]], gemv.gemv(x, w, b)[..., : rows[0]])
         assert rel_err(out[..., rows[0] : rows[1]], ref[..., rows[0] : rows[1]]) < 1e-2
+    residual = torch.randn(out.shape, device=DEVICE, generator=g).to(dtype)  # added after the GELU, before the store
+    assert rel_err(gemv.gemv(x, w, b, *rows, residual=residual), ref + residual.float()) < 1e-2
     if DEVICE == "cuda":  # `linear` routes one CUDA token to the kernel, anything else to F.linear
         assert torch.equal(gemv.linear(x, w, b), gemv.gemv(x, w, b))
         two_tokens = torch.cat([x, x], dim=1)
@@ -378,6 +380,91 @@ def _folded_norms(model):
     from matvlm_cli.bench import fusion
 
     return [m for m in model.modules() if isinstance(m, fusion.NormBeforeProjection)]
+
+
+def _gemv_sums():
+    """Small functions of GEMV products and adds, each with the number of adds the residual fold can take:
+    (function, inputs, foldable adds)."""
+    from matvlm_cli.kernels import gemv
+
+    g = generator()
+    x = torch.randn(1, 1, 40, device=DEVICE, generator=g)
+    hidden = torch.randn(1, 1, 24, device=DEVICE, generator=g)
+    w1, w2 = (torch.randn(24, 40, device=DEVICE, generator=g) * 0.1 for _ in range(2))
+    bias = torch.randn(24, device=DEVICE, generator=g)
+
+    def parallel_block(x, hidden, w1, w2, bias):  # Phi: hidden + attention + MLP, both products of one input
+        return gemv.gemv(x, w1, bias) + gemv.gemv(x, w2, None, 3, 20) + hidden
+
+    def two_residuals(x, hidden, w1, w2, bias):  # Llama: each sublayer adds to the residual stream, the sum read twice
+        hidden = hidden + gemv.gemv(x, w1, None)
+        return gemv.gemv(torch.cat([hidden, hidden[..., :16]], -1), w2, bias) + hidden
+
+    def read_twice(x, hidden, w1, w2, bias):  # the product is read by more than the add: left
+        product = gemv.gemv(x, w1, bias)
+        return product + hidden, product * 2
+
+    def broadcast(x, hidden, w1, w2, bias):  # a term of another shape: left
+        return gemv.gemv(x, w1, bias) + hidden[..., :1]
+
+    def promoted(x, hidden, w1, w2, bias):  # a term of another dtype: left
+        return gemv.gemv(x, w1, bias) + hidden.double()
+
+    def scaled(x, hidden, w1, w2, bias):  # add with alpha: left
+        return torch.add(gemv.gemv(x, w1, bias), hidden, alpha=2.0)
+
+    functions = [(parallel_block, 2), (two_residuals, 2), (read_twice, 0), (broadcast, 0), (promoted, 0), (scaled, 0)]
+    return [(function, (x, hidden, w1, w2, bias), adds) for function, adds in functions]
+
+
+@pytest.mark.parametrize("function,inputs,adds", _gemv_sums(), ids=lambda value: getattr(value, "__name__", ""))
+def test_residual_fold_moves_adds_into_the_gemv_and_keeps_the_sum(function, inputs, adds):
+    """bench/residual_fold.py on a traced graph: every add of a GEMV's output that nothing else reads and a
+    tensor of its shape and dtype becomes the GEMV's residual (a chain for a sum of two products and a
+    third tensor), the other adds stay; the rewritten graph computes the same values."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from matvlm_cli.bench.residual_fold import ADD, GEMV, fold_residual_adds
+
+    traced = make_fx(function, tracing_mode="fake")(*inputs)
+    before = sum(node.target is ADD for node in traced.graph.nodes)
+    assert fold_residual_adds(traced.graph) == adds
+    traced.recompile()
+    assert sum(node.target is ADD for node in traced.graph.nodes) == before - adds
+    assert sum("residual" in node.kwargs for node in traced.graph.nodes if node.target is GEMV) == adds
+    for got, want in zip(torch.utils._pytree.tree_leaves(traced(*inputs)), torch.utils._pytree.tree_leaves(function(*inputs))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi"])
+def test_compiled_step_folds_every_residual_add_and_decodes_like_generate(tiny_teachers, monkeypatch, family):
+    """The graphs engine's own compile (inductor, with bench/residual_fold.py as its post-grad pass) of a
+    0.5 hybrid's batch-1 step: both residual adds of every layer, attention and Mamba, go into a GEMV (for
+    Phi's parallel block as a chain), and the greedy tokens equal generate()'s. In float32, the one-token
+    kernels routed as in the batch-1 engine test; without a GPU inductor compiles for the CPU and the
+    kernels run in the interpreter."""
+    import torch._inductor.config as inductor_config
+
+    from matvlm_cli.bench.engines import GraphEngine, HFEngine
+    from matvlm_cli.bench.models import bench_inputs, build_teacher, image_input
+    from matvlm_cli.hybrid import choose_layers, convert_to_hybrid, find_decoder
+    from matvlm_cli.kernels import cache_write, gemv
+
+    monkeypatch.setattr(gemv, "takes", lambda x, weight, bias: x.shape[:-1].numel() == 1 and x.is_contiguous())
+    monkeypatch.setattr(cache_write, "takes", one_token_write)
+    if DEVICE == "cpu":
+        monkeypatch.setattr(gemv, "sm_count", lambda device: 1)
+    model = build_teacher(str(tiny_teachers[family]), torch.device(DEVICE), torch.float32)
+    layers = len(find_decoder(model).layers)
+    convert_to_hybrid(model, choose_layers(layers, ratio=0.5))
+    inputs = bench_inputs(model, 100, 1, image_input(model))
+    engine = GraphEngine(model, prefill_chunk=64, compile=False)
+    engine.compile_step()
+    with inductor_config.patch(fx_graph_cache=False):  # so that the pass runs, and counts
+        graphs = engine.run(inputs, 4, repeats=1, warmup=0)
+    plain = HFEngine(model).run(inputs, 4, repeats=1, warmup=0)
+    assert torch.equal(graphs.tokens, plain.tokens)
+    assert engine.residual_fold.folded == [2 * layers]  # one graph: the batch-1 step
 
 
 @pytest.mark.parametrize("family", zoo.FAMILIES)

@@ -45,9 +45,9 @@ def weights(n, k):
 def launch(x, w, b, y, scale, row_sums, gelu, block_n, block_k, warps, stages):
     n, k = w.shape
     gemv._gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, w, b, y, y if scale is None else scale, y if row_sums is None else row_sums, n, k, gelu[0], gelu[1], 1e-5,
+        x, w, b, y, y if scale is None else scale, y if row_sums is None else row_sums, y, n, k, gelu[0], gelu[1], 1e-5,
         HAS_BIAS=True, EVEN_K=k % block_k == 0, GELU=gelu[1] > gelu[0], NORM=scale is not None,
-        CENTERED=row_sums is not None, BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=False,
+        CENTERED=row_sums is not None, RESIDUAL=False, BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=False,
         num_warps=warps, num_stages=stages,
     )
 

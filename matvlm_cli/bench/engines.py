@@ -157,24 +157,34 @@ class GraphEngine:
         # slot fits none of them: such models get a 2-D padding mask, from which transformers builds each
         # layer kind's own mask inside the step.
         self.per_layer_masks = any(window is not None for window in attention_windows(self.text_config))
+        self.residual_fold = None  # the compiled step's add folding (bench/residual_fold.py), once compiled
         if self.use_graphs and compile:
-            # A decode step is ~30 tiny kernels per layer (norms, rotary, activations, residuals); inductor
-            # fuses them, the CUDA graph then removes launch gaps. One compile per model and shape family.
-            torch._dynamo.reset()
-            kernels.resolved()  # import the kernel backends now: an import inside the trace breaks the graph
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            # On Hopper inductor's kernels launch with PDL too (kernels.pdl), so every kernel of the step
-            # overlaps its start with the end of the one before.
-            import torch._inductor.config as inductor_config
-
-            pdl = kernels.pdl(self.device) and hasattr(inductor_config.triton, "enable_pdl")
-            self._next_token = torch.compile(self._next_token, dynamic=True, options={"triton.enable_pdl": True} if pdl else None)
+            self.compile_step()
         self.takes_cache_position = _accepts(model, "cache_position")
         self.cache_keyword = "cache" if _accepts(model, "cache") else "past_key_values"  # renamed in 5.2x
         # Like generate(min_new_tokens=...): every run decodes exactly gen_len tokens.
         eos = model.generation_config.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.eos = torch.tensor(eos, dtype=torch.long, device=self.device)
+
+    def compile_step(self):
+        """Compile the decode step. It is ~30 tiny kernels per layer (norms, rotary, activations,
+        residuals); inductor fuses them, the CUDA graph then removes launch gaps. One compile per model and
+        shape family. The residual adds go into the GEMV before them (`bench/residual_fold.py`), and on
+        Hopper inductor's kernels launch with PDL too (kernels.pdl), so every kernel of the step overlaps
+        its start with the end of the one before."""
+        import torch._inductor.config as inductor_config
+
+        from .residual_fold import ResidualFold
+
+        torch._dynamo.reset()
+        kernels.resolved()  # import the kernel backends now: an import inside the trace breaks the graph
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.residual_fold = ResidualFold()
+        options = {"post_grad_custom_post_pass": self.residual_fold}
+        if kernels.pdl(self.device) and hasattr(inductor_config.triton, "enable_pdl"):
+            options["triton.enable_pdl"] = True
+        self._next_token = torch.compile(self._next_token, dynamic=True, options=options)
 
     def _greedy(self, logits: torch.Tensor) -> torch.Tensor:
         """(batch, vocab) -> (batch, 1) greedy tokens, end-of-sequence excluded."""

@@ -15,6 +15,8 @@ activation would otherwise be a kernel of its own between two GEMVs (Phi's, and 
 product only fc1's rows), or the gate rows of Gemma's gate/up product. And the input may be the raw input of
 the norm before the product (a layer or RMS norm): the kernel normalises it as it streams it. Only the
 kernel does these; where F.linear runs, the norm and activation modules still do (`bench/folds.py`).
+Last, the compiled step may hand the kernel the tensor that the model adds the product to (a residual
+stream, or a parallel block's other product): it adds it before the one store (`bench/residual_fold.py`).
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ except ImportError:
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(X, W, Bias, Y, NormScale, NormRowSums, N, K, gelu_start, gelu_end, norm_eps,
+    def _gemv_kernel(X, W, Bias, Y, NormScale, NormRowSums, Residual, N, K, gelu_start, gelu_end, norm_eps,
                      HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, GELU: tl.constexpr, NORM: tl.constexpr,
-                     CENTERED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+                     CENTERED: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     USE_PDL: tl.constexpr):
         # One program: BLOCK_N output rows. The products are summed in a (BLOCK_N, BLOCK_K) tile and
         # reduced once at the end, so the loop is loads and fused multiply-adds only.
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -77,6 +80,8 @@ if triton is not None:
         if GELU:  # tanh GELU, 0.5 y (1 + tanh(u)), written as y sigmoid(2u): u = sqrt(2/pi) (y + 0.044715 y^3)
             gelu = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
             y = tl.where((rows >= gelu_start) & (rows < gelu_end), gelu, y)
+        if RESIDUAL:  # the sum the model adds the product to (bench/residual_fold.py)
+            y += tl.load(Residual + rows, mask=in_rows, other=0.0).to(tl.float32)
         tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=in_rows)
 
 
@@ -98,27 +103,31 @@ def tiles(out_features: int, in_features: int, sms: int) -> tuple[int, int, int]
 def gemv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu_start: int = 0, gelu_end: int = 0,
     norm_scale: torch.Tensor | None = None, norm_row_sums: torch.Tensor | None = None, norm_eps: float = 0.0,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x (..., in) holding one row; weight (out, in) contiguous; output rows gelu_start .. gelu_end - 1 go
     through the tanh GELU. With `norm_scale` (in,), x is the raw input of an RMS norm, or of a
     layer norm when `norm_row_sums` (out,) float32 = weight @ norm_scale is given; eps `norm_eps`
-    (bench/folds.py). Returns (..., out) in x's dtype."""
+    (bench/folds.py). With `residual`, contiguous and of the output's shape and dtype, returns the product plus
+    it, rounded once (bench/residual_fold.py). Returns (..., out) in x's dtype."""
     out_features, in_features = weight.shape
     y = torch.empty(*x.shape[:-1], out_features, device=x.device, dtype=x.dtype)
     rows, cols, warps = tiles(out_features, in_features, sm_count(x.device))
     use_pdl = pdl(x.device)
     _gemv_kernel[(triton.cdiv(out_features, rows),)](
         x, weight, y if bias is None else bias, y, y if norm_scale is None else norm_scale,
-        y if norm_row_sums is None else norm_row_sums, out_features, in_features, gelu_start, gelu_end, norm_eps,
+        y if norm_row_sums is None else norm_row_sums, y if residual is None else residual, out_features, in_features,
+        gelu_start, gelu_end, norm_eps,
         HAS_BIAS=bias is not None, EVEN_K=in_features % cols == 0, GELU=gelu_end > gelu_start,
-        NORM=norm_scale is not None, CENTERED=norm_row_sums is not None, BLOCK_N=rows, BLOCK_K=cols,
+        NORM=norm_scale is not None, CENTERED=norm_row_sums is not None, RESIDUAL=residual is not None,
+        BLOCK_N=rows, BLOCK_K=cols,
         USE_PDL=use_pdl, num_warps=warps, num_stages=3, launch_pdl=use_pdl,
     )
     return y
 
 
 @gemv.register_fake
-def _(x, weight, bias, gelu_start=0, gelu_end=0, norm_scale=None, norm_row_sums=None, norm_eps=0.0):
+def _(x, weight, bias, gelu_start=0, gelu_end=0, norm_scale=None, norm_row_sums=None, norm_eps=0.0, residual=None):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
