@@ -25,6 +25,7 @@ from ..kernels import gemv  # registers matvlm::gemv
 
 GEMV = torch.ops.matvlm.gemv.default
 ADD = torch.ops.aten.add.Tensor
+RESIDUAL_POSITION = [argument.name for argument in GEMV._schema.arguments].index("residual")
 
 
 def _same_layout(product: Node, term) -> bool:
@@ -41,8 +42,10 @@ def _same_layout(product: Node, term) -> bool:
 def _with_residual(graph: Graph, product, term, before: Node) -> Node | None:
     """A new GEMV node, inserted before `before`, computing `product + term`; None where it cannot. A product
     that already adds a GEMV's output passes `term` on to that GEMV (a chain)."""
-    if not isinstance(product, Node) or product.target is not GEMV or len(product.users) != 1 or len(product.args) > 8:
-        return None  # (a residual given by position: never traced, as no caller passes one)
+    if not isinstance(product, Node) or product.target is not GEMV or len(product.users) != 1:
+        return None
+    if len(product.args) > RESIDUAL_POSITION:  # a residual given by position: no caller passes one
+        return None
     if not _same_layout(product, term):
         return None
     inner = product.kwargs.get("residual")
