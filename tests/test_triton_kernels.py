@@ -331,15 +331,12 @@ def test_one_token_cache_write_leaves_the_static_layer_as_transformers_does(dtyp
     assert len(calls) == 4 and int(two.cumulative_length) == 3
 
 
-@pytest.mark.parametrize("family,ratio,traced", [("llama", 0.5, False), ("phi", 0.5, True)])
-def test_graph_engine_at_batch_1_decodes_through_the_kernels_like_generate(tiny_teachers, monkeypatch, family, ratio, traced):
-    """The graphs engine at batch 1, where its one-token kernels run: every projection on the GEMV with the
-    norms and GELUs folded into it, each token's static-cache write in one kernel, and on CUDA split-KV
-    attention. Its greedy tokens equal generate()'s. In float32 on every device, so that a random tiny
-    model's near-ties break the same way: the one-token kernels are routed float32 products too (on CUDA
-    the engine sends them only half precision), and without a GPU they run in the interpreter. `traced`:
-    without a GPU, the step also goes through dynamo (eager backend) in one graph."""
-    from matvlm_cli.bench.engines import GraphEngine, HFEngine
+def _half_hybrid_on_the_kernels(tiny_teachers, monkeypatch, family):
+    """The tiny `family` teacher converted at ratio 0.5, in float32, with every one-token product and
+    cache write routed to the kernels on any device (float32 products too, one SM's grids in the
+    interpreter), its batch-1 inputs, and a graphs engine that has not compiled its step.
+    Returns (model, layers, inputs, engine)."""
+    from matvlm_cli.bench.engines import GraphEngine
     from matvlm_cli.bench.models import bench_inputs, build_teacher, image_input
     from matvlm_cli.hybrid import choose_layers, convert_to_hybrid, find_decoder
     from matvlm_cli.kernels import cache_write, gemv
@@ -348,15 +345,30 @@ def test_graph_engine_at_batch_1_decodes_through_the_kernels_like_generate(tiny_
     monkeypatch.setattr(cache_write, "takes", one_token_write)
     if DEVICE == "cpu":
         monkeypatch.setattr(gemv, "sm_count", lambda device: 1)
+    model = build_teacher(str(tiny_teachers[family]), torch.device(DEVICE), torch.float32)
+    layers = len(find_decoder(model).layers)
+    convert_to_hybrid(model, choose_layers(layers, ratio=0.5))
+    inputs = bench_inputs(model, 100, 1, image_input(model))
+    return model, layers, inputs, GraphEngine(model, prefill_chunk=64, compile=False)
+
+
+@pytest.mark.parametrize("family,traced", [("llama", False), ("phi", True)])
+def test_graph_engine_at_batch_1_decodes_through_the_kernels_like_generate(tiny_teachers, monkeypatch, family, traced):
+    """The graphs engine at batch 1, where its one-token kernels run: every projection on the GEMV with the
+    norms and GELUs folded into it, each token's static-cache write in one kernel, and on CUDA split-KV
+    attention. Its greedy tokens equal generate()'s. In float32 on every device, so that a random tiny
+    model's near-ties break the same way: the one-token kernels are routed float32 products too (on CUDA
+    the engine sends them only half precision), and without a GPU they run in the interpreter. `traced`:
+    without a GPU, the step also goes through dynamo (eager backend) in one graph."""
+    from matvlm_cli.bench.engines import HFEngine
+    from matvlm_cli.hybrid import choose_layers
+    from matvlm_cli.kernels import cache_write, gemv
+
+    model, layers, inputs, engine = _half_hybrid_on_the_kernels(tiny_teachers, monkeypatch, family)
     kernels_run = []  # (kernel, folded norm?) per call
     real_gemv, real_write = gemv.gemv, cache_write.write_token
     monkeypatch.setattr(gemv, "gemv", lambda *args: kernels_run.append(("gemv", len(args) > 5 and args[5] is not None)) or real_gemv(*args))
     monkeypatch.setattr(cache_write, "write_token", lambda *args: kernels_run.append(("write", False)) or real_write(*args))
-    model = build_teacher(str(tiny_teachers[family]), torch.device(DEVICE), torch.float32)
-    layers = len(find_decoder(model).layers)
-    convert_to_hybrid(model, choose_layers(layers, ratio=ratio))
-    inputs = bench_inputs(model, 100, 1, image_input(model))
-    engine = GraphEngine(model, prefill_chunk=64, compile=False)
     if traced and DEVICE == "cpu":  # the step as dynamo traces it for the engine, in one graph: the folds' flags
         # and the cache write's mutations must not break it (on a GPU `matvlm bench` compiles the step itself)
         torch._dynamo.reset()  # as the engine does before it compiles: each model's step has its own guards
@@ -368,7 +380,7 @@ def test_graph_engine_at_batch_1_decodes_through_the_kernels_like_generate(tiny_
     # 7 decoding steps, each through the kernels: a write per attention layer, and GEMVs with norms folded.
     # (Greedy tokens are a coarse check: a value written one slot late left them as they were. The cache
     # layer's own test compares the cache bit for bit.)
-    attention_layers = layers - len(choose_layers(layers, ratio=ratio))
+    attention_layers = layers - len(choose_layers(layers, ratio=0.5))
     writes, folded = kernels_run.count(("write", False)), kernels_run.count(("gemv", True))
     if DEVICE == "cpu":  # every step runs in Python
         assert writes == 7 * attention_layers and folded >= 7 * layers
@@ -445,20 +457,9 @@ def test_compiled_step_folds_every_residual_add_and_decodes_like_generate(tiny_t
     kernels run in the interpreter."""
     import torch._inductor.config as inductor_config
 
-    from matvlm_cli.bench.engines import GraphEngine, HFEngine
-    from matvlm_cli.bench.models import bench_inputs, build_teacher, image_input
-    from matvlm_cli.hybrid import choose_layers, convert_to_hybrid, find_decoder
-    from matvlm_cli.kernels import cache_write, gemv
+    from matvlm_cli.bench.engines import HFEngine
 
-    monkeypatch.setattr(gemv, "takes", lambda x, weight, bias: x.shape[:-1].numel() == 1 and x.is_contiguous())
-    monkeypatch.setattr(cache_write, "takes", one_token_write)
-    if DEVICE == "cpu":
-        monkeypatch.setattr(gemv, "sm_count", lambda device: 1)
-    model = build_teacher(str(tiny_teachers[family]), torch.device(DEVICE), torch.float32)
-    layers = len(find_decoder(model).layers)
-    convert_to_hybrid(model, choose_layers(layers, ratio=0.5))
-    inputs = bench_inputs(model, 100, 1, image_input(model))
-    engine = GraphEngine(model, prefill_chunk=64, compile=False)
+    model, layers, inputs, engine = _half_hybrid_on_the_kernels(tiny_teachers, monkeypatch, family)
     engine.compile_step()
     with inductor_config.patch(fx_graph_cache=False):  # so that the pass runs, and counts
         graphs = engine.run(inputs, 4, repeats=1, warmup=0)

@@ -25,6 +25,8 @@ from decode_common import decode_inputs, graph_time, rel_err  # this folder: on 
 
 from matvlm_cli.kernels import attention, pdl, sm_count
 
+attend_slice = attention.attend_slice  # the engine's split_kv loop, called (and inlined) below
+
 
 @triton.jit
 def split_kv_merging(Q, K, V, Mask, Acc, Max, Sum, Done, Out, sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b,
@@ -33,35 +35,15 @@ def split_kv_merging(Q, K, V, Mask, Acc, Max, Sum, Done, Out, sq_b, sq_h, sk_b, 
                      BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr):
     # The engine's split_kv (kernels/attention.py), then the merge by whichever program finishes last.
     b, kv_head, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    acc, running_max, running_sum = attend_slice(
+        Q, K, V, Mask, b, kv_head, s, sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, scale, slots, split_len,
+        GROUP, HEAD_DIM, BLOCK_D, BLOCK_H, BLOCK, USE_PDL,
+    )
     rows = tl.arange(0, BLOCK_H)
     in_group = rows < GROUP
     h = kv_head * GROUP + rows
     d = tl.arange(0, BLOCK_D)
     in_dim = d < HEAD_DIM
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-    q = tl.load(Q + b * sq_b + h[:, None] * sq_h + d[None, :], mask=in_group[:, None] & in_dim[None, :], other=0.0)
-    running_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    running_sum = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    start = s * split_len
-    k_base = K + b * sk_b + kv_head * sk_h
-    v_base = V + b * sv_b + kv_head * sv_h
-    for offset in range(start, start + split_len, BLOCK):
-        n = offset + tl.arange(0, BLOCK)
-        in_cache = n < slots
-        keep = tl.load(Mask + b * sm_b + n, mask=in_cache, other=0) != 0
-        k = tl.load(k_base + n[:, None] * sk_n + d[None, :], mask=in_cache[:, None] & in_dim[None, :], other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * scale
-        scores = tl.where(keep[None, :], scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        p = tl.exp(scores - safe_max[:, None])
-        rescale = tl.exp(running_max - safe_max)
-        v = tl.load(v_base + n[:, None] * sv_n + d[None, :], mask=in_cache[:, None] & in_dim[None, :], other=0.0)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
-        running_sum = running_sum * rescale + tl.sum(p, axis=1)
-        running_max = new_max
     out_rows = (b * heads + h) * splits + s
     tl.store(Acc + out_rows[:, None] * HEAD_DIM + d[None, :], acc, mask=in_group[:, None] & in_dim[None, :])
     tl.store(Max + out_rows, running_max, mask=in_group)

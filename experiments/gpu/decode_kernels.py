@@ -117,7 +117,7 @@ def _strides(query, key, value, keep8):
 def _split_and_merge(query, keep, splits, launch):
     """Buffers for `splits` slices' partial results, `launch(acc, maxes, sums, keep8)` to fill them, then the
     engine's combine kernel to merge them. Returns (batch, 1, heads, dim)."""
-    _, _, combine = attention._triton_kernels()
+    combine = attention.combine
     batch, heads, _, dim = query.shape
     acc = torch.empty(batch * heads * splits, dim, device=dev, dtype=torch.float32)
     maxes = torch.empty(batch * heads * splits, device=dev, dtype=torch.float32)

@@ -19,7 +19,6 @@ Registered with transformers' attention interface as `matvlm_decode`; the mask i
 
 from __future__ import annotations
 
-import functools
 import weakref
 
 import torch
@@ -43,27 +42,26 @@ WHOLE_SEQUENCE = {"block_n": 128, "num_warps": 4, "num_stages": 2}
 
 
 try:  # resolved at import, so the compiled decode step sees a constant, not a call it cannot trace
-    import triton  # noqa: F401
+    import triton
+    import triton.language as tl
     HAVE_TRITON = True
 except ImportError:
     HAVE_TRITON = False
 
 
-@functools.cache
-def _triton_kernels():
-    """The two Triton kernels (compiled by Triton on first launch)."""
-    import triton
-    import triton.language as tl
+if HAVE_TRITON:
+    # The Triton kernels (compiled by Triton on first launch): split_kv, its loop over one slice of the cache
+    # (`attend_slice`, which experiments/gpu/decode_combine.py's variant calls too), and combine.
 
     @triton.jit
-    def split_kv(Q, K, V, Mask, Acc, Max, Sum, sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b,
-                 scale, slots, split_len, heads, splits,
-                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-                 BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-        # One program: the GROUP query heads that share one KV head, over one slice of the cache. The
-        # queries are padded to BLOCK_H rows so both products run on tensor cores, which lets Triton
-        # pipeline the K and V loads (a memory-bound kernel needs many bytes in flight).
-        b, kv_head, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    def attend_slice(Q, K, V, Mask, b, kv_head, s, sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b,
+                     scale, slots, split_len,
+                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        # The GROUP query heads that share one KV head, over one slice of the cache: (acc, running max,
+        # running sum) of the slice's softmax. The queries are padded to BLOCK_H rows so both products run
+        # on tensor cores, which lets Triton pipeline the K and V loads (a memory-bound kernel needs many
+        # bytes in flight).
         rows = tl.arange(0, BLOCK_H)
         in_group = rows < GROUP
         h = kv_head * GROUP + rows
@@ -93,10 +91,27 @@ def _triton_kernels():
             acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
             running_sum = running_sum * rescale + tl.sum(p, axis=1)
             running_max = new_max
+        return acc, running_max, running_sum
+
+    @triton.jit
+    def split_kv(Q, K, V, Mask, Acc, Max, Sum, sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b,
+                 scale, slots, split_len, heads, splits,
+                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+                 BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        # One program: one (sequence, KV head, slice of the cache); its partial results go to Acc, Max and
+        # Sum for `combine` (Triton inlines attend_slice).
+        b, kv_head, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        acc, running_max, running_sum = attend_slice(
+            Q, K, V, Mask, b, kv_head, s, sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, scale, slots, split_len,
+            GROUP, HEAD_DIM, BLOCK_D, BLOCK_H, BLOCK, USE_PDL,
+        )
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        out_rows = (b * heads + h) * splits + s
-        tl.store(Acc + out_rows[:, None] * HEAD_DIM + d[None, :], acc, mask=in_group[:, None] & in_dim[None, :])
+        rows = tl.arange(0, BLOCK_H)
+        in_group = rows < GROUP
+        d = tl.arange(0, BLOCK_D)
+        out_rows = (b * heads + kv_head * GROUP + rows) * splits + s
+        tl.store(Acc + out_rows[:, None] * HEAD_DIM + d[None, :], acc, mask=in_group[:, None] & (d < HEAD_DIM)[None, :])
         tl.store(Max + out_rows, running_max, mask=in_group)
         tl.store(Sum + out_rows, running_sum, mask=in_group)
 
@@ -122,8 +137,6 @@ def _triton_kernels():
         out = tl.sum(acc * weights[:, None], axis=0) / total
         tl.store(Out + b * so_b + h * so_h + d, out.to(Out.dtype.element_ty), mask=in_dim)
 
-    return triton, split_kv, combine
-
 
 # A custom op is opaque to torch.compile: the compiled decode step calls the kernels as they are,
 # without a graph break per layer.
@@ -131,7 +144,6 @@ def _triton_kernels():
 def split_kv_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
     """query (b, h, 1, d); key/value (b, kv_heads, slots, d); keep (b, slots) bool.
     Returns (b, 1, h, d) in the query's dtype."""
-    triton, split_kv, combine = _triton_kernels()
     batch, heads, _, dim = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
     target = TUNING["programs_per_sm"] * sm_count(query.device)
