@@ -12,6 +12,7 @@ import urllib.request
 
 import pytest
 from PIL import Image, ImageStat
+from ports import free_port
 
 from matvlm_cli.app.samples import sample_scenes, write_samples
 from matvlm_cli.paths import default_teacher_dir
@@ -31,12 +32,6 @@ DEFAULT_NAMES = ["tiny-teacher", "tiny-teacher-hybrid-0.25-even"]  # the teacher
 
 def matvlm(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "matvlm_cli", *map(str, args)], capture_output=True, text=True, **kwargs)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

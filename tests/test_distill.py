@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from ports import free_port
 from safetensors.torch import load_file
 
 from matvlm_cli.distill.shared import SharedTeacherStudent
@@ -290,11 +291,13 @@ def test_embedded_world_adds_its_reading_turns_again(tmp_path, monkeypatch):
 
 def launch_two_processes(recipe_path, *extra, fsdp_on_cpu=False):
     """A real `accelerate launch` of two CPU processes: its torchrun path (--multi_gpu) with
-    ACCELERATE_USE_CPU gives DDP over gloo (`--cpu --num_processes 2` would start one process)."""
+    ACCELERATE_USE_CPU gives DDP over gloo (`--cpu --num_processes 2` would start one process). Each launch
+    gets a free port: torchrun's default one would be shared by launches running at once (pytest -n)."""
     entry = [str(Path(__file__).parent / "fsdp_on_cpu.py")] if fsdp_on_cpu else ["-m", "matvlm_cli"]
     return subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", *entry, "distill", str(recipe_path), *extra],
+         "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+         *entry, "distill", str(recipe_path), *extra],
         # Hidden GPUs keep CPU processes off CUDA on a machine that has some.
         capture_output=True, text=True, env=os.environ | {"ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""},
     )

@@ -256,6 +256,7 @@ def test_shape_settings_are_checked_before_anything_loads(world, tmp_path, train
 
 def test_throughput_is_recorded_in_the_log_and_the_summary(world, tmp_path, monkeypatch):
     monkeypatch.setattr(throughput, "WINDOW", (2, 5))  # the run's 10-60 window, scaled to a 6-step run
+    torch.compile(lambda x: x + 1, backend="eager")(torch.ones(2))  # a graph of this process, not of the run
     run_distill(make(values_for(world, tmp_path / "run", training={"max_steps": 6}, output={"log_every": 100})))
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log] == [1, 5, 6]  # the first step and the window's end are always logged

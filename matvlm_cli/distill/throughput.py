@@ -4,7 +4,8 @@
   and over the whole run from the start of its first step;
 - the time from the start of `matvlm distill` to the end of its first step, and the warm-up: the time to
   step 10 less ten steps at the window's pace;
-- the graphs torch.compile made (dynamo's counter, and per compiled module class);
+- the graphs torch.compile made for this run (dynamo's counter, and per compiled module class, less what
+  they were when the run began: an earlier run or compile in the same process is not counted);
 - the padding fraction (padding slots over all slots) over the window and the run.
 
 MFU counts 6 N FLOPs per token (teacher forward, student forward and backward), N the teacher's
@@ -63,6 +64,7 @@ class ThroughputMeter:
                  regions: list[type]):
         self.started_at, self.flops_per_token, self.peak_flops = started_at, flops_per_token, peak_flops
         self.processes, self.regions = processes, regions
+        self.graphs_at_start = compiled_graphs(regions)
         self.first_step_start: float | None = None
         self.first_step_end: float | None = None
         self.step10: float | None = None
@@ -99,8 +101,13 @@ class ThroughputMeter:
             fields["warmup_s"] = self.window["warmup_s"]
         run = self._rates(now - self.first_step_start, self.totals, step)
         fields["mfu"] = run["mfu"]
-        fields["compiled_graphs"] = compiled_graphs(self.regions)[0]
+        fields["compiled_graphs"] = self.graphs_made()[0]
         return fields
+
+    def graphs_made(self) -> tuple[int, dict[str, int]]:
+        """Graphs torch.compile has made since this run began, and per compiled module class."""
+        (total, per_region), (total_before, per_region_before) = compiled_graphs(self.regions), self.graphs_at_start
+        return total - total_before, {name: count - per_region_before.get(name, 0) for name, count in per_region.items()}
 
     def _rates(self, seconds: float, counts: dict, steps: int) -> dict:
         tokens_per_s = counts["tokens"] / seconds if seconds > 0 else 0.0
@@ -113,7 +120,7 @@ class ThroughputMeter:
         return rates
 
     def summary(self) -> dict:
-        graphs, per_region = compiled_graphs(self.regions)
+        graphs, per_region = self.graphs_made()
         return {
             "seconds_to_first_step": round(self.first_step_end - self.started_at, 2) if self.first_step_end else None,
             "steps_10_60": self.window,
