@@ -31,9 +31,11 @@ demo: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(VENV)/bin/matvlm evaluate --model matvlm_cli/presets/tiny-teacher \
 		--model runs/tiny-hybrid-0.25 --model runs/demo-distill/final --tasks pope,mmmu,textvqa --output runs/demo-evaluate
 
-# The suite, after ruff's lint (pyproject.toml [tool.ruff]); `make lint` runs the lint alone.
+# The suite, after ruff's lint (pyproject.toml [tool.ruff]); `make lint` runs the lint alone. Two processes
+# (pytest-xdist), each test module kept in one of them so its fixtures are built once: about 8 minutes of
+# tests on 2 cores instead of 12 (docs/testing.md). `pytest tests/FILE.py` alone runs in one process.
 test: lint $(VENV)/.triton
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadscope
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
@@ -48,7 +50,7 @@ test-latest:
 	$(LATEST_VENV)/bin/pip install -q "$(TORCH)" $(TRITON_LATEST)
 	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[test,app]"
 	$(LATEST_VENV)/bin/pip freeze --exclude-editable > $(LATEST_VENV)/versions.txt
-	$(LATEST_VENV)/bin/python -m pytest -q
+	$(LATEST_VENV)/bin/python -m pytest -q -n 2 --dist loadscope
 
 
 # vLLM serves the exports with transformers' greedy tokens (docs/serving.md): three exports of the embedded
