@@ -9,6 +9,10 @@ dependent launch, so `kernels.pdl` is off there; the PDL form runs in the GPU ch
 program in Python."""
 
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -509,3 +513,23 @@ def test_fused_gemma_decodes_one_token_through_the_kernels_like_the_model(kernel
         assert gate.shared is layer.mlp.up_proj.shared and gate.shared.gelu_rows == (0, gate.out_features)
         assert gate.shared.gelu_applied and isinstance(layer.mlp.act_fn, fusion.ActivationAfterProjection)
     assert rel_err(after, before) < (1e-5 if kernel_path == torch.float32 else 2e-2)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs these experiments in full (experiments/gpu/h200_bench.sh)")
+@pytest.mark.parametrize("script", ["decode_combine.py", "gemv_prefetch.py"])
+def test_the_kernel_experiments_waiting_for_a_gpu_still_run_on_the_kernels_they_share(script):
+    """experiments/gpu's kernel variants call the engine kernels' pieces (attention.attend_slice; gemv's
+    weight_tile, accumulate and finish), so a change there can break them, found only on the GPU machine,
+    whose time is short. Their --cpu mode runs them on small shapes in the interpreter: every variant's
+    values equal the engine's (decode_combine: both within 1e-5 of float32 SDPA; gemv_prefetch: equal
+    outputs, and the engine's chain within 1e-5 of float64)."""
+    folder = Path(__file__).resolve().parents[1] / "experiments" / "gpu"
+    result = subprocess.run([sys.executable, str(folder / script), "--cpu"], capture_output=True, text=True, cwd=folder,
+                            env=os.environ | {"TRITON_INTERPRET": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    if script == "decode_combine.py":
+        errors = [float(e) for e in re.findall(r"err ([0-9.e+-]+)", result.stdout)]
+        assert len(errors) == 4 and max(errors) < 1e-5, result.stdout
+    else:
+        assert result.stdout.count("outputs equal to the engine's") == 3 and "DIFFER" not in result.stdout, result.stdout
+        assert "engine chain against float64" in result.stdout

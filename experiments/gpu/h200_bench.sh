@@ -10,7 +10,8 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 COLUMNS=160  # rich tables at full width in the log
 OUT=${OUT:-/tmp/h200-bench}; mkdir -p "$OUT"
 BUDGET=${BUDGET:-560}  # seconds for the whole script
-STAGES=${STAGES:-checks,probe,bench}  # also: combine (experiments/gpu/decode_combine.py), not in the default
+STAGES=${STAGES:-checks,probe,bench}  # also, not in the default: combine (experiments/gpu/decode_combine.py),
+# prefetch (experiments/gpu/gemv_prefetch.py)
 # THROUGHPUT="" leaves the throughput searches out of the bench stage
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 start=$(date +%s)
@@ -22,8 +23,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 
 # the checks take about 5 minutes (session 18): 200 s with the bench in the same call, the call's budget
-# less 2 minutes with the combine probe, else all of it
-checks_limit=$(if has bench; then echo 200; elif has combine; then echo $(( $(left) - 120 )); else echo $(( $(left) - 10 )); fi)
+# less 2 minutes with the combine or prefetch experiment, else all of it
+checks_limit=$(if has bench; then echo 200; elif has combine || has prefetch; then echo $(( $(left) - 120 )); else echo $(( $(left) - 10 )); fi)
 has checks && timeout $checks_limit python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton_kernels.py \
   -k "prefill_chunk or skip_gate_norm or split_kv or graph_engine_decodes_like_generate_on_cuda or mixer_prefill or fused_decode_step or gemv or fused_phi or fused_gemma or normalises or cache_write or batch_1 or residual or compiled_step" \
   2>&1 | tail -15 | tee -a "$OUT/gpu.txt"
@@ -31,6 +32,8 @@ echo "checks done at $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
 
 has combine && timeout $(( $(left) - 10 )) python3 experiments/gpu/decode_combine.py 2>&1 | tee "$OUT/decode-combine-h200.txt"
 echo "combine done at $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
+has prefetch && timeout $(( $(left) - 10 )) python3 experiments/gpu/gemv_prefetch.py 2>&1 | tee "$OUT/gemv-prefetch-h200.txt"
+echo "prefetch done at $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
 
 has probe && timeout 300 python3 experiments/gpu/prefill_probe.py --output "$OUT/prefill-h200.json" 2>&1 \
   | grep -v -e "Loading weights" -e "requires torchvision" | tee "$OUT/prefill-h200.txt"

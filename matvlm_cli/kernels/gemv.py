@@ -33,6 +33,53 @@ except ImportError:
     triton = None
 
 if triton is not None:
+    # The kernel in three pieces, which Triton inlines: a tile of weights, the products with one tile of x, and
+    # the end (norm, bias, GELU, residual, store). experiments/gpu/gemv_prefetch.py orders them differently.
+
+    @triton.jit
+    def weight_tile(W, rows, in_rows, cols, K, EVEN_K: tl.constexpr):
+        # (BLOCK_N, BLOCK_K) weights of this program's rows
+        if EVEN_K:
+            return tl.load(W + rows[:, None] * K + cols[None, :], mask=in_rows[:, None], other=0.0)
+        return tl.load(W + rows[:, None] * K + cols[None, :], mask=in_rows[:, None] & (cols < K)[None, :], other=0.0)
+
+    @triton.jit
+    def accumulate(acc, sums, squares, w, X, NormScale, cols, K, EVEN_K: tl.constexpr, NORM: tl.constexpr):
+        # the products of one weight tile with its columns of x, summed into the (BLOCK_N, BLOCK_K) tile
+        if EVEN_K:
+            x = tl.load(X + cols).to(tl.float32)
+        else:
+            x = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)
+        if NORM:
+            sums += x
+            squares += x * x
+            if EVEN_K:
+                x = x * tl.load(NormScale + cols).to(tl.float32)
+            else:
+                x = x * tl.load(NormScale + cols, mask=cols < K, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * x[None, :]
+        return acc, sums, squares
+
+    @triton.jit
+    def finish(acc, sums, squares, rows, in_rows, Bias, Y, NormRowSums, Residual, K, gelu_start, gelu_end, norm_eps,
+               HAS_BIAS: tl.constexpr, GELU: tl.constexpr, NORM: tl.constexpr, CENTERED: tl.constexpr,
+               RESIDUAL: tl.constexpr):
+        y = tl.sum(acc, axis=1)
+        if NORM:  # y holds W (scale * x); the norm's mean and spread apply to the whole row at once
+            mean_square = tl.sum(squares, axis=0) / K
+            if CENTERED:  # W (scale * (x - mean)) = y - mean * (W scale), the row sums given
+                mean = tl.sum(sums, axis=0) / K
+                y = (y - mean * tl.load(NormRowSums + rows, mask=in_rows, other=0.0)) * tl.rsqrt(tl.maximum(mean_square - mean * mean, 0.0) + norm_eps)
+            else:
+                y = y * tl.rsqrt(mean_square + norm_eps)
+        if HAS_BIAS:
+            y += tl.load(Bias + rows, mask=in_rows, other=0.0).to(tl.float32)
+        if GELU:  # tanh GELU, 0.5 y (1 + tanh(u)), written as y sigmoid(2u): u = sqrt(2/pi) (y + 0.044715 y^3)
+            gelu = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
+            y = tl.where((rows >= gelu_start) & (rows < gelu_end), gelu, y)
+        if RESIDUAL:  # the sum the model adds the product to (bench/residual_fold.py)
+            y += tl.load(Residual + rows, mask=in_rows, other=0.0).to(tl.float32)
+        tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=in_rows)
 
     @triton.jit
     def _gemv_kernel(X, W, Bias, Y, NormScale, NormRowSums, Residual, N, K, gelu_start, gelu_end, norm_eps,
@@ -50,39 +97,12 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
         for k in range(0, K, BLOCK_K):
             cols = k + tl.arange(0, BLOCK_K)
-            if EVEN_K:
-                x = tl.load(X + cols).to(tl.float32)
-                w = tl.load(W + rows[:, None] * K + cols[None, :], mask=in_rows[:, None], other=0.0)
-            else:
-                in_cols = cols < K
-                x = tl.load(X + cols, mask=in_cols, other=0.0).to(tl.float32)
-                w = tl.load(W + rows[:, None] * K + cols[None, :], mask=in_rows[:, None] & in_cols[None, :], other=0.0)
-            if NORM:
-                sums += x
-                squares += x * x
-                if EVEN_K:
-                    x = x * tl.load(NormScale + cols).to(tl.float32)
-                else:
-                    x = x * tl.load(NormScale + cols, mask=in_cols, other=0.0).to(tl.float32)
-            acc += w.to(tl.float32) * x[None, :]
+            w = weight_tile(W, rows, in_rows, cols, K, EVEN_K)
+            acc, sums, squares = accumulate(acc, sums, squares, w, X, NormScale, cols, K, EVEN_K, NORM)
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        y = tl.sum(acc, axis=1)
-        if NORM:  # y holds W (scale * x); the norm's mean and spread apply to the whole row at once
-            mean_square = tl.sum(squares, axis=0) / K
-            if CENTERED:  # W (scale * (x - mean)) = y - mean * (W scale), the row sums given
-                mean = tl.sum(sums, axis=0) / K
-                y = (y - mean * tl.load(NormRowSums + rows, mask=in_rows, other=0.0)) * tl.rsqrt(tl.maximum(mean_square - mean * mean, 0.0) + norm_eps)
-            else:
-                y = y * tl.rsqrt(mean_square + norm_eps)
-        if HAS_BIAS:
-            y += tl.load(Bias + rows, mask=in_rows, other=0.0).to(tl.float32)
-        if GELU:  # tanh GELU, 0.5 y (1 + tanh(u)), written as y sigmoid(2u): u = sqrt(2/pi) (y + 0.044715 y^3)
-            gelu = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
-            y = tl.where((rows >= gelu_start) & (rows < gelu_end), gelu, y)
-        if RESIDUAL:  # the sum the model adds the product to (bench/residual_fold.py)
-            y += tl.load(Residual + rows, mask=in_rows, other=0.0).to(tl.float32)
-        tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=in_rows)
+        finish(acc, sums, squares, rows, in_rows, Bias, Y, NormRowSums, Residual, K, gelu_start, gelu_end, norm_eps,
+               HAS_BIAS, GELU, NORM, CENTERED, RESIDUAL)
 
 
 def tiles(out_features: int, in_features: int, sms: int) -> tuple[int, int, int]:
