@@ -435,3 +435,36 @@ def test_every_family_fuses_q_k_v_and_gate_up_by_what_they_read(family):
         folded = [m.projection[0] for m in model.modules() if isinstance(m, fusion.NormBeforeProjection)]
         assert len(folded) == 2 * 4 and layer.self_attn.q_proj.shared in folded and layer.mlp.gate_proj.shared in folded
         torch.testing.assert_close(model(input_ids=ids).logits, before)
+
+
+def test_terminal_tables_fit_80_columns_with_every_number_whole():
+    """The bench's tables in an 80-column terminal, on a real report (session 18's H200 run), with a student
+    directory's long name and a row that failed: nothing is cut (no "…"), the long name folds onto the
+    lines below its row, every number a row shows is whole on its line, and the failure is a line of its own."""
+    import io
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from matvlm_cli.bench import report
+
+    data = json.loads((Path(__file__).resolve().parents[1] / "docs/results/bench/bench-h200-fc2.json").read_text())
+    long_name = "tiny-default-0.25-distilled-final"
+    data["rows"][1]["model"] = data["comparisons"][0]["model"] = long_name
+    data["rows"][2]["error"] = "does not fit (batch 1 needs more than the card's memory)"
+    console = Console(width=80, record=True, file=io.StringIO())
+    report.print_report(data, console)
+    lines = console.export_text().splitlines()
+    assert max(map(len, lines)) <= 80 and not any("…" in line for line in lines)
+    rows = [i for i, line in enumerate(lines) if " graphs " in line]  # one line per table row, then its folds
+    shown = [row for row in data["rows"] if not row["error"]]
+    assert len(rows) == len(shown) + len(data["comparisons"])
+    for i, row in zip(rows, shown):
+        assert lines[i].split()[-6:] == [str(row["seq_len"]), str(row["batch"]), f"{row['prefill_ms']:.1f}",
+                                         f"{row['decode_ms']:.2f}", f"{row['x_floor']:.2f}", f"{row['peak_gib']:.2f}"]
+    for i, comparison in zip(rows[len(shown):], data["comparisons"]):
+        assert lines[i].split()[4:6] == [f"{comparison['speedup']:.2f}x", f"{comparison['floor_speedup']:.2f}x"]
+    for i in (rows[1], rows[len(shown)]):  # the long name, in the rows table and in the comparison
+        assert "".join(line.strip() for line in [lines[i].split()[0], *lines[i + 1: i + 4]]).startswith(long_name)
+    failed = data["rows"][2]
+    assert f"{failed['model']} ({failed['engine']}) at {failed['seq_len']} tokens, batch 1: does not fit" in " ".join(lines)
