@@ -19,6 +19,13 @@ Schedule = Literal["wsd", "cosine", "constant"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Distributed = Literal["ddp", "fsdp"]
 Shapes = Literal["padded", "buckets", "packed"]
+# `matvlm bench --teacher`'s config-only presets, besides any model directory: architectures to time with random
+# weights (each a config.json under presets/, and the published preprocessor_config.json where the family has
+# one; sources in presets/README.md).
+BENCH_PRESETS = (
+    "tinyllava-phi2-siglip-3b", "llava-1.5-7b", "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen3-vl-4b", "internvl3-2b",
+    "smolvlm2-2.2b", "gemma-3-4b",
+)
 
 
 def choices(kind) -> tuple[str, ...]:

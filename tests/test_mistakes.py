@@ -406,6 +406,8 @@ def test_help_shows_defaults_and_flags_without_values(cli):
             shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
             assert re.search(rf"default: (\(|\[)?{re.escape(shown)}|default: {re.escape(shown.replace(', ', ','))}", flat), (command, key, shown)
     assert "[default: 0.25]" in " ".join(texts["convert"].split())
+    from matvlm_cli.bench.models import PRESETS  # --teacher names every preset (rich may wrap one at its hyphens)
+    assert all(name in "".join(texts["bench"].split()) for name in PRESETS)
 
 
 def test_a_flags_value_is_not_read_as_a_recipe(cli, tmp_path, monkeypatch):

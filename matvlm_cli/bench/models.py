@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig
 
+from ..choices import BENCH_PRESETS
 from ..errors import MatvlmError
 from ..families import model_family
 from ..hybrid import choose_layers, convert_to_hybrid, load_model
@@ -27,12 +28,7 @@ from ..hybrid.stock import is_stock_hybrid
 from ..paths import PRESETS_DIR, default_teacher_dir
 from .engines import BenchInputs
 
-# Config-only presets: architectures to time, not models to use (each a config.json, and the published
-# preprocessor_config.json where the family has one; sources in presets/README.md).
-PRESETS = (
-    "tinyllava-phi2-siglip-3b", "llava-1.5-7b", "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen3-vl-4b", "internvl3-2b",
-    "smolvlm2-2.2b", "gemma-3-4b",
-)
+PRESETS = BENCH_PRESETS  # architectures to time, not models to use (choices.py)
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..choices import Backend, Device, Dtype, Engine, Placement, choices
+from ..choices import BENCH_PRESETS, Backend, Device, Dtype, Engine, Placement, choices
 from .loading import RecipeSource, problems_error, setting
 
 
@@ -14,7 +14,7 @@ class BenchRecipe:
     """`matvlm bench`: teacher vs hybrids, same engine, decode speed / memory against the bandwidth floor."""
 
     teacher: str | None = setting(
-        None, "Teacher directory or preset: tinyllava-phi2-siglip-3b, llava-1.5-7b (random weights).",
+        None, f"Teacher directory or preset (an architecture with random weights): {', '.join(BENCH_PRESETS)}.",
         shown="tinyllava-phi2-siglip-3b on a GPU, the embedded teacher on CPU")
     students: list[str] = setting(help="A hybrid directory; repeatable.", factory=list, flag="--student")
     ratios: list[float] | None = setting(None, "Convert the teacher in memory at this ratio; repeatable.", flag="--ratio",
