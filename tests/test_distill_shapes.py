@@ -280,3 +280,24 @@ def test_a_compiled_packed_run_makes_all_its_graphs_in_its_first_step(world, tmp
     assert log[-1]["epoch"] >= 1 and summary["compiled_graphs"] > 0
     assert {entry["compiled_graphs"] for entry in log} == {summary["compiled_graphs"]}
     assert summary["graphs_per_region"] and max(summary["graphs_per_region"].values()) <= 3, summary["graphs_per_region"]
+
+
+def test_the_progress_line_fits_80_columns_with_its_numbers_whole(world, tmp_path):
+    """In an 80-column terminal the bar shows the step, the loss and tokens/s, then as many of the loss's
+    parts as fit, none cut ("…"); a wide terminal shows them all, and the learning rate."""
+    import io
+
+    from rich.console import Console
+
+    from matvlm_cli.distill.report import step_summary
+
+    console = Console(width=80, record=True, file=io.StringIO())
+    run_distill(make(values_for(world, tmp_path / "run", training={"max_steps": 3})), console)
+    text = console.export_text()
+    (bar,) = [line for line in text.splitlines() if line.startswith("distill 3/3")]
+    assert len(bar) <= 80 and "…" not in text
+    last = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert f"loss {last['loss']:.4g}" in bar and "tok/s" in bar and f"kl {last['kl']:.4g}" in bar
+    stats = {"loss": 27.01801, "kl": 0.13688, "layer": 26.82117, "ce": 0.11981, "lr": 2.8e-4, "tokens_per_s": 1623}
+    assert step_summary(stats, 200) == "loss 27.02  1623 tok/s  kl 0.1369  layer 26.82  ce 0.1198  lr 2.80e-04"
+    assert step_summary(stats, 30) == "loss 27.02  1623 tok/s"

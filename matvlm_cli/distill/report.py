@@ -17,6 +17,23 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from ..recipes import OutputSettings
 from .throughput import ThroughputMeter
 
+BAR_WIDTH = 12
+TIME_WIDTH = len("0:00:00")  # rich's time remaining
+
+
+def step_summary(stats: dict, width: int) -> str:
+    """The numbers beside the bar, most wanted first (loss, tokens/s, then the loss's parts and the learning
+    rate), as many as fit in `width` characters: a terminal of 80 columns shows the first few whole, a wide one
+    all of them; log.jsonl has every one."""
+    parts = [f"loss {stats['loss']:.4g}", f"{stats['tokens_per_s']} tok/s",
+             *(f"{name} {stats[name]:.4g}" for name in ("kl", "layer", "ce") if name in stats), f"lr {stats['lr']:.2e}"]
+    shown: list[str] = []
+    for part in parts:
+        if len("  ".join([*shown, part])) > width:
+            break
+        shown.append(part)
+    return "  ".join(shown)
+
 
 def peak_memory() -> str:
     if torch.cuda.is_available():
@@ -38,10 +55,12 @@ class StepReport:
         """Open while the run trains from optimizer step `step`: the clock, the bar, the log."""
         acc = self.accelerator
         progress = Progress(
-            TextColumn("[bold]distill[/bold] step {task.completed}/{task.total}"), BarColumn(),
+            TextColumn("[bold]distill[/bold] {task.completed}/{task.total}"), BarColumn(bar_width=BAR_WIDTH),
             TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=self.console,
             disable=not acc.is_main_process,
         )
+        # what the numbers may take: the terminal less the step count, the bar, the time left and the gaps
+        self.stats_width = self.console.width - len(f"distill {self.total_steps}/{self.total_steps}") - BAR_WIDTH - TIME_WIDTH - 3
         self.log = (self.out / "log.jsonl").open("a") if acc.is_main_process else None
         if acc.log_with:
             acc.init_trackers("tensorboard")
@@ -83,9 +102,7 @@ class StepReport:
                   "padding": round(1 - self.real / max(1, self.padded), 4), "tokens": self.tokens} | speed
         if self.staged:
             stats["stage"] = stage
-        self.progress.update(self.task, completed=step, stats="  ".join(
-            [f"{k} {v:.4f}" for k, v in stats.items() if k in ("loss", "kl", "layer", "ce")]
-            + [f"lr {stats['lr']:.2e}", f"{stats['tokens_per_s']} tok/s"]))
+        self.progress.update(self.task, completed=step, stats=step_summary(stats, self.stats_width))
         return stats
 
     def record(self, step: int, epoch: int, stats: dict) -> None:
