@@ -165,7 +165,8 @@ def prepare(sources, processor_dir: Path, processor, max_length: int, cache_root
     else:
         context = multiprocessing.get_context("spawn")  # the trainer's torch threads make fork unsafe
         pool = context.Pool(workers, _start_worker, encoder_args)
-    progress = Progress(TextColumn("[bold]preparing data[/bold] {task.description}"), BarColumn(), DownloadColumn(),
+    # one line per source file, sized for an 80-column terminal with a file name of 20 characters or so
+    progress = Progress(TextColumn("[bold]preparing[/bold] {task.description}"), BarColumn(bar_width=12), DownloadColumn(),
                         TextColumn("{task.fields[records]} records"), TimeRemainingColumn(), console=console)
     cache_root.mkdir(parents=True, exist_ok=True)
     with atomic_directory(target, overwrite=True) as tmp, progress, pool as pool:
