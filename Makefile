@@ -34,8 +34,9 @@ demo: $(VENV)/.installed
 # The suite, after ruff's lint (pyproject.toml [tool.ruff]); `make lint` runs the lint alone. Two processes
 # (pytest-xdist), each test module kept in one of them so its fixtures are built once: about 8 minutes of
 # tests on 2 cores instead of 12 (docs/testing.md). `pytest tests/FILE.py` alone runs in one process.
+PYTEST := python -m pytest -q -n 2 --dist loadscope
 test: lint $(VENV)/.triton
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadscope
+	$(VENV)/bin/$(PYTEST)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
@@ -50,7 +51,7 @@ test-latest:
 	$(LATEST_VENV)/bin/pip install -q "$(TORCH)" $(TRITON_LATEST)
 	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[test,app]"
 	$(LATEST_VENV)/bin/pip freeze --exclude-editable > $(LATEST_VENV)/versions.txt
-	$(LATEST_VENV)/bin/python -m pytest -q -n 2 --dist loadscope
+	$(LATEST_VENV)/bin/$(PYTEST)
 
 
 # vLLM serves the exports with transformers' greedy tokens (docs/serving.md): three exports of the embedded

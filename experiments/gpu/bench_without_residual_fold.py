@@ -1,5 +1,5 @@
 """`matvlm bench` with the compiled decode step's residual fold (matvlm_cli/bench/residual_fold.py) switched off:
-the "before" half of an A/B in one call, whatever card the call gets (experiments/gpu/fold_ab.sh).
+the "before" half of an A/B in one call, whatever card the call gets (the fold stage of experiments/gpu/h200_bench.sh).
 
     python experiments/gpu/bench_without_residual_fold.py --ratio 0.5 --seq-len 8192 --engine graphs
 

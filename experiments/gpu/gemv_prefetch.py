@@ -60,23 +60,11 @@ def gemv_prefetching(X, W, Bias, Y, NormScale, NormRowSums, Residual, N, K, gelu
 
 
 def launch(variant, x, weight, bias, gelu=(0, 0), norm_scale=None, norm_row_sums=None, eps=1e-5):
-    """One product, as gemv.gemv launches it (its tiles, its PDL), through the variant's kernel."""
-    n, k = weight.shape
-    y = torch.empty(*x.shape[:-1], n, device=x.device, dtype=x.dtype)
-    rows, cols, warps = gemv.tiles(n, k, sm_count(x.device))
-    use_pdl = pdl(x.device)
-    arguments = (x, weight, bias, y, y if norm_scale is None else norm_scale, y if norm_row_sums is None else norm_row_sums,
-                 y, n, k, gelu[0], gelu[1], eps)
-    constants = dict(HAS_BIAS=True, EVEN_K=k % cols == 0, GELU=gelu[1] > gelu[0], NORM=norm_scale is not None,
-                     CENTERED=norm_row_sums is not None, RESIDUAL=False, BLOCK_N=rows, BLOCK_K=cols, USE_PDL=use_pdl,
-                     num_warps=warps, num_stages=3)
-    if use_pdl:
-        constants["launch_pdl"] = True
+    """One product, launched as gemv.gemv launches it (its tiles, its PDL), through the variant's kernel."""
     if variant == "engine":
-        gemv._gemv_kernel[(triton.cdiv(n, rows),)](*arguments, **constants)
-    else:
-        gemv_prefetching[(triton.cdiv(n, rows),)](*arguments, **constants, EARLY_LAUNCH=variant == "prefetch, early launch")
-    return y
+        return gemv.launch(gemv._gemv_kernel, x, weight, bias, *gelu, norm_scale, norm_row_sums, eps)
+    return gemv.launch(gemv_prefetching, x, weight, bias, *gelu, norm_scale, norm_row_sums, eps,
+                       EARLY_LAUNCH=variant == "prefetch, early launch")
 
 
 VARIANTS = ("engine", "prefetch", "prefetch, early launch")

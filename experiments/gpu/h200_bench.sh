@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED=1 COLUMNS=160  # rich tables at full width in the log
 OUT=${OUT:-/tmp/h200-bench}; mkdir -p "$OUT"
 BUDGET=${BUDGET:-560}  # seconds for the whole script
 STAGES=${STAGES:-checks,probe,bench}  # also, not in the default: combine (experiments/gpu/decode_combine.py),
-# prefetch (experiments/gpu/gemv_prefetch.py)
+# prefetch (experiments/gpu/gemv_prefetch.py), fold (below: the residual fold off, then on, about 5 minutes)
 # THROUGHPUT="" leaves the throughput searches out of the bench stage
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 start=$(date +%s)
@@ -34,6 +34,20 @@ has combine && timeout $(( $(left) - 10 )) python3 experiments/gpu/decode_combin
 echo "combine done at $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
 has prefetch && timeout $(( $(left) - 10 )) python3 experiments/gpu/gemv_prefetch.py 2>&1 | tee "$OUT/gemv-prefetch-h200.txt"
 echo "prefetch done at $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
+
+# The residual fold (matvlm_cli/bench/residual_fold.py) against the same build without it, in one call, so the
+# comparison holds whichever card the call gets: `matvlm bench` for the teacher and the 0.5 hybrid at 8k, the
+# fold off (bench_without_residual_fold.py), then on (the CLI as users run it, with --profile: no
+# triton_poi_fused_add_* kernels a layer should be left). Each model's step compiles twice, about 45 s a time.
+if has fold; then
+  options="--ratio 0.5 --seq-len 8192 --engine graphs --repeats 2"
+  timeout $(( $(left) / 2 - 5 )) python3 experiments/gpu/bench_without_residual_fold.py $options --output "$OUT/bench-unfolded" 2>&1 \
+    | grep -v -e "Loading weights" -e "requires torchvision" | tee "$OUT/bench-unfolded-log.txt" | tail -12
+  timeout $(( $(left) - 10 )) python3 -m matvlm_cli bench $options --profile --output "$OUT/bench-folded" 2>&1 \
+    | grep -v -e "Loading weights" -e "requires torchvision" | tee "$OUT/bench-folded-log.txt" | tail -12
+  grep -h "fused_add" "$OUT"/bench-folded/profile-*.txt | head -5 || true
+fi
+echo "fold done at $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
 
 has probe && timeout 300 python3 experiments/gpu/prefill_probe.py --output "$OUT/prefill-h200.json" 2>&1 \
   | grep -v -e "Loading weights" -e "requires torchvision" | tee "$OUT/prefill-h200.txt"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig
 
-from ..choices import BENCH_PRESETS
+from ..choices import BENCH_PRESETS as PRESETS  # architectures to time, not models to use
 from ..errors import MatvlmError
 from ..families import model_family
 from ..hybrid import choose_layers, convert_to_hybrid, load_model
@@ -27,8 +27,6 @@ from ..hybrid.layouts import load_config, model_class_for
 from ..hybrid.stock import is_stock_hybrid
 from ..paths import PRESETS_DIR, default_teacher_dir
 from .engines import BenchInputs
-
-PRESETS = BENCH_PRESETS  # architectures to time, not models to use (choices.py)
 
 
 @dataclass

@@ -130,18 +130,25 @@ def gemv(
     layer norm when `norm_row_sums` (out,) float32 = weight @ norm_scale is given; eps `norm_eps`
     (bench/folds.py). With `residual`, contiguous and of the output's shape and dtype, returns the product plus
     it, rounded once (bench/residual_fold.py). Returns (..., out) in x's dtype."""
+    return launch(_gemv_kernel, x, weight, bias, gelu_start, gelu_end, norm_scale, norm_row_sums, norm_eps, residual)
+
+
+def launch(kernel, x, weight, bias, gelu_start=0, gelu_end=0, norm_scale=None, norm_row_sums=None, norm_eps=0.0,
+           residual=None, **constants) -> torch.Tensor:
+    """`gemv`'s launch (its tiles, its grid, PDL where it is on) of `kernel`: `_gemv_kernel`, or a variant with
+    its arguments and `constants` more (experiments/gpu/gemv_prefetch.py)."""
     out_features, in_features = weight.shape
     y = torch.empty(*x.shape[:-1], out_features, device=x.device, dtype=x.dtype)
     rows, cols, warps = tiles(out_features, in_features, sm_count(x.device))
     use_pdl = pdl(x.device)
-    _gemv_kernel[(triton.cdiv(out_features, rows),)](
+    kernel[(triton.cdiv(out_features, rows),)](
         x, weight, y if bias is None else bias, y, y if norm_scale is None else norm_scale,
         y if norm_row_sums is None else norm_row_sums, y if residual is None else residual, out_features, in_features,
         gelu_start, gelu_end, norm_eps,
         HAS_BIAS=bias is not None, EVEN_K=in_features % cols == 0, GELU=gelu_end > gelu_start,
         NORM=norm_scale is not None, CENTERED=norm_row_sums is not None, RESIDUAL=residual is not None,
         BLOCK_N=rows, BLOCK_K=cols,
-        USE_PDL=use_pdl, num_warps=warps, num_stages=3, launch_pdl=use_pdl,
+        USE_PDL=use_pdl, num_warps=warps, num_stages=3, launch_pdl=use_pdl, **constants,
     )
     return y
 
