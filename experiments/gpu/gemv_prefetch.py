@@ -11,8 +11,10 @@ layers:
 - `prefetch`: the first weight tile loaded before the wait, the rest as the engine;
 - `prefetch, early launch`: as `prefetch`, and the kernel lets the next one launch as soon as it starts
   (`gdc_launch_dependents` first), so the next GEMV's programs are resident, with their first tile loaded,
-  while this one streams its weights.
-All three share kernels/gemv.py's pieces (weight_tile, accumulate, finish), so only the order differs.
+  while this one streams its weights;
+- `engine, 3 stages` and `prefetch, 3 stages` (session 20): the same with the loop pipelined, two weight tiles
+  ahead through shared memory (the engine's loop is not: docs/bench-h200.md, session 20).
+All share kernels/gemv.py's pieces (weight_tile, accumulate, finish), so only the order differs.
 
     python experiments/gpu/gemv_prefetch.py > docs/results/bench/gemv-prefetch-h200.txt
 
@@ -36,7 +38,7 @@ from matvlm_cli.kernels import gemv, pdl, sm_count
 def gemv_prefetching(X, W, Bias, Y, NormScale, NormRowSums, Residual, N, K, gelu_start, gelu_end, norm_eps,
                      HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, GELU: tl.constexpr, NORM: tl.constexpr,
                      CENTERED: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     USE_PDL: tl.constexpr, EARLY_LAUNCH: tl.constexpr):
+                     STAGES: tl.constexpr, USE_PDL: tl.constexpr, EARLY_LAUNCH: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_rows = rows < N
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -49,7 +51,7 @@ def gemv_prefetching(X, W, Bias, Y, NormScale, NormRowSums, Residual, N, K, gelu
             tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     acc, sums, squares = gemv.accumulate(acc, sums, squares, w, X, NormScale, cols, K, EVEN_K, NORM)
-    for k in range(BLOCK_K, K, BLOCK_K):
+    for k in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):
         cols = k + tl.arange(0, BLOCK_K)
         w = gemv.weight_tile(W, rows, in_rows, cols, K, EVEN_K)
         acc, sums, squares = gemv.accumulate(acc, sums, squares, w, X, NormScale, cols, K, EVEN_K, NORM)
@@ -61,13 +63,16 @@ def gemv_prefetching(X, W, Bias, Y, NormScale, NormRowSums, Residual, N, K, gelu
 
 def launch(variant, x, weight, bias, gelu=(0, 0), norm_scale=None, norm_row_sums=None, eps=1e-5):
     """One product, launched as gemv.gemv launches it (its tiles, its PDL), through the variant's kernel."""
-    if variant == "engine":
-        return gemv.launch(gemv._gemv_kernel, x, weight, bias, *gelu, norm_scale, norm_row_sums, eps)
-    return gemv.launch(gemv_prefetching, x, weight, bias, *gelu, norm_scale, norm_row_sums, eps,
+    tile = gemv.tiles(*weight.shape, sm_count(x.device))
+    if variant.endswith("3 stages"):
+        tile = tile._replace(stages=3)
+    if variant.startswith("engine"):
+        return gemv.launch(gemv._gemv_kernel, x, weight, bias, *gelu, norm_scale, norm_row_sums, eps, tile=tile)
+    return gemv.launch(gemv_prefetching, x, weight, bias, *gelu, norm_scale, norm_row_sums, eps, tile=tile,
                        EARLY_LAUNCH=variant == "prefetch, early launch")
 
 
-VARIANTS = ("engine", "prefetch", "prefetch, early launch")
+VARIANTS = ("engine", "engine, 3 stages", "prefetch", "prefetch, 3 stages", "prefetch, early launch")
 
 
 def make_layers(count, hidden, ffn, device, dtype):

@@ -2,10 +2,16 @@
 (issue #26, session 18): per projection of the graphs engine's teacher step, the engine's launch (with and
 without the folded norm and GELU) against cuBLAS and a sweep of tiles, on the GPU machine.
 
-    python experiments/gpu/gemv_probe.py > docs/results/bench/gemv-probe-h200.txt
+    python experiments/gpu/gemv_probe.py > docs/results/bench/gemv-probe-h200-stages.txt
 
 Each time is the median replay of a CUDA graph over enough distinct weights (>= 400 MB) that none sits in
-L2 from one call to the next; TB/s counts the weight bytes only.
+L2 from one call to the next; TB/s counts the weight bytes only. Every tile is launched by kernels/gemv.py's
+own `launch`, PDL included where it is on.
+
+The sweep (session 20): rows, columns and warps, each with the loop unpipelined (1 stage, the engine's) and
+pipelined through shared memory (3 stages), then 2, 4 and 6 stages for the three best. Session 18's sweep
+(gemv-probe-h200.txt) had a "stages" column too, but then it was a launch option, which Triton applies only to
+loops with a tl.dot: all its tiles ran unpipelined (docs/bench-h200.md, session 20).
 """
 
 import itertools
@@ -14,7 +20,6 @@ import sys
 
 import torch
 import torch.nn.functional as F
-import triton
 from decode_common import graph_time  # this folder: on the path when the script runs
 
 from matvlm_cli.bench.floor import measure_bandwidth
@@ -42,14 +47,8 @@ def weights(n, k):
     return ws, bs
 
 
-def launch(x, w, b, y, scale, row_sums, gelu, block_n, block_k, warps, stages):
-    n, k = w.shape
-    gemv._gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, w, b, y, y if scale is None else scale, y if row_sums is None else row_sums, y, n, k, gelu[0], gelu[1], 1e-5,
-        HAS_BIAS=True, EVEN_K=k % block_k == 0, GELU=gelu[1] > gelu[0], NORM=scale is not None,
-        CENTERED=row_sums is not None, RESIDUAL=False, BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=False,
-        num_warps=warps, num_stages=stages,
-    )
+def describe(tile):
+    return f"rows {tile.rows:>2} cols {tile.cols:>3} warps {tile.warps} stages {tile.stages}"
 
 
 def main():
@@ -61,7 +60,6 @@ def main():
         xk = x[..., :k].contiguous()
         scale = torch.rand(k, device=dev) + 0.5 if norm else None
         row_sums = [(w.float() @ scale).contiguous() for w in ws] if norm else [None] * len(ws)
-        y = torch.empty(1, 1, n, device=dev, dtype=torch.bfloat16)
         tb = n * k * 2 / 1e12
         print(f"\n{name}: {n} x {k}, {n * k * 2 / 1e6:.1f} MB, {len(ws)} copies; engine tiles {gemv.tiles(n, k, sms)}")
 
@@ -75,19 +73,23 @@ def main():
         if name not in SWEEP:
             continue
         results = []
-        for block_n, block_k, warps, stages in itertools.product((2, 4, 8, 16), (128, 256, 512), (4, 8), (2, 3)):
-            if block_n * block_k > 8192:
-                continue
-            try:
-                t = graph_time(lambda: [launch(xk, ws[i], bs[i], y, scale, row_sums[i], gelu, block_n, block_k, warps, stages)
-                                        for i in range(len(ws))]) / len(ws)
-            except Exception as error:  # a tile that does not compile or fit: say so, go on
-                print(f"  rows {block_n} cols {block_k} warps {warps} stages {stages}: {type(error).__name__}")
-                continue
-            results.append((t, block_n, block_k, warps, stages))
-        results.sort()
-        for t, block_n, block_k, warps, stages in results[:6]:
-            print(f"  rows {block_n:>2} cols {block_k:>3} warps {warps} stages {stages}  {t * 1e6:7.2f} us  {tb / t:5.2f} TB/s")
+
+        def sweep(tiles):
+            for tile in tiles:
+                try:
+                    t = graph_time(lambda: [gemv.launch(gemv._gemv_kernel, xk, ws[i], bs[i], *gelu, scale, row_sums[i], 1e-5,
+                                                        tile=tile) for i in range(len(ws))]) / len(ws)
+                except Exception as error:  # a tile that does not compile or fit: say so, go on
+                    print(f"  {describe(tile)}: {type(error).__name__}")
+                    continue
+                results.append((t, tile))
+            results.sort()
+
+        sweep(gemv.Tile(*tile) for tile in itertools.product((2, 4, 8, 16), (128, 256, 512), (4, 8), (1, 3))
+              if tile[0] * tile[1] <= 8192)
+        sweep(best._replace(stages=stages) for _, best in results[:3] for stages in (2, 4, 6))
+        for t, tile in results[:8]:
+            print(f"  {describe(tile):<34} {t * 1e6:7.2f} us  {tb / t:5.2f} TB/s")
         print(f"  ({len(results)} tiles; slowest {results[-1][0] * 1e6:.2f} us)", flush=True)
 
 

@@ -21,6 +21,8 @@ stream, or a parallel block's other product): it adds it before the one store (`
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -85,9 +87,11 @@ if triton is not None:
     def _gemv_kernel(X, W, Bias, Y, NormScale, NormRowSums, Residual, N, K, gelu_start, gelu_end, norm_eps,
                      HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, GELU: tl.constexpr, NORM: tl.constexpr,
                      CENTERED: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     USE_PDL: tl.constexpr):
+                     STAGES: tl.constexpr, USE_PDL: tl.constexpr):
         # One program: BLOCK_N output rows. The products are summed in a (BLOCK_N, BLOCK_K) tile and
-        # reduced once at the end, so the loop is loads and fused multiply-adds only.
+        # reduced once at the end, so the loop is loads and fused multiply-adds only. With STAGES > 1, Triton
+        # pipelines the weight loads: STAGES - 1 tiles ahead, through shared memory (cp.async). The loop says so
+        # itself: a launch's num_stages reaches only loops with a tl.dot, and this one has none.
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_rows = rows < N
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -95,7 +99,7 @@ if triton is not None:
         squares = tl.zeros([BLOCK_K], tl.float32)
         if USE_PDL:  # x is the previous kernel's output (kernels.pdl)
             tl.extra.cuda.gdc_wait()
-        for k in range(0, K, BLOCK_K):
+        for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             cols = k + tl.arange(0, BLOCK_K)
             w = weight_tile(W, rows, in_rows, cols, K, EVEN_K)
             acc, sums, squares = accumulate(acc, sums, squares, w, X, NormScale, cols, K, EVEN_K, NORM)
@@ -105,18 +109,31 @@ if triton is not None:
                HAS_BIAS, GELU, NORM, CENTERED, RESIDUAL)
 
 
-def tiles(out_features: int, in_features: int, sms: int) -> tuple[int, int, int]:
-    """(rows per program, columns per load, warps). The most rows, up to 8, that still leave 8 programs per
-    SM; 512 columns a load at 1-2 rows, 256 at more, 4 warps (the best tiles of the H200 sweep for Phi-2's
-    q/k/v, dense and fc1, within 0.3 us). A down projection, whose inputs outnumber its outputs more than
-    twice, takes 4 rows of 128 columns with 8 warps instead: Phi-2's fc2 (2560 x 10240) in 17.7 us against
-    20.6 at 2 rows of 512 (`experiments/gpu/gemv_probe.py`, docs/results/bench/gemv-probe-h200.txt)."""
+class Tile(NamedTuple):
+    """How `_gemv_kernel` cuts a product: `rows` output rows a program, `cols` columns a load, `warps` a
+    program, and `stages`, the weight tiles in flight through shared memory (1: loads straight into registers,
+    no pipelining)."""
+
+    rows: int
+    cols: int
+    warps: int
+    stages: int = 1
+
+
+def tiles(out_features: int, in_features: int, sms: int) -> Tile:
+    """The engine's tile for a product. The most rows, up to 8, that still leave 8 programs per SM; 512
+    columns a load at 1-2 rows, 256 at more, 4 warps (the best tiles of the H200 sweep for Phi-2's q/k/v,
+    dense and fc1, within 0.3 us). A down projection, whose inputs outnumber its outputs more than twice,
+    takes 4 rows of 128 columns with 8 warps instead: Phi-2's fc2 (2560 x 10240) in 17.7 us against 20.6 at
+    2 rows of 512 (`experiments/gpu/gemv_probe.py`, docs/results/bench/gemv-probe-h200.txt). One stage
+    everywhere: that sweep never pipelined, whatever its "stages" column says (that was a launch option,
+    which this loop ignores; docs/bench-h200.md, session 20)."""
     rows = 8
     while rows > 1 and -(-out_features // rows) < 8 * sms:
         rows //= 2
     if rows <= 2 and in_features > 2 * out_features:
-        return 4, 128, 8
-    return rows, 512 if rows <= 2 else 256, 4
+        return Tile(4, 128, 8)
+    return Tile(rows, 512 if rows <= 2 else 256, 4)
 
 
 @torch.library.custom_op("matvlm::gemv", mutates_args=())
@@ -134,12 +151,13 @@ def gemv(
 
 
 def launch(kernel, x, weight, bias, gelu_start=0, gelu_end=0, norm_scale=None, norm_row_sums=None, norm_eps=0.0,
-           residual=None, **constants) -> torch.Tensor:
-    """`gemv`'s launch (its tiles, its grid, PDL where it is on) of `kernel`: `_gemv_kernel`, or a variant with
-    its arguments and `constants` more (experiments/gpu/gemv_prefetch.py)."""
+           residual=None, tile: Tile | None = None, **constants) -> torch.Tensor:
+    """`gemv`'s launch (its grid, PDL where it is on) of `kernel`, with the engine's tile unless `tile` is
+    given: `_gemv_kernel`, or a variant with its arguments and `constants` more (experiments/gpu/gemv_probe.py,
+    gemv_prefetch.py)."""
     out_features, in_features = weight.shape
     y = torch.empty(*x.shape[:-1], out_features, device=x.device, dtype=x.dtype)
-    rows, cols, warps = tiles(out_features, in_features, sm_count(x.device))
+    rows, cols, warps, stages = tile or tiles(out_features, in_features, sm_count(x.device))
     use_pdl = pdl(x.device)
     kernel[(triton.cdiv(out_features, rows),)](
         x, weight, y if bias is None else bias, y, y if norm_scale is None else norm_scale,
@@ -147,8 +165,8 @@ def launch(kernel, x, weight, bias, gelu_start=0, gelu_end=0, norm_scale=None, n
         gelu_start, gelu_end, norm_eps,
         HAS_BIAS=bias is not None, EVEN_K=in_features % cols == 0, GELU=gelu_end > gelu_start,
         NORM=norm_scale is not None, CENTERED=norm_row_sums is not None, RESIDUAL=residual is not None,
-        BLOCK_N=rows, BLOCK_K=cols,
-        USE_PDL=use_pdl, num_warps=warps, num_stages=3, launch_pdl=use_pdl, **constants,
+        BLOCK_N=rows, BLOCK_K=cols, STAGES=stages,
+        USE_PDL=use_pdl, num_warps=warps, num_stages=stages, launch_pdl=use_pdl, **constants,
     )
     return y
 
