@@ -98,6 +98,8 @@ if triton is not None:
             y = tl.where(in_p, y * z * tl.sigmoid(z), 0.0)
             squares += y * y
             tl.store(Out + x_channel, y, mask=in_p)  # gated, not yet normalised (float32 scratch)
+        if USE_PDL:  # out_proj may be scheduled now; it waits for this kernel's end before it reads Out
+            tl.extra.cuda.gdc_launch_dependents()
 
         scale = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / (HEADS_PER_GROUP * HEADDIM) + eps)
         for i in tl.static_range(HEADS_PER_GROUP):
