@@ -39,6 +39,13 @@ GEMVS = ("merged", "dense", "fc2")
 
 
 @pytest.mark.slow
+def test_no_kernel_spills_registers(builds):
+    """No kernel, engine or variant, spills registers to local memory (the merging split-KV variant uses all
+    255)."""
+    assert {name: build["local"] for name, build in builds.items() if build["local"]} == {}
+
+
+@pytest.mark.slow
 def test_every_decode_kernel_waits_for_the_kernel_before_it_before_it_reads(builds):
     """Under PDL a kernel starts while the one before it is still running, so it may read nothing that kernel
     writes before `gdc_wait`: in every engine kernel, the wait comes before the first global load. And each lets

@@ -11,7 +11,8 @@ export PYTHONUNBUFFERED=1 COLUMNS=160  # rich tables at full width in the log
 OUT=${OUT:-/tmp/h200-bench}; mkdir -p "$OUT"
 BUDGET=${BUDGET:-560}  # seconds for the whole script
 STAGES=${STAGES:-checks,probe,bench}  # also, not in the default: combine (experiments/gpu/decode_combine.py),
-# prefetch (experiments/gpu/gemv_prefetch.py), fold (below: the residual fold off, then on, about 5 minutes)
+# prefetch (experiments/gpu/gemv_prefetch.py), gemv (experiments/gpu/gemv_probe.py: the GEMV's tiles with and
+# without a pipelined loop, about 3 minutes), fold (below: the residual fold off, then on, about 5 minutes)
 # THROUGHPUT="" leaves the throughput searches out of the bench stage
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 start=$(date +%s)
@@ -22,9 +23,9 @@ export PYTHONPATH=/tmp/kern/site:$PWD
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 
-# the checks take about 5 minutes (session 18): 200 s with the bench in the same call, the call's budget
-# less 2 minutes with the combine or prefetch experiment, else all of it
-checks_limit=$(if has bench; then echo 200; elif has combine || has prefetch; then echo $(( $(left) - 120 )); else echo $(( $(left) - 10 )); fi)
+# the checks take about 5 minutes (session 18): 200 s with the bench or the fold A/B in the same call, the
+# call's budget less 2 minutes with the combine or prefetch experiment, else all of it
+checks_limit=$(if has bench || has fold; then echo 200; elif has combine || has prefetch; then echo $(( $(left) - 120 )); else echo $(( $(left) - 10 )); fi)
 has checks && timeout $checks_limit python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton_kernels.py \
   -k "prefill_chunk or skip_gate_norm or split_kv or graph_engine_decodes_like_generate_on_cuda or mixer_prefill or fused_decode_step or gemv or fused_phi or fused_gemma or normalises or cache_write or batch_1 or residual or compiled_step" \
   2>&1 | tail -15 | tee -a "$OUT/gpu.txt"
@@ -34,6 +35,8 @@ has combine && timeout $(( $(left) - 10 )) python3 experiments/gpu/decode_combin
 echo "combine done at $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
 has prefetch && timeout $(( $(left) - 10 )) python3 experiments/gpu/gemv_prefetch.py 2>&1 | tee "$OUT/gemv-prefetch-h200.txt"
 echo "prefetch done at $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
+has gemv && timeout $(( $(left) - 10 )) python3 experiments/gpu/gemv_probe.py 2>&1 | tee "$OUT/gemv-probe-h200-stages.txt"
+echo "gemv done at $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
 
 # The residual fold (matvlm_cli/bench/residual_fold.py) against the same build without it, in one call, so the
 # comparison holds whichever card the call gets: `matvlm bench` for the teacher and the 0.5 hybrid at 8k, the

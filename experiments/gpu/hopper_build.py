@@ -53,6 +53,7 @@ class Build:
     constants: dict  # the launch's constexpr arguments (tiles, flags)
     warps: int
     registers: int  # per thread
+    local: int  # bytes of local memory a thread: registers spilled (0 for every kernel here)
     shared: int  # bytes per program, as Triton allocates it
     loads: dict[str, int]  # SASS opcodes that read global memory, and how many of each
     wait: int  # offsets in the PTX of PDL's wait, the first global read (a load or cp.async), PDL's trigger (-1: none)
@@ -87,9 +88,11 @@ class Builder:
             options, signature, constants, attrs = self.kernel._pack_args(backend, kwargs, bound, specialization, options)
             built = compile(ASTSource(self.kernel, signature, constants, attrs), target=HOPPER, options=options.__dict__)
             ptx, usage, sass = built.asm["ptx"], cuobjdump(built.asm["cubin"], "--dump-resource-usage"), cuobjdump(built.asm["cubin"], "-sass")
+            registers, local = (int(re.search(rf"{name}:(\d+)", usage).group(1)) for name in ("REG", "LOCAL"))
+            loads = collections.Counter(re.findall(r"\b(LDGSTS(?:\.\w+)*|LDG(?:\.\w+)+)", sass))
             self.builds.append(Build(
-                self.kernel.__name__, list(grid), {k: v for k, v in kwargs.items() if k.isupper()}, built.metadata.num_warps, int(re.search(r"REG:(\d+)", usage).group(1)),
-                built.metadata.shared, dict(collections.Counter(re.findall(r"\b(LDGSTS(?:\.\w+)*|LDG(?:\.\w+)+)", sass))),
+                self.kernel.__name__, list(grid), {k: v for k, v in kwargs.items() if k.isupper()}, built.metadata.num_warps,
+                registers, local, built.metadata.shared, dict(loads),
                 ptx.find("griddepcontrol.wait"), first(ptx, "ld.global", "cp.async"), ptx.find("griddepcontrol.launch_dependents"),
             ))
 
