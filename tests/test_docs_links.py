@@ -24,3 +24,13 @@ def test_relative_links_resolve(page):
 
 def test_the_readme_is_a_front_door():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200
+
+
+def test_every_experiment_script_is_in_the_experiments_index():
+    """experiments/README.md links every script in experiments/ and experiments/gpu/, so a newcomer finds what
+    made each result (seven were missing until session 20)."""
+    folder = ROOT / "experiments"
+    linked = {(folder / target).resolve() for target in LINK.findall((folder / "README.md").read_text())}
+    scripts = [path for pattern in ("*.py", "*.sh", "gpu/*.py", "gpu/*.sh") for path in folder.glob(pattern)]
+    assert len(scripts) > 30
+    assert sorted(str(path.relative_to(folder)) for path in scripts if path.resolve() not in linked) == []
