@@ -5,7 +5,7 @@ LATEST_VENV ?= .venv-latest
 # On a machine without a GPU, pin the CPU build (an unpinned torch pulls a multi-GB CUDA build).
 COMMA := ,
 HAVE_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
-TORCH := $(if $(HAVE_GPU),torch>=2.4$(COMMA)<2.14,torch==2.13.0)
+TORCH := $(if $(HAVE_GPU),torch>=2.4$(COMMA)<2.15,torch==2.13.0)
 # CUDA builds of torch bring Triton; beside the CPU build the suite installs it itself, and runs matvlm's
 # Triton kernels in Triton's interpreter (tests/test_triton_kernels.py). `make demo` does not need it.
 TRITON := $(if $(HAVE_GPU),,triton==3.9.0)

@@ -44,3 +44,13 @@ def test_every_range_is_capped():
 def test_the_makefile_installs_with_the_constraints():
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"pip install -q -c constraints\.txt -e \"\.\[test,app\]\"", makefile)
+
+
+def test_the_makefiles_torch_is_pyprojects_range():
+    """The Makefile installs torch itself (the CPU build pinned, or on a GPU machine a CUDA build within
+    pyproject's range): its range is pyproject's, and its pin inside it, so raising the cap in one place
+    and not the other fails here."""
+    (torch,) = [r for r in _requirements() if canonicalize_name(r.name) == "torch"]
+    gpu, cpu = re.search(r"^TORCH := \$\(if \$\(HAVE_GPU\),(\S+?),torch==(\S+)\)$", (ROOT / "Makefile").read_text(), re.M).groups()
+    assert Requirement(gpu.replace("$(COMMA)", ",")).specifier == torch.specifier
+    assert torch.specifier.contains(cpu)
