@@ -13,7 +13,9 @@ many programs fit on an SM, the load instructions in the SASS, and where PDL's w
 
 Run it without TRITON_INTERPRET (the interpreter replaces the kernels it builds). tests/test_hopper_build.py
 checks the report; docs/bench-h200.md (session 20) says what it found. Triton's version matters: the GPU
-machine has 3.6, the suite 3.9; both build these kernels alike.
+machine has 3.6, the suite 3.9; both build these kernels alike. The specialisation goes through the launcher's
+own internals (`create_function_from_signature`, `JITFunction._pack_args`, as in Triton 3.6 to 3.9), so a newer
+Triton may need this file adjusted before the kernels do.
 """
 
 from __future__ import annotations
