@@ -31,12 +31,14 @@ has checks && timeout $checks_limit python3 -m pytest -q -p no:cacheprovider tes
   2>&1 | tail -15 | tee -a "$OUT/gpu.txt"
 echo "checks done at $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
 
+# the GEMV probe first, the likeliest gain (session 20), keeping 2 minutes for the combine and prefetch experiments
+gemv_limit=$(if has combine || has prefetch; then echo $(( $(left) - 130 )); else echo $(( $(left) - 10 )); fi)
+has gemv && timeout $gemv_limit python3 experiments/gpu/gemv_probe.py 2>&1 | tee "$OUT/gemv-probe-h200-stages.txt"
+echo "gemv done at $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
 has combine && timeout $(( $(left) - 10 )) python3 experiments/gpu/decode_combine.py 2>&1 | tee "$OUT/decode-combine-h200.txt"
 echo "combine done at $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
 has prefetch && timeout $(( $(left) - 10 )) python3 experiments/gpu/gemv_prefetch.py 2>&1 | tee "$OUT/gemv-prefetch-h200.txt"
 echo "prefetch done at $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
-has gemv && timeout $(( $(left) - 10 )) python3 experiments/gpu/gemv_probe.py 2>&1 | tee "$OUT/gemv-probe-h200-stages.txt"
-echo "gemv done at $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
 
 # The residual fold (matvlm_cli/bench/residual_fold.py) against the same build without it, in one call, so the
 # comparison holds whichever card the call gets: `matvlm bench` for the teacher and the 0.5 hybrid at 8k, the
