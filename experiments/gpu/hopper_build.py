@@ -116,14 +116,18 @@ def cuobjdump(cubin: bytes, flag: str) -> str:
 
 
 @contextlib.contextmanager
-def building(module, name: str, builds: list[Build]):
-    """Within: launches of `module.name` build instead of running."""
-    kernel = getattr(module, name)
-    setattr(module, name, Builder(kernel, builds))
+def building(module, *names: str):
+    """Within: launches of `module.NAME`, for each of `names`, build instead of running; yields the list the
+    builds go to, in launch order."""
+    builds: list[Build] = []
+    kernels = {name: getattr(module, name) for name in names}
+    for name, kernel in kernels.items():
+        setattr(module, name, Builder(kernel, builds))
     try:
-        yield
+        yield builds
     finally:
-        setattr(module, name, kernel)
+        for name, kernel in kernels.items():
+            setattr(module, name, kernel)
 
 
 def empty(*shape, dtype=torch.bfloat16):
@@ -140,14 +144,20 @@ PRODUCTS = {
 }
 
 
-def build_gemvs(kernel, builds, stages=None, **constants):
+def build_gemvs(kernel, stages=None, **constants) -> list[Build]:
     """`kernel` launched by gemv.launch for each product, with the engine's tile (and `stages`, if given)."""
     from matvlm_cli.kernels import gemv
 
+    builds: list[Build] = []
     for out_features, in_features, extra in PRODUCTS.values():
         tile = gemv.tiles(out_features, in_features, H200_SMS)
         gemv.launch(Builder(kernel, builds), empty(1, 1, in_features), empty(out_features, in_features), empty(out_features),
                     tile=tile._replace(stages=stages or tile.stages), **extra, **constants)
+    return builds
+
+
+def named(names, builds: list[Build], prefix="") -> dict[str, Build]:
+    return {f"{prefix}{name}": build for name, build in zip(names, builds, strict=True)}
 
 
 def build_all() -> dict[str, Build]:
@@ -157,46 +167,30 @@ def build_all() -> dict[str, Build]:
     import decode_combine
     import gemv_prefetch
 
-    builds: dict[str, Build] = {}
-
-    def add(prefix, names, made):
-        builds.update({f"{prefix}{name}": build for name, build in zip(names, made, strict=True)})
-
-    made = []
-    build_gemvs(gemv._gemv_kernel, made)
-    add("gemv ", PRODUCTS, made)
-    made = []
-    build_gemvs(gemv._gemv_kernel, made, stages=3)
-    add("gemv 3 stages ", PRODUCTS, made)
-    made = []
-    build_gemvs(gemv_prefetch.gemv_prefetching, made, EARLY_LAUNCH=False)
-    add("prefetch ", PRODUCTS, made)
+    builds = named(PRODUCTS, build_gemvs(gemv._gemv_kernel), "gemv ")
+    builds |= named(PRODUCTS, build_gemvs(gemv._gemv_kernel, stages=3), "gemv 3 stages ")
+    builds |= named(PRODUCTS, build_gemvs(gemv_prefetch.gemv_prefetching, EARLY_LAUNCH=False), "prefetch ")
 
     query, keys, values = empty(1, HEADS, 1, HEAD_DIM), empty(1, HEADS, SLOTS, HEAD_DIM), empty(1, HEADS, SLOTS, HEAD_DIM)
     keep = torch.zeros(1, SLOTS, dtype=torch.bool)
-    made = []
-    with building(attention, "split_kv", made), building(attention, "combine", made):
+    with building(attention, "split_kv", "combine") as made:
         attention.split_kv_decode(query, keys, values, keep, HEAD_DIM**-0.5)
-    add("", ["split_kv", "combine"], made)
-    made = []
-    with building(decode_combine, "split_kv_merging", made):
+    builds |= named(["split_kv", "combine"], made)
+    with building(decode_combine, "split_kv_merging") as made:
         decode_combine.merging_decode(query, keys, values, keep, HEAD_DIM**-0.5)
-    add("", ["split_kv, merging"], made)
+    builds |= named(["split_kv, merging"], made)
 
-    made = []
-    with building(cache_write, "_write_token_kernel", made):
+    with building(cache_write, "_write_token_kernel") as made:
         cache_write.write_token(keys, values, empty(1, HEADS, 1, HEAD_DIM), empty(1, HEADS, 1, HEAD_DIM), torch.zeros(1, dtype=torch.int64))
-    add("", ["write_token"], made)
+    builds |= named(["write_token"], made)
     # the 0.5 hybrid's Mamba-2 step: MaTVLM's mapping gives 32 heads of 80, a state of 80 and 32 groups
     d_inner, d_state, groups, conv = HEADS * HEAD_DIM, HEAD_DIM, HEADS, 4
     conv_dim = d_inner + 2 * groups * d_state
-    made = []
-    with building(step, "_mamba2_step_kernel", made):
+    with building(step, "_mamba2_step_kernel") as made:
         step.mamba2_step(empty(1, d_inner + conv_dim + HEADS), empty(1, conv_dim, conv), empty(conv_dim, conv), empty(conv_dim),
                          empty(HEADS, dtype=torch.float32), empty(HEADS, dtype=torch.float32), empty(HEADS, dtype=torch.float32),
                          empty(1, HEADS, HEAD_DIM, d_state, dtype=torch.float32), empty(d_inner), groups, d_state, 0.0, float("inf"), 1e-5)
-    add("", ["mamba2_step"], made)
-    return builds
+    return builds | named(["mamba2_step"], made)
 
 
 def width(op: str) -> int:
