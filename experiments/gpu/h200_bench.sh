@@ -13,7 +13,7 @@ BUDGET=${BUDGET:-560}  # seconds for the whole script
 STAGES=${STAGES:-checks,probe,bench}  # also, not in the default: combine (experiments/gpu/decode_combine.py),
 # prefetch (experiments/gpu/gemv_prefetch.py), gemv (experiments/gpu/gemv_probe.py: the GEMV's tiles with and
 # without a pipelined loop, about 3 minutes), fold (below: the residual fold off, then on, about 5 minutes)
-# THROUGHPUT="" leaves the throughput searches out of the bench stage
+# THROUGHPUT="" leaves the throughput searches out of the bench stage; SEQ_LENS="8192" times 8k alone
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 start=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - start) )); }
@@ -58,7 +58,8 @@ has probe && timeout 300 python3 experiments/gpu/prefill_probe.py --output "$OUT
   | grep -v -e "Loading weights" -e "requires torchvision" | tee "$OUT/prefill-h200.txt"
 echo "probe done at $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
 
-has bench && timeout $(( $(left) - 8 )) python3 -m matvlm_cli bench --ratio 0.5 --ratio 0.25 --seq-len 8192 --seq-len 32768 \
+seq_lens=$(for n in ${SEQ_LENS-8192 32768}; do echo -n " --seq-len $n"; done)
+has bench && timeout $(( $(left) - 8 )) python3 -m matvlm_cli bench --ratio 0.5 --ratio 0.25 $seq_lens \
   --engine graphs --repeats 2 ${THROUGHPUT---throughput 8192 --throughput 32768 --throughput 4194304} --profile \
   --output "$OUT/bench" 2>&1 | grep -v -e "Loading weights" -e "requires torchvision" | tee "$OUT/bench-log.txt"
 echo "bench done at $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
