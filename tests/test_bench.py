@@ -380,17 +380,16 @@ def test_bench_cli_on_other_families(tmp_path, family, tokens, cli):
 
 def test_gemv_tiles_are_the_h200_sweeps_best_for_phi2():
     """kernels/gemv.py's tile rule gives, on an H200's 132 SMs, the tiles measured best (or within 0.3 us of
-    it) for Phi-2's projections (docs/results/bench/decode-kernels-h200.txt, gemv-probe-h200.txt), and
-    always at least one row; one stage (no pipelining), as every tile of those sweeps ran."""
+    it) for Phi-2's projections (docs/results/bench/gemv-probe-h200-stages.txt): unpipelined where 4 or 8 rows
+    leave 8 programs an SM, else 4 rows pipelined 4 stages deep; always at least one row."""
     from matvlm_cli.kernels.gemv import tiles
 
     assert tiles(7680, 2560, 132) == (4, 256, 4, 1)  # q/k/v
     assert tiles(17920, 2560, 132) == (8, 256, 4, 1)  # q/k/v and fc1 as one product
-    assert tiles(2560, 2560, 132) == (2, 512, 4, 1)  # dense
+    assert tiles(2560, 2560, 132) == (4, 512, 4, 4)  # dense: few outputs, so a pipelined loop
     assert tiles(10240, 2560, 132) == (8, 256, 4, 1)  # fc1
-    assert tiles(2560, 10240, 132) == (4, 128, 8, 1)  # fc2: a down projection
-    assert tiles(10, 20, 132) == (1, 512, 4, 1)
-    assert tiles(10, 100, 132) == (4, 128, 8, 1)
+    assert tiles(2560, 10240, 132) == (4, 512, 4, 4)  # fc2
+    assert tiles(10, 20, 132) == (4, 512, 4, 4)
 
 
 def test_norms_are_recognised_by_what_they_compute():

@@ -121,19 +121,19 @@ class Tile(NamedTuple):
 
 
 def tiles(out_features: int, in_features: int, sms: int) -> Tile:
-    """The engine's tile for a product. The most rows, up to 8, that still leave 8 programs per SM; 512
-    columns a load at 1-2 rows, 256 at more, 4 warps (the best tiles of the H200 sweep for Phi-2's q/k/v,
-    dense and fc1, within 0.3 us). A down projection, whose inputs outnumber its outputs more than twice,
-    takes 4 rows of 128 columns with 8 warps instead: Phi-2's fc2 (2560 x 10240) in 17.7 us against 20.6 at
-    2 rows of 512 (`experiments/gpu/gemv_probe.py`, docs/results/bench/gemv-probe-h200.txt). One stage
-    everywhere: that sweep never pipelined, whatever its "stages" column says (that was a launch option,
-    which this loop ignores; docs/bench-h200.md, session 20)."""
+    """The engine's tile for a product: the most rows, up to 8, that still leave 8 programs per SM, 256
+    columns a load, 4 warps, unpipelined (the best tiles of the H200 sweep for Phi-2's q/k/v and fc1, and
+    for the merged q/k/v/fc1, within 0.3 us; 3 stages gain nothing there). A product with too few outputs
+    for 4 rows at 8 programs per SM (Phi-2's dense and fc2) takes 4 rows of 512 columns with the loop
+    pipelined 4 stages deep instead: fc2 (2560 x 10240) in 14.7 us against 17.9 at the 4 x 128 tile it had,
+    dense (2560 x 2560) in 5.2 against 5.5 at 2 x 512 (`experiments/gpu/gemv_probe.py`,
+    docs/results/bench/gemv-probe-h200-stages.txt, session 21)."""
     rows = 8
     while rows > 1 and -(-out_features // rows) < 8 * sms:
         rows //= 2
-    if rows <= 2 and in_features > 2 * out_features:
-        return Tile(4, 128, 8)
-    return Tile(rows, 512 if rows <= 2 else 256, 4)
+    if rows <= 2:
+        return Tile(4, 512, 4, stages=4)
+    return Tile(rows, 256, 4)
 
 
 @torch.library.custom_op("matvlm::gemv", mutates_args=())
