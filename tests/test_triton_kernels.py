@@ -526,7 +526,7 @@ def test_the_kernel_experiments_waiting_for_a_gpu_still_run_on_the_kernels_they_
     weight_tile, accumulate and finish), so a change there can break them, found only on the GPU machine,
     whose time is short. Their --cpu mode runs them on small shapes in the interpreter: every variant's
     values equal the engine's (decode_combine: both within 1e-5 of float32 SDPA; gemv_prefetch: equal
-    outputs, and the engine's chain within 1e-5 of float64)."""
+    outputs, close ones with the earlier tiles, and the engine's chain within 1e-5 of float64)."""
     folder = Path(__file__).resolve().parents[1] / "experiments" / "gpu"
     result = subprocess.run([sys.executable, str(folder / script), "--cpu"], capture_output=True, text=True, cwd=folder,
                             env=os.environ | {"TRITON_INTERPRET": "1"}, timeout=600)
@@ -536,4 +536,5 @@ def test_the_kernel_experiments_waiting_for_a_gpu_still_run_on_the_kernels_they_
         assert len(errors) == 4 and max(errors) < 1e-5, result.stdout
     else:
         assert result.stdout.count("outputs equal to the engine's") == 5 and "DIFFER" not in result.stdout, result.stdout
+        assert result.stdout.count("outputs close to the engine's") == 1, result.stdout
         assert "engine chain against float64" in result.stdout
