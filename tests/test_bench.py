@@ -381,7 +381,7 @@ def test_bench_cli_on_other_families(tmp_path, family, tokens, cli):
 def test_gemv_tiles_are_the_h200_sweeps_best_for_phi2():
     """kernels/gemv.py's tile rule gives, on an H200's 132 SMs, the tiles measured best (or within 0.3 us of
     it) for Phi-2's projections (docs/results/bench/gemv-probe-h200-stages.txt): unpipelined where 4 or 8 rows
-    leave 8 programs an SM, else 4 rows pipelined 4 stages deep; always at least one row."""
+    leave 8 programs an SM, else 4 rows pipelined 4 stages deep, down to the smallest product."""
     from matvlm_cli.kernels.gemv import tiles
 
     assert tiles(7680, 2560, 132) == (4, 256, 4, 1)  # q/k/v

@@ -13,7 +13,7 @@ BUDGET=${BUDGET:-560}  # seconds for the whole script
 STAGES=${STAGES:-checks,probe,bench}  # also, not in the default: combine (experiments/gpu/decode_combine.py),
 # prefetch (experiments/gpu/gemv_prefetch.py), gemv (experiments/gpu/gemv_probe.py: the GEMV's tiles with and
 # without a pipelined loop, about 3 minutes), fold (below: the residual fold off, then on, about 5 minutes)
-# tiles (below: the GEMV tiles before session 21's, in the chain and in the bench, about 4 minutes)
+# tiles (below: `matvlm bench` with the GEMV tiles before session 21's, about 4 minutes)
 # THROUGHPUT="" leaves the throughput searches out of the bench stage; SEQ_LENS="8192" times 8k alone
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 start=$(date +%s)
@@ -55,15 +55,12 @@ if has fold; then
 fi
 echo "fold done at $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
 
-# Session 21's GEMV tiles against the ones before (experiments/gpu/bench_with_session20_tiles.py), in one call: the
-# GEMV chain with both, then `matvlm bench` for the teacher and the 0.5 hybrid at 8k with the old tiles, in half the
-# time left; the bench stage after it is the new tiles' half
-if has tiles; then
-  timeout 70 python3 experiments/gpu/gemv_prefetch.py 2>&1 | tee "$OUT/gemv-prefetch-h200-tiles.txt"
-  timeout $(( $(left) / 2 )) python3 experiments/gpu/bench_with_session20_tiles.py --ratio 0.5 --seq-len 8192 --engine graphs \
-    --repeats 2 --output "$OUT/bench-session20-tiles" 2>&1 | grep -v -e "Loading weights" -e "requires torchvision" \
-    | tee "$OUT/bench-session20-tiles-log.txt" | tail -12
-fi
+# Session 21's GEMV tiles against the ones before (experiments/gpu/bench_with_session20_tiles.py): `matvlm bench`
+# for the teacher and the 0.5 hybrid at 8k with the old tiles, in half the time left; the bench stage after it is the
+# new tiles' half, and the prefetch stage's chain times both tiles too
+has tiles && timeout $(( $(left) / 2 )) python3 experiments/gpu/bench_with_session20_tiles.py --ratio 0.5 --seq-len 8192 \
+  --engine graphs --repeats 2 --output "$OUT/bench-session20-tiles" 2>&1 | grep -v -e "Loading weights" -e "requires torchvision" \
+  | tee "$OUT/bench-session20-tiles-log.txt" | tail -12
 echo "tiles done at $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
 
 has probe && timeout 300 python3 experiments/gpu/prefill_probe.py --output "$OUT/prefill-h200.json" 2>&1 \

@@ -128,12 +128,10 @@ def tiles(out_features: int, in_features: int, sms: int) -> Tile:
     pipelined 4 stages deep instead: fc2 (2560 x 10240) in 14.7 us against 17.9 at the 4 x 128 tile it had,
     dense (2560 x 2560) in 5.2 against 5.5 at 2 x 512 (`experiments/gpu/gemv_probe.py`,
     docs/results/bench/gemv-probe-h200-stages.txt, session 21)."""
-    rows = 8
-    while rows > 1 and -(-out_features // rows) < 8 * sms:
-        rows //= 2
-    if rows <= 2:
-        return Tile(4, 512, 4, stages=4)
-    return Tile(rows, 256, 4)
+    for rows in (8, 4):
+        if -(-out_features // rows) >= 8 * sms:
+            return Tile(rows, 256, 4)
+    return Tile(4, 512, 4, stages=4)
 
 
 @torch.library.custom_op("matvlm::gemv", mutates_args=())
