@@ -417,6 +417,36 @@ def test_norms_are_recognised_by_what_they_compute():
         assert folds.norm_fold(other) is None
 
 
+def test_a_tanh_gelu_left_to_its_module_runs_as_one_kernel_with_the_same_values():
+    """Where the GEMV does not apply it (a prefill chunk, a batch, a CPU), the stand-in for a tanh GELU computes
+    what each of transformers' tanh GELUs computes, as one op: under the profiler a (tokens, width) input costs
+    one aten call, where NewGELUActivation (Phi's) costs several."""
+    import transformers.activations as hf_activations
+    from torch.profiler import ProfilerActivity, profile
+
+    from matvlm_cli.bench import folds
+
+    projection = torch.nn.Module()
+    projection.gelu_applied = False
+    x = torch.randn(64, 256) * 3
+    assert len(folds.TANH_GELUS) >= 2  # NewGELUActivation and at least one other name this version has
+
+    def aten_ops(module) -> int:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            module(x)
+        return sum(1 for event in prof.events() if event.name.startswith("aten::") and "empty" not in event.name)
+
+    for activation in [cls() for cls in folds.TANH_GELUS] + [torch.nn.GELU(approximate="tanh")]:
+        stand_in = folds.ActivationAfterProjection(activation, projection)
+        torch.testing.assert_close(stand_in(x), activation(x), rtol=1e-5, atol=1e-6)
+        assert aten_ops(stand_in) == 1
+    assert aten_ops(hf_activations.NewGELUActivation()) >= 6
+    projection.gelu_applied = True  # the GEMV applied it: the input passes through
+    assert stand_in(x) is x
+    with pytest.raises(AssertionError):
+        folds.ActivationAfterProjection(torch.nn.SiLU(), projection)
+
+
 @pytest.mark.parametrize("family", zoo.FAMILIES)
 def test_every_family_fuses_q_k_v_and_gate_up_by_what_they_read(family):
     """The probe forward finds, in each family's decoder (M-RoPE, q/k norms, sliding windows, Gemma's

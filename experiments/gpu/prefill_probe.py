@@ -6,7 +6,8 @@ the same code on the CPU with the embedded teacher).
 - `variants` at `--ab-length`: the engine as it is, and with one thing undone or changed at a time:
   masked SDPA over every slot of the static cache (before the filled-slot attention), fla's conv on
   channels-first input (before the copy to channels-last), the skip, gate and norm as PyTorch ops
-  (before `norm_kernel.py`), and larger prefill chunks.
+  (before `norm_kernel.py`), the model's own tanh GELU module (before `bench/folds.py` ran it as one
+  F.gelu), and larger prefill chunks.
 - `stock`: the teacher's prompt as stock transformers prefills it for `generate(cache_implementation=
   "static")`: one forward, SDPA, unfused projections.
 - `agreement`: the last attention layer's cached keys and the first token, engine against the masked path.
@@ -36,7 +37,7 @@ from matvlm_cli.kernels import attention
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768, 65536])
 parser.add_argument("--ab-length", type=int, default=8192)
-parser.add_argument("--chunks", type=int, nargs="+", default=[2048, 4096], help="prefill chunk sizes to compare with the default")
+parser.add_argument("--chunks", type=int, nargs="*", default=[2048, 4096], help="prefill chunk sizes to compare with the default")
 parser.add_argument("--models", nargs="+", help="labels to measure, in this order (teacher, hybrid-0.25, ...); default all")
 parser.add_argument("--no-stock", action="store_true", help="skip stock transformers' prefill of the teacher")
 parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
@@ -101,6 +102,14 @@ class Undone:
         return lambda: setattr(ops, "conv1d", original)
 
     @staticmethod
+    def module_gelu():
+        from matvlm_cli.bench.folds import ActivationAfterProjection
+
+        original = ActivationAfterProjection.forward
+        ActivationAfterProjection.forward = lambda self, x: x if self.projection[0].gelu_applied else self.activation(x)
+        return lambda: setattr(ActivationAfterProjection, "forward", original)
+
+    @staticmethod
     def pytorch_norm():
         ops = kernels.backend_ops("triton")
         original, ops.skip_gate_norm = ops.skip_gate_norm, None
@@ -137,6 +146,8 @@ for spec in specs:
     inputs = bench_inputs(model, length, 1, image)
     max_len = length + 128
     variants = [("engine as it is", None, default_chunk), ("masked SDPA over every slot", Undone.masked_attention, default_chunk)]
+    if any(type(m).__name__ == "ActivationAfterProjection" for m in model.modules()):
+        variants.append(("the model's own tanh GELU module", Undone.module_gelu, default_chunk))
     if spec.label != "teacher" and report["kernels"].get("conv1d") == "fla":
         variants.append(("fla conv on channels-first input", Undone.channels_first_conv, default_chunk))
     if spec.label != "teacher" and report["kernels"].get("skip_gate_norm") == "triton":
