@@ -25,7 +25,7 @@ and its bias as the shift, on one input (`norm_fold`). Anything else is left as 
 Everywhere the kernel does not compute the product (prefill chunks, batches, a CPU), the norm runs as it
 did. The GELU runs as one `F.gelu(approximate="tanh")`, the same formula: transformers' `NewGELUActivation`
 (Phi's) is eight elementwise kernels when the prefill runs eagerly, each reading and writing the whole
-(tokens x 10240) activation, about 19 ms of an 8k prefill's 134 ms of kernels on an H200
+(tokens x 10240) activation, about 20 ms of an 8k prefill's 134 ms of kernels on an H200
 (`docs/results/bench/prefill-h200-lengths.txt`: the scalar products, pow, tanh, the adds and the product).
 """
 
