@@ -214,6 +214,7 @@ def test_fused_decode_step_matches_the_reference_step(heads, headdim, d_state, g
             projected, conv_state, weight, mixer.conv1d.bias, mixer.dt_bias, mixer.A_log, mixer.D, state,
             mixer.norm.weight, groups, d_state, *cfg.dt_bounds, mixer.norm.eps,
         )
+    assert out.dtype == projected.dtype  # as out_proj reads it: no cast between the step and out_proj
     assert rel_err(out, reference) < 1e-2
     assert rel_err(state, ref_state) < 1e-2
     assert rel_err(conv_state, ref_conv) < 1e-2

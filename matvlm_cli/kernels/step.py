@@ -43,8 +43,8 @@ if triton is not None:
         return out * tl.sigmoid(out), window
 
     @triton.jit
-    def _mamba2_step_kernel(Inputs, ConvState, ConvWeight, ConvBias, DtBias, ALog, Skip, State, NormWeight, Out,
-                    stride_in, stride_conv, stride_state, stride_out, dt_low, dt_high, eps,
+    def _mamba2_step_kernel(Inputs, ConvState, ConvWeight, ConvBias, DtBias, ALog, Skip, State, NormWeight, Out, Result,
+                    stride_in, stride_conv, stride_state, stride_out, stride_result, dt_low, dt_high, eps,
                     D_INNER: tl.constexpr, HEADS_PER_GROUP: tl.constexpr, GROUPS: tl.constexpr,
                     HEADDIM: tl.constexpr, D_STATE: tl.constexpr, D_CONV: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, USE_PDL: tl.constexpr):
@@ -56,6 +56,7 @@ if triton is not None:
         ConvState += seq * stride_conv
         State += seq * stride_state
         Out += seq * stride_out
+        Result += seq * stride_result
         xBC = Inputs + D_INNER
         w = tl.arange(0, BLOCK_W)
         in_window = w < D_CONV
@@ -106,7 +107,8 @@ if triton is not None:
             x_channel = (group * HEADS_PER_GROUP + i) * HEADDIM + p
             y = tl.load(Out + x_channel, mask=in_p, other=0.0)
             norm_weight = tl.load(NormWeight + x_channel, mask=in_p, other=0.0).to(tl.float32)
-            tl.store(Out + x_channel, y * scale * norm_weight, mask=in_p)
+            # rounded once, to the dtype out_proj reads: no cast kernel between this step and out_proj
+            tl.store(Result + x_channel, (y * scale * norm_weight).to(Result.dtype.element_ty), mask=in_p)
 
 
 # Opaque to torch.compile, and it says what it changes in place, so a compiled decode step keeps the
@@ -119,27 +121,28 @@ def mamba2_step(
 ) -> torch.Tensor:
     """inputs (b, in_proj_dim) = [z, x, B, C, dt]; conv_state (b, conv_dim, d_conv) and ssm_state
     (b, heads, headdim, d_state), both updated in place. Returns the normalised gated output
-    (b, d_inner) in float32."""
+    (b, d_inner) in the inputs' dtype (in_proj's, which out_proj reads), computed in float32."""
     batch = inputs.shape[0]
     heads, headdim = ssm_state.shape[1], ssm_state.shape[2]
     d_inner, d_conv = heads * headdim, conv_state.shape[-1]
-    # one float32 buffer: scratch for the gated output, then the normalised one
+    # float32 scratch for the gated output before its norm, and the result in the inputs' dtype
     out = torch.empty(batch, d_inner, device=inputs.device, dtype=torch.float32)
+    result = torch.empty(batch, d_inner, device=inputs.device, dtype=inputs.dtype)
     use_pdl = pdl(inputs.device)
     _mamba2_step_kernel[(batch, ngroups)](
-        inputs, conv_state, conv_weight, conv_bias, dt_bias, A_log, D, ssm_state, norm_weight, out,
-        inputs.stride(0), conv_state.stride(0), ssm_state.stride(0), out.stride(0), dt_low, dt_high, eps,
+        inputs, conv_state, conv_weight, conv_bias, dt_bias, A_log, D, ssm_state, norm_weight, out, result,
+        inputs.stride(0), conv_state.stride(0), ssm_state.stride(0), out.stride(0), result.stride(0), dt_low, dt_high, eps,
         D_INNER=d_inner, HEADS_PER_GROUP=heads // ngroups, GROUPS=ngroups, HEADDIM=headdim, D_STATE=d_state,
         D_CONV=d_conv, HAS_BIAS=conv_bias is not None, BLOCK_P=triton.next_power_of_2(headdim),
         BLOCK_N=triton.next_power_of_2(d_state), BLOCK_W=triton.next_power_of_2(d_conv),
         num_warps=4 if headdim * d_state <= 64 * 64 else 8, USE_PDL=use_pdl, launch_pdl=use_pdl,
     )
-    return out
+    return result
 
 
 @mamba2_step.register_fake
 def _(inputs, conv_state, conv_weight, conv_bias, dt_bias, A_log, D, ssm_state, norm_weight, ngroups, d_state, dt_low, dt_high, eps):
-    return inputs.new_empty(inputs.shape[0], ssm_state.shape[1] * ssm_state.shape[2], dtype=torch.float32)
+    return inputs.new_empty(inputs.shape[0], ssm_state.shape[1] * ssm_state.shape[2])
 
 
 def fused_step(
