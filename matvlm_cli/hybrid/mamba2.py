@@ -132,6 +132,7 @@ class Mamba2Mixer(nn.Module):
                 self.norm.eps,
             )
             if y is not None:  # None: states in a layout the kernel does not index
+                # y comes in in_proj's dtype, so the cast is a no-op unless out_proj's weights differ from it
                 return self.out_proj(y.unsqueeze(1).to(self.out_proj.weight.dtype)), None
 
         z, xBC, dt = projected.split([cfg.d_inner, cfg.conv_dim, cfg.nheads], dim=-1)
