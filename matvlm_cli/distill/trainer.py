@@ -182,9 +182,19 @@ class DistillRun:
                 if self.step >= self.total_steps:
                     break
         final = self.save_final(report.seconds())
+        self._drop_wrapper()
         # Last: accelerate's end_training also destroys the process group that save_final waits on.
         acc.end_training()
         return final
+
+    def _drop_wrapper(self) -> None:
+        """Free the DDP/FSDP wrapper while the process group still exists. Its reducer holds a reference to
+        the group; were it the last, the group's destructor would run inside the reducer's deallocation with
+        the GIL held, joining gloo's worker threads while one of them waits for the GIL to free a tensor: a
+        hang at exit, seen in the suite's two-process run (pytorch/pytorch#56297). Freed first, the group ends
+        in `destroy_process_group`."""
+        self.model = self.accelerator.unwrap_model(self.model)
+        self.accelerator.free_memory()
 
     def _batches(self):
         """The usable batches from the run's position on, epoch after epoch while steps remain; the position
