@@ -289,13 +289,16 @@ def test_fused_phi_decodes_one_token_through_the_kernels_like_the_model(tiny_tea
             with torch.no_grad():
                 compiled = torch.compile(lambda ids: model(input_ids=ids).logits)(token)
             assert rel_err(compiled, before) < 2e-2
-        # two tokens: F.linear, and the activation modules apply the GELU themselves
+        # two tokens: F.linear, and the activation modules apply the GELU themselves, as one op. In float32 that
+        # is the module's value; in bfloat16 the stand-in rounds once where NewGELUActivation rounds after each of
+        # its ops (test_bench checks the stand-in is the nearer to the exact GELU), so the logits differ by
+        # bfloat16's rounding (0.8 % for this model on the CPU and on an H100), as the one-token kernel path's do
         two = torch.tensor([[7, 9]], device=DEVICE)
         with torch.no_grad():
             fused_two = model(input_ids=two).logits
             assert not any(m.projection[0].gelu_applied for m in activations)
             fusion.unfuse(model)
-            assert rel_err(fused_two, model(input_ids=two).logits) < 1e-5
+            assert rel_err(fused_two, model(input_ids=two).logits) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
 @pytest.mark.parametrize("dtype", [BF16, torch.float32])
