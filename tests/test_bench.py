@@ -511,3 +511,19 @@ def test_terminal_tables_fit_80_columns_with_every_number_whole():
         assert "".join(line.strip() for line in [lines[i].split()[0], *lines[i + 1: i + 4]]).startswith(long_name)
     failed = data["rows"][2]
     assert f"{failed['model']} ({failed['engine']}) at {failed['seq_len']} tokens, batch 1: does not fit" in " ".join(lines)
+
+
+def test_the_compiled_steps_cache_key_covers_every_file_that_defines_a_custom_op():
+    """torch keys a cached compiled graph by its FX code and takes any custom op in it as cacheable without
+    hashing the op's fake implementation. The compiled step's key (`ResidualFold.uuid`, its post-grad pass)
+    therefore hashes every file of matvlm that defines one, so a changed op is compiled again, not loaded."""
+    from pathlib import Path
+
+    import matvlm_cli
+    from matvlm_cli.bench import residual_fold
+
+    sources = Path(matvlm_cli.__file__).parent.rglob("*.py")
+    defining = {str(path) for path in sources if "torch.library.custom_op(" in path.read_text()}
+    assert {Path(path).name for path in defining} >= {"gemv.py", "step.py", "cache_write.py"}
+    assert defining <= set(residual_fold.cache_key_files())
+    assert residual_fold.ResidualFold().uuid() == residual_fold.get_hash_for_files(residual_fold.cache_key_files())

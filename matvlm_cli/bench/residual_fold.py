@@ -15,6 +15,8 @@ The sum is rounded once instead of twice, so it may differ from the unfused step
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch._prims_common import is_contiguous_or_false
@@ -91,5 +93,16 @@ class ResidualFold(CustomGraphPass):
     def __call__(self, graph: Graph) -> None:
         self.folded.append(fold_residual_adds(graph))
 
-    def uuid(self) -> bytes:  # inductor's cache key: this file's contents
-        return get_hash_for_files((__file__, gemv.__file__))
+    def uuid(self) -> bytes:
+        """Inductor's and AOTAutograd's cache key for every step compiled with this pass: this file and the
+        kernels package. torch keys a cached graph by its FX code, and takes any custom op in it as cacheable
+        without hashing the op's fake implementation, so a step compiled before an op's output changed would
+        be loaded again after it: session 23 found a hybrid's step from the day before (the Mamba-2 step's
+        output then float32, now bfloat16) still casting the new bf16 output as if it were float32."""
+        return get_hash_for_files(cache_key_files())
+
+
+def cache_key_files() -> tuple[str, ...]:
+    """This file and every module of `matvlm_cli.kernels`, where the compiled step's custom ops and their
+    fake implementations are defined."""
+    return (__file__, *sorted(str(path) for path in Path(gemv.__file__).parent.glob("*.py")))
