@@ -153,17 +153,22 @@ for spec in specs:
     if spec.label != "teacher" and report["kernels"].get("skip_gate_norm") == "triton":
         variants.append(("skip, gate and norm in PyTorch", Undone.pytorch_norm, default_chunk))
     variants += [(f"chunks of {chunk}", None, chunk) for chunk in args.chunks]
+    engine_first = None
     for name, undo, chunk in variants:
         restore = undo() if undo else None
         engine.prefill_chunk = chunk
         try:
             ms = median_ms(lambda: engine.prefill(inputs, max_len))
+            first = engine.prefill(inputs, max_len)[1]
+            engine_first = first if engine_first is None else engine_first
         finally:
             engine.prefill_chunk = default_chunk
             if restore:
                 restore()
-        report["variants"].append({"model": spec.label, "seq_len": length, "variant": name, "chunk": chunk, "prefill_ms": ms})
-        print(f"{spec.label:12s} {length} tokens, {name:36s}: {ms:8.1f} ms", flush=True)
+        same = bool(torch.equal(first, engine_first))
+        report["variants"].append({"model": spec.label, "seq_len": length, "variant": name, "chunk": chunk, "prefill_ms": ms,
+                                   "same_first_token": same})
+        print(f"{spec.label:12s} {length} tokens, {name:36s}: {ms:8.1f} ms{'' if same else '  (another first token)'}", flush=True)
 
     # the filled-slot attention computes what the masked path computes
     new_cache, new_first = engine.prefill(inputs, max_len)
