@@ -66,6 +66,7 @@ class Timing:
     kv_bytes: int  # attention KV buffers
     state_bytes: int  # Mamba conv windows + SSM states
     tokens: torch.Tensor  # the last run's generated tokens (batch, gen_len), for correctness checks
+    prefill_runs_ms: list[float]  # every timed prefill, in order: the spread behind the median
 
 
 def _sync(device: torch.device) -> None:
@@ -323,7 +324,7 @@ class GraphEngine:
             kv, state = cache_sizes(cache)
             del cache, advance
         peak = _own_peak(self.model, self.device, allocated_at_reset)
-        return Timing(_median_ms(prefill_s), _median_ms(decode_s), peak, kv, state, tokens)
+        return Timing(_median_ms(prefill_s), _median_ms(decode_s), peak, kv, state, tokens, [t * 1000 for t in prefill_s])
 
 
 class HFEngine:
@@ -364,7 +365,7 @@ class HFEngine:
         peak = _own_peak(self.model, self.device, allocated_at_reset)
         kv, state = cache_sizes(out.past_key_values)
         tokens = out.sequences[:, inputs.input_ids.shape[1] :]
-        return Timing(_median_ms(prefill_s), _median_ms(decode_s), peak, kv, state, tokens)
+        return Timing(_median_ms(prefill_s), _median_ms(decode_s), peak, kv, state, tokens, [t * 1000 for t in prefill_s])
 
 
 class _TokenClock(StoppingCriteria):

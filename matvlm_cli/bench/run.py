@@ -36,7 +36,8 @@ class BenchRow:
     seq_len: int
     batch: int
     gen_len: int
-    prefill_ms: float | None = None
+    prefill_ms: float | None = None  # median of prefill_runs_ms
+    prefill_runs_ms: list[float] | None = None  # each attempt's prefill: an eager prefill waits on the host, whose pace varies
     decode_ms: float | None = None  # per step (every sequence of the batch gains one token)
     tokens_per_s: float | None = None
     peak_gib: float | None = None
@@ -79,6 +80,7 @@ def measure_row(model, label: str, engine, seq_len: int, batch: int, recipe: Ben
     state = timing.state_bytes
     moved = floor.floor_bytes(floor.decode_weight_bytes(model, batch), floor.kv_bytes(model, seq_len, batch), state)
     row.prefill_ms, row.decode_ms = timing.prefill_ms, timing.decode_ms_per_token
+    row.prefill_runs_ms = [round(ms, 2) for ms in timing.prefill_runs_ms]
     row.tokens_per_s = batch * 1000 / timing.decode_ms_per_token
     row.peak_gib = None if timing.peak_bytes is None else timing.peak_bytes / 2**30
     row.kv_cache_bytes, row.state_bytes = timing.kv_bytes, state
