@@ -23,6 +23,7 @@ KERNELS=fla bash .kernels/build-on-gpu.sh >/dev/null || { echo "fla install fail
 # Inductor's and Triton's caches in one place, saved to $OUT at the end (compile-cache.tgz.*, 15 MB parts). A
 # fresh machine has neither; copied into .compile-cache/ and carried (`carry: [".kernels", ".compile-cache"]`),
 # the next call on the same card and software skips most of the compiling, about 45 s a model's step a time.
+# A changed module of matvlm_cli/kernels changes the step's cache key (bench/residual_fold.py), so it recompiles.
 export TORCHINDUCTOR_CACHE_DIR=/tmp/compile-cache/inductor TRITON_CACHE_DIR=/tmp/compile-cache/triton
 if [ ! -d /tmp/compile-cache ] && ls .compile-cache/compile-cache.tgz.* >/dev/null 2>&1; then
   cat .compile-cache/compile-cache.tgz.* | tar xzf - -C /tmp && echo "compile cache: $(du -sh /tmp/compile-cache | cut -f1) restored"

@@ -68,6 +68,14 @@ class Timing:
     tokens: torch.Tensor  # the last run's generated tokens (batch, gen_len), for correctness checks
     prefill_runs_ms: list[float]  # every timed prefill, in order: the spread behind the median
 
+    @classmethod
+    def of(cls, prefill_s: list[float], decode_s: list[float], peak_bytes: int | None, kv_bytes: int,
+           state_bytes: int, tokens: torch.Tensor) -> "Timing":
+        """From each timed attempt's prefill and per-step decode, in seconds: medians in ms, and the prefills kept."""
+        prefill_ms = [s * 1000 for s in prefill_s]
+        return cls(statistics.median(prefill_ms), statistics.median(decode_s) * 1000, peak_bytes, kv_bytes,
+                   state_bytes, tokens, prefill_ms)
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -92,10 +100,6 @@ def _own_peak(model, device: torch.device, allocated_at_reset: int) -> int | Non
         return None
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return weights + torch.cuda.max_memory_allocated(device) - allocated_at_reset
-
-
-def _median_ms(samples: list[float]) -> float:
-    return statistics.median(samples) * 1000
 
 
 def _accepts(model, name: str) -> bool:
@@ -171,7 +175,8 @@ class GraphEngine:
     def compile_step(self):
         """Compile the decode step. It is ~30 tiny kernels per layer (norms, rotary, activations,
         residuals); inductor fuses them, the CUDA graph then removes launch gaps. One compile per model and
-        shape family. The residual adds go into the GEMV before them (`bench/residual_fold.py`), and on
+        shape family. The residual adds go into the GEMV before them (`bench/residual_fold.py`, whose
+        `uuid` is also what keeps inductor's cache from loading a step built against older kernels), and on
         Hopper inductor's kernels launch with PDL too (kernels.pdl), so every kernel of the step overlaps
         its start with the end of the one before."""
         import torch._inductor.config as inductor_config
@@ -324,7 +329,7 @@ class GraphEngine:
             kv, state = cache_sizes(cache)
             del cache, advance
         peak = _own_peak(self.model, self.device, allocated_at_reset)
-        return Timing(_median_ms(prefill_s), _median_ms(decode_s), peak, kv, state, tokens, [t * 1000 for t in prefill_s])
+        return Timing.of(prefill_s, decode_s, peak, kv, state, tokens)
 
 
 class HFEngine:
@@ -365,7 +370,7 @@ class HFEngine:
         peak = _own_peak(self.model, self.device, allocated_at_reset)
         kv, state = cache_sizes(out.past_key_values)
         tokens = out.sequences[:, inputs.input_ids.shape[1] :]
-        return Timing(_median_ms(prefill_s), _median_ms(decode_s), peak, kv, state, tokens, [t * 1000 for t in prefill_s])
+        return Timing.of(prefill_s, decode_s, peak, kv, state, tokens)
 
 
 class _TokenClock(StoppingCriteria):

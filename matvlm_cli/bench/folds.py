@@ -23,10 +23,12 @@ is checked against a layer norm or an RMS norm, with the weight or 1 + the weigh
 and its bias as the shift, on one input (`norm_fold`). Anything else is left as it is.
 
 Everywhere the kernel does not compute the product (prefill chunks, batches, a CPU), the norm runs as it
-did. The GELU runs as one `F.gelu(approximate="tanh")`, the same formula: transformers' `NewGELUActivation`
-(Phi's) is eight elementwise kernels when the prefill runs eagerly, each reading and writing the whole
-(tokens x 10240) activation, about 20 ms of an 8k prefill's 134 ms of kernels on an H200
-(`docs/results/bench/prefill-h200-lengths.txt`: the scalar products, pow, tanh, the adds and the product).
+did. The GELU runs as one `F.gelu(approximate="tanh")`, the same formula computed in float32 and rounded once:
+transformers' `NewGELUActivation` (Phi's) is eight elementwise kernels when the prefill runs eagerly, each
+reading and writing the whole (tokens x 10240) activation and each rounding to bf16. One kernel takes 24-37 ms
+off an 8k prefill (the teacher's: 135.7 against 166.1 ms on an H200, 134.9 against 171.4 on an H100;
+`docs/results/bench/prefill-h200-session23.json`). In bf16 the logits therefore differ from the eager
+model's by rounding, as the one-token kernel's do.
 """
 
 from __future__ import annotations

@@ -97,8 +97,8 @@ class ResidualFold(CustomGraphPass):
         """Inductor's and AOTAutograd's cache key for every step compiled with this pass: this file and the
         kernels package. torch keys a cached graph by its FX code, and takes any custom op in it as cacheable
         without hashing the op's fake implementation, so a step compiled before an op's output changed would
-        be loaded again after it: session 23 found a hybrid's step from the day before (the Mamba-2 step's
-        output then float32, now bfloat16) still casting the new bf16 output as if it were float32."""
+        be loaded again after it (seen in session 23: a hybrid's step compiled when the Mamba-2 step returned
+        float32, loaded after it returned bfloat16, read the bf16 output as float32)."""
         return get_hash_for_files(cache_key_files())
 
 
